@@ -1,0 +1,196 @@
+"""Configuration: TOML file → validated pydantic models.
+
+``load_config`` is the only entry point; it raises :class:`ConfigError` whose message names
+the file, each offending key path (with its line where it can be found) and what was expected.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_CONFIG_PATH = Path("/etc/tfgpud/tfgpud.toml")
+DEFAULT_LISTEN = "127.0.0.1:10041"
+
+
+class ConfigError(Exception):
+    """An invalid or unreadable configuration. ``problems`` lists one line per problem."""
+
+    def __init__(self, path: str, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        head = f"invalid configuration {self.path}:"
+        return "\n".join([head, *(f"  - {p}" for p in self.problems)])
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class DaemonConfig(_Section):
+    interval_seconds: Annotated[float, Field(ge=0, le=3600)] = 10.0
+    state_dir: str = "/var/lib/tfgpud"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class HttpConfig(_Section):
+    listen: str = DEFAULT_LISTEN
+    web_config_file: str | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        parse_listen(value)
+        return value
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Split ``host:port`` / ``[v6]:port`` into (host, port); raise ValueError when malformed."""
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]*):(\d+)", value)
+    if not m:
+        raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:10041 or [::1]:10041")
+    host = m.group(1) if m.group(1) is not None else m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is outside 0-65535")
+    if m.group(1) is not None:
+        ipaddress.IPv6Address(host)
+    return host, port
+
+
+class NvmlConfig(_Section):
+    library: str | None = None  # path to libnvidia-ml.so.1; default: the dynamic loader's search
+
+
+class TfEnvConfig(_Section):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    python: Annotated[str, Field(min_length=1)]
+    environment: dict[str, str] = Field(default_factory=dict)
+    run_as: str | None = None
+
+
+class TensorflowConfig(_Section):
+    interval_seconds: Annotated[float, Field(ge=1)] = 21600.0
+    timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 120.0
+    envs: list[TfEnvConfig] = Field(default_factory=list)
+
+    @field_validator("envs")
+    @classmethod
+    def _unique_names(cls, envs: list[TfEnvConfig]) -> list[TfEnvConfig]:
+        names = [e.name for e in envs]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"env names must be unique; repeated: {', '.join(dupes)}")
+        return envs
+
+
+class MemoryConfig(_Section):
+    pressure_ratio: Annotated[float, Field(gt=0, le=1)] = 0.95
+    for_seconds: Annotated[float, Field(ge=0)] = 300.0
+
+
+class ExpectConfig(_Section):
+    gpus: int | Literal["auto"] = "auto"
+
+    @field_validator("gpus")
+    @classmethod
+    def _non_negative(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 0:
+            raise ValueError("must be 'auto' or a count >= 0")
+        return value
+
+
+class AlertmanagerConfig(_Section):
+    url: Annotated[str, Field(pattern=r"^https?://")]
+    timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 5.0
+
+
+class WebhookConfig(_Section):
+    url: Annotated[str, Field(pattern=r"^https?://")]
+    timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 5.0
+    headers: dict[str, str] = Field(default_factory=dict)
+
+
+class AlertsConfig(_Section):
+    alertmanager: list[AlertmanagerConfig] = Field(default_factory=list)
+    webhook: list[WebhookConfig] = Field(default_factory=list)
+    instance: str | None = None  # the `instance` label; default: the host name
+
+
+class Config(_Section):
+    daemon: DaemonConfig = Field(default_factory=DaemonConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    nvml: NvmlConfig = Field(default_factory=NvmlConfig)
+    tensorflow: TensorflowConfig = Field(default_factory=TensorflowConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    expect: ExpectConfig = Field(default_factory=ExpectConfig)
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+
+
+def _line_of(text: str, loc: tuple[str | int, ...]) -> int | None:
+    """Best-effort line number of the key at ``loc`` in the TOML source."""
+    keys = [k for k in loc if isinstance(k, str)]
+    if not keys:
+        return None
+    lines = text.splitlines()
+    # Walk sections in order so `[daemon] interval_seconds` finds the one under [daemon].
+    start = 0
+    for section in keys[:-1]:
+        pat = re.compile(rf"^\s*\[\[?\s*(?:[\w.-]+\.)?{re.escape(section)}\s*\]\]?\s*(#.*)?$")
+        for i in range(start, len(lines)):
+            if pat.match(lines[i]):
+                start = i
+                break
+    key_pat = re.compile(rf"^\s*[\"']?{re.escape(keys[-1])}[\"']?\s*=")
+    sec_pat = re.compile(rf"^\s*\[\[?\s*(?:[\w.-]+\.)?{re.escape(keys[-1])}\s*\]\]?")
+    for i in range(start, len(lines)):
+        if key_pat.match(lines[i]) or sec_pat.match(lines[i]):
+            return i + 1
+    return None
+
+
+def _describe(err: Any, text: str) -> str:
+    loc: tuple[str | int, ...] = tuple(err["loc"])
+    path = ".".join(f"[{p}]" if isinstance(p, int) else p for p in loc).replace(".[", "[")
+    line = _line_of(text, loc)
+    where = f"line {line}: " if line else ""
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"{where}unknown key `{path}`"
+    if kind == "missing":
+        return f"{where}missing required key `{path}`"
+    got = err.get("input")
+    got_s = f" (got {got!r})" if got is not None and not isinstance(got, dict | list) else ""
+    return f"{where}`{path}`: {err['msg']}{got_s}"
+
+
+def parse_config(text: str, source: str = "<string>") -> Config:
+    """Validate TOML ``text``; raise ConfigError listing every problem."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, [f"TOML syntax error: {exc}"]) from None
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, [_describe(e, text) for e in exc.errors()]) from None
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate the file at ``path``; raise ConfigError when unreadable or invalid."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(p), [f"cannot read: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(p), [f"not UTF-8 text: {exc}"]) from None
+    return parse_config(text, str(p))

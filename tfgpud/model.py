@@ -1,0 +1,231 @@
+"""Frozen records that flow from the collectors through diagnosis to the exporter.
+
+Collectors gather facts into these; nothing here does I/O. ``None`` always means
+"unknown / not supported" and is never exported as 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from types import MappingProxyType
+
+
+def frozen_map(items: Mapping[str, str] | None = None) -> Mapping[str, str]:
+    """Return a read-only copy of ``items`` (for mapping fields of frozen records)."""
+    return MappingProxyType(dict(items or {}))
+
+
+class Severity(str, Enum):
+    INFO = "info"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+    @property
+    def rank(self) -> int:
+        return {"info": 0, "warning": 1, "critical": 2}[self.value]
+
+
+@dataclass(frozen=True)
+class PciGpu:
+    """One NVIDIA display/3D controller on the PCI bus."""
+
+    address: str  # sysfs name, e.g. "0000:01:00.0"
+    device_id: str  # e.g. "0x2330"
+    class_code: str  # e.g. "0x030200"
+    driver: str | None  # bound kernel driver: nvidia, nouveau, vfio-pci, or None
+
+
+@dataclass(frozen=True)
+class PciReading:
+    gpus: tuple[PciGpu, ...] = ()
+    nvidia_module_version: str | None = None  # /sys/module/nvidia/version
+    proc_driver_version: str | None = None  # first line of /proc/driver/nvidia/version
+    nouveau_loaded: bool = False
+    device_nodes: tuple[str, ...] = ()  # names under /dev, e.g. ("nvidia0", "nvidiactl")
+    wsl: bool = False
+
+
+@dataclass(frozen=True)
+class GpuProcess:
+    pid: int
+    used_memory_bytes: int | None
+    name: str | None = None  # comm of the process when /proc tells
+
+
+@dataclass(frozen=True)
+class GpuReading:
+    """One GPU as NVML reports it. A lost GPU keeps its identity with ``lost=True``."""
+
+    index: int
+    uuid: str
+    name: str | None = None
+    pci_bus_id: str | None = None
+    lost: bool = False
+    error: str | None = None  # the NVML error that made this GPU unreadable
+    memory_total_bytes: int | None = None
+    memory_used_bytes: int | None = None
+    memory_free_bytes: int | None = None
+    memory_reserved_bytes: int | None = None
+    utilization_gpu_ratio: float | None = None
+    utilization_memory_ratio: float | None = None
+    temperature_celsius: float | None = None
+    power_watts: float | None = None
+    compute_capability: tuple[int, int] | None = None
+    ecc_uncorrected_total: int | None = None
+    persistence_mode: bool | None = None
+    mig_mode: bool | None = None
+    processes: tuple[GpuProcess, ...] = ()
+
+    @property
+    def compute_capability_str(self) -> str | None:
+        cc = self.compute_capability
+        return f"{cc[0]}.{cc[1]}" if cc else None
+
+
+@dataclass(frozen=True)
+class NvmlReading:
+    """What the driver said. ``up`` is False when NVML could not be initialised."""
+
+    up: bool
+    error: str | None = None  # NVML error name, e.g. "DRIVER_NOT_LOADED", "LIBRARY_NOT_FOUND"
+    error_code: int | None = None
+    library_path: str | None = None
+    driver_version: str | None = None
+    cuda_driver_version: int | None = None  # e.g. 12040
+    nvml_version: str | None = None
+    gpus: tuple[GpuReading, ...] = ()
+    device_count: int | None = None
+
+    @property
+    def cuda_driver_version_str(self) -> str | None:
+        v = self.cuda_driver_version
+        return None if v is None else f"{v // 1000}.{(v % 1000) // 10}"
+
+
+@dataclass(frozen=True)
+class LibraryCheck:
+    """Whether one shared library TensorFlow needs could be dlopened in the env."""
+
+    name: str  # short name, e.g. "cudnn"
+    soname: str  # e.g. "libcudnn.so.9"
+    loaded: bool
+    path: str | None = None  # where it was found
+    error: str | None = None  # dlerror text when it was not
+
+
+@dataclass(frozen=True)
+class TfGpu:
+    name: str  # "/physical_device:GPU:0"
+    device_name: str | None = None
+    compute_capability: tuple[int, int] | None = None
+
+
+class ProbeStatus(str, Enum):
+    OK = "ok"
+    IMPORT_FAILED = "import-failed"
+    CRASHED = "crashed"
+    TIMEOUT = "timeout"
+    MISSING_INTERPRETER = "missing-interpreter"
+    BAD_OUTPUT = "bad-output"
+    REFUSED = "refused"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class TfProbeResult:
+    """TensorFlow's own view of the GPUs from inside one Python environment."""
+
+    env: str
+    python: str
+    status: ProbeStatus
+    started_at: float  # unix time
+    duration_seconds: float
+    tf_version: str | None = None
+    build_info: Mapping[str, str] = field(default_factory=frozen_map)
+    gpus: tuple[TfGpu, ...] = ()
+    environment: Mapping[str, str] = field(default_factory=frozen_map)
+    packages: Mapping[str, str] = field(default_factory=frozen_map)
+    libraries: tuple[LibraryCheck, ...] = ()
+    log_lines: tuple[str, ...] = ()
+    returncode: int | None = None
+    signal_name: str | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status is ProbeStatus.OK
+
+
+@dataclass(frozen=True)
+class CollectorRun:
+    name: str
+    success: bool
+    duration_seconds: float
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Finding:
+    code: str
+    severity: Severity
+    subject: str  # env name, GPU UUID, pid, or "host"
+    summary: str
+    evidence: tuple[str, ...] = ()
+    fix: str = ""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.code, self.subject)
+
+
+@dataclass(frozen=True)
+class XidEvent:
+    uuid: str
+    xid: int
+    at: float  # unix time the daemon received it
+
+
+@dataclass(frozen=True)
+class TfProcess:
+    """A running process with TensorFlow loaded (workloads collector)."""
+
+    pid: int
+    placement: str  # "gpu" or "cpu"
+    user: str | None = None
+    cmdline: str = ""
+    started_at: float | None = None  # unix time
+    python: str | None = None  # the executable, to match against configured envs
+    allow_growth: bool | None = None  # TF_FORCE_GPU_ALLOW_GROWTH=true in its environment
+
+
+@dataclass(frozen=True)
+class KnownGpu:
+    """A GPU the machine is expected to have (baseline), keyed by UUID."""
+
+    uuid: str
+    name: str | None = None
+    pci_bus_id: str | None = None
+    first_seen: float | None = None
+    last_seen: float | None = None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything one poll saw. Scrapes and /status read the latest one; nothing mutates it."""
+
+    taken_at: float
+    pci: PciReading | None = None
+    nvml: NvmlReading | None = None
+    tf: tuple[TfProbeResult, ...] = ()
+    xid_counts: Mapping[tuple[str, int], int] = field(default_factory=lambda: MappingProxyType({}))
+    collectors: tuple[CollectorRun, ...] = ()
+    findings: tuple[Finding, ...] = ()
+    # Baseline: GPUs expected (learned or from [expect]); None = nothing known yet.
+    baseline: tuple[KnownGpu, ...] = ()
+    expected_gpus: int | None = None
+    xid_events: tuple[XidEvent, ...] = ()  # recent events, newest last, bounded
+    tf_processes: tuple[TfProcess, ...] | None = None  # None = workloads not collected
+    # uuid -> unix time since which memory used/total has stayed >= [memory] pressure_ratio
+    pressure_since: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
