@@ -47,9 +47,14 @@ fakedriver:
 run: $(VENV)/.run-stamp
 	$(VENV)/bin/tfgpud run --config $(CONFIG)
 
+# A simulated two-GPU workstation; edit build/demo/workstation.scenario.toml while it runs.
 demo: $(VENV)/.run-stamp fakedriver
-	TFGPUD_FAKE_DRIVER=$(abspath config/demo/workstation.scenario.toml) \
-	  LD_LIBRARY_PATH=$(abspath $(FAKEDRIVER)) $(VENV)/bin/tfgpud run --config config/demo/demo.toml
+	mkdir -p build/demo
+	sed 's|@ROOT@|$(CURDIR)|g' config/demo/demo.toml.in > build/demo/demo.toml
+	test -f build/demo/workstation.scenario.toml || \
+	  cp config/demo/workstation.scenario.toml build/demo/workstation.scenario.toml
+	TFGPUD_FAKE_DRIVER=$(CURDIR)/build/demo/workstation.scenario.toml \
+	  $(VENV)/bin/tfgpud run --config build/demo/demo.toml
 
 lint: $(VENV)/.test-stamp
 	$(VENV)/bin/ruff check tfgpud tests benchmarks

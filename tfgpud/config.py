@@ -7,6 +7,7 @@ the file, each offending key path (with its line where it can be found) and what
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -75,6 +76,8 @@ class TfEnvConfig(_Section):
     python: Annotated[str, Field(min_length=1)]
     environment: dict[str, str] = Field(default_factory=dict)
     run_as: str | None = None
+    # Opt-in: after listing GPUs the probe sets memory growth and runs a tiny matmul on GPU:0.
+    smoke_test: bool = False
 
 
 class TensorflowConfig(_Section):
@@ -95,6 +98,12 @@ class TensorflowConfig(_Section):
 class MemoryConfig(_Section):
     pressure_ratio: Annotated[float, Field(gt=0, le=1)] = 0.95
     for_seconds: Annotated[float, Field(ge=0)] = 300.0
+
+
+class WorkloadsConfig(_Section):
+    enabled: bool = True
+    # A TF process computing on the CPU this long while usable GPUs exist is `tf-job-on-cpu`.
+    job_on_cpu_seconds: Annotated[float, Field(ge=0)] = 300.0
 
 
 class ExpectConfig(_Section):
@@ -131,6 +140,7 @@ class Config(_Section):
     nvml: NvmlConfig = Field(default_factory=NvmlConfig)
     tensorflow: TensorflowConfig = Field(default_factory=TensorflowConfig)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    workloads: WorkloadsConfig = Field(default_factory=WorkloadsConfig)
     expect: ExpectConfig = Field(default_factory=ExpectConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
 
@@ -185,12 +195,43 @@ def parse_config(text: str, source: str = "<string>") -> Config:
 
 
 def load_config(path: str | Path) -> Config:
-    """Read and validate the file at ``path``; raise ConfigError when unreadable or invalid."""
+    """Read and validate the file at ``path``; raise ConfigError when unreadable or invalid.
+
+    Relative paths inside the file (``state_dir``, an env's ``python``, ``[nvml] library``,
+    ``web_config_file``) are resolved against the file's directory, so a config means the same
+    thing whatever the daemon's working directory is.
+    """
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(str(p), ["is a directory, expected a TOML file"])
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(str(p), [f"cannot read: {exc.strerror or exc}"]) from None
     except UnicodeDecodeError as exc:
         raise ConfigError(str(p), [f"not UTF-8 text: {exc}"]) from None
-    return parse_config(text, str(p))
+    return _resolve_paths(parse_config(text, str(p)), p.resolve().parent)
+
+
+def _resolve(base: Path, value: str | None) -> str | None:
+    if value is None or value == "" or Path(value).is_absolute() or "/" not in value:
+        return value  # absolute, or a bare command name looked up on PATH
+    # normpath, not resolve(): a venv's python is a symlink and must stay one.
+    return os.path.normpath(base / value)
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    state = config.daemon.state_dir
+    if not Path(state).is_absolute():
+        state = os.path.normpath(base / state)
+    envs = [e.model_copy(update={"python": _resolve(base, e.python)}) for e in config.tensorflow.envs]
+    return config.model_copy(
+        update={
+            "daemon": config.daemon.model_copy(update={"state_dir": state}),
+            "nvml": config.nvml.model_copy(update={"library": _resolve(base, config.nvml.library)}),
+            "http": config.http.model_copy(
+                update={"web_config_file": _resolve(base, config.http.web_config_file)}
+            ),
+            "tensorflow": config.tensorflow.model_copy(update={"envs": envs}),
+        }
+    )

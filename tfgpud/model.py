@@ -7,7 +7,7 @@ Collectors gather facts into these; nothing here does I/O. ``None`` always means
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from types import MappingProxyType
 
@@ -111,7 +111,7 @@ class LibraryCheck:
     name: str  # short name, e.g. "cudnn"
     soname: str  # e.g. "libcudnn.so.9"
     loaded: bool
-    path: str | None = None  # where it was found
+    path: str | None = None  # where it was found (symlinks resolved)
     error: str | None = None  # dlerror text when it was not
 
 
@@ -152,6 +152,16 @@ class TfProbeResult:
     returncode: int | None = None
     signal_name: str | None = None
     error: str | None = None
+    # Added by the TF probe (issue 4); all optional so older records still build.
+    python_version: str | None = None
+    traceback: tuple[str, ...] = ()  # tail of the import traceback when TF failed to import
+    library_search_dirs: tuple[str, ...] = ()  # where the probe looked for the CUDA libraries
+    package_dirs: tuple[str, ...] = ()  # metadata dirs (+ their site dirs): mtimes = install change
+    device_access: Mapping[str, str] = field(default_factory=frozen_map)  # /dev node -> "ok"/why
+    smoke_ok: bool | None = None  # None = smoke test not run
+    smoke_error: str | None = None
+    cpu_seconds: float | None = None  # the probe child's user+system CPU time
+    max_rss_bytes: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -229,3 +239,23 @@ class Snapshot:
     tf_processes: tuple[TfProcess, ...] | None = None  # None = workloads not collected
     # uuid -> unix time since which memory used/total has stayed >= [memory] pressure_ratio
     pressure_since: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+
+
+def to_jsonable(obj: object) -> object:
+    """Turn a record (dataclass, enum, mapping, tuple) into plain JSON-serialisable values.
+
+    ``dataclasses.asdict`` cannot copy the read-only mappings these records hold, hence this.
+    Tuple keys (``xid_counts``) become ``"a/b"`` strings.
+    """
+    if isinstance(obj, Enum):
+        return obj.value
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, Mapping):
+        return {
+            ("/".join(map(str, k)) if isinstance(k, tuple) else str(k)): to_jsonable(v)
+            for k, v in obj.items()
+        }
+    if isinstance(obj, tuple | list):
+        return [to_jsonable(v) for v in obj]
+    return obj

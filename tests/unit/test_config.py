@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tfgpud.cli import EX_CONFIG, main
+from tfgpud.config import Config, ConfigError, load_config, parse_config, parse_listen
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_default_config_is_valid_and_matches_the_builtin_defaults() -> None:
+    cfg = load_config(ROOT / "config" / "tfgpud.toml")
+    assert cfg == Config()
+    assert cfg.http.listen == "127.0.0.1:10041"
+    assert cfg.tensorflow.interval_seconds == 21600
+
+
+def test_local_config_resolves_paths_against_its_directory() -> None:
+    cfg = load_config(ROOT / "config" / "local.toml")
+    assert cfg.tensorflow.envs[0].python == str(ROOT / ".venv" / "bin" / "python")
+    assert cfg.daemon.state_dir == str(ROOT / ".state")
+
+
+def test_every_problem_is_reported_with_key_path_and_line() -> None:
+    text = """
+[daemon]
+interval_seconds = "often"
+colour = "blue"
+
+[[tensorflow.envs]]
+name = "research"
+"""
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "x.toml")
+    problems = info.value.problems
+    joined = "\n".join(problems)
+    assert "line 3: `daemon.interval_seconds`" in joined
+    assert "line 4: unknown key `daemon.colour`" in joined
+    assert "missing required key `tensorflow.envs[0].python`" in joined
+    assert len(problems) == 3
+
+
+def test_toml_syntax_error_names_line() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config("[daemon]\ninterval_seconds = = 3\n", "bad.toml")
+    assert "line 2" in info.value.render()
+    assert "bad.toml" in info.value.render()
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("127.0.0.1:10041", ("127.0.0.1", 10041)), ("[::1]:9", ("::1", 9)), (":80", ("", 80))],
+)
+def test_parse_listen(value: str, expected: tuple[str, int]) -> None:
+    assert parse_listen(value) == expected
+
+
+@pytest.mark.parametrize("value", ["localhost", "1.2.3.4:99999", "[zz]:1", "::1:80"])
+def test_parse_listen_rejects(value: str) -> None:
+    with pytest.raises(ValueError):
+        parse_listen(value)
+
+
+def test_duplicate_env_names_rejected() -> None:
+    text = """
+[[tensorflow.envs]]
+name = "a"
+python = "/usr/bin/python3"
+[[tensorflow.envs]]
+name = "a"
+python = "/usr/bin/python3"
+"""
+    with pytest.raises(ConfigError, match="repeated: a"):
+        parse_config(text)
+
+
+def test_check_config_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", str(ROOT / "config" / "tfgpud.toml")]) == 0
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[http]\nlisten = 10041\nbogus = 1\n[expect]\ngpus = -2\n')
+    assert main(["check-config", str(bad)]) == EX_CONFIG
+    err = capsys.readouterr().err
+    assert str(bad) in err
+    assert "line 2: `http.listen`" in err
+    assert "unknown key `http.bogus`" in err
+    assert "`expect.gpus`" in err
+    assert "Traceback" not in err
+    syntax = tmp_path / "syntax.toml"
+    syntax.write_text("[daemon\n")
+    assert main(["check-config", str(syntax)]) == EX_CONFIG
+    assert "TOML syntax error" in capsys.readouterr().err
+    assert main(["check-config", str(tmp_path / "missing.toml")]) == EX_CONFIG
+    assert "cannot read" in capsys.readouterr().err

@@ -1,0 +1,175 @@
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from types import MappingProxyType
+
+import pytest
+from prometheus_client.exposition import generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+
+from tfgpud.exporter import MAX_PROCESS_SERIES, make_registry
+from tfgpud.model import (
+    CollectorRun,
+    Finding,
+    GpuProcess,
+    GpuReading,
+    NvmlReading,
+    PciGpu,
+    PciReading,
+    ProbeStatus,
+    Severity,
+    Snapshot,
+    TfGpu,
+    TfProbeResult,
+    frozen_map,
+)
+
+GOLDEN = Path(__file__).parent / "golden" / "exposition.prom"
+UUID0 = "GPU-00000000-0000-0000-0000-000000000000"
+UUID1 = "GPU-11111111-1111-1111-1111-111111111111"
+
+
+def fixture_snapshot() -> Snapshot:
+    healthy = GpuReading(
+        index=0,
+        uuid=UUID0,
+        name="NVIDIA H100 80GB HBM3",
+        pci_bus_id="00000000:01:00.0",
+        memory_total_bytes=85899345920,
+        memory_used_bytes=42949672960,
+        memory_free_bytes=42949672960,
+        utilization_gpu_ratio=0.5,
+        temperature_celsius=61.0,
+        power_watts=312.5,
+        compute_capability=(9, 0),
+        ecc_uncorrected_total=0,
+        processes=(
+            GpuProcess(pid=4242, used_memory_bytes=40000000000, name="python3"),
+            GpuProcess(pid=4343, used_memory_bytes=None, name="gone"),
+        ),
+    )
+    lost = GpuReading(index=1, uuid=UUID1, name="NVIDIA H100 80GB HBM3", lost=True)
+    probe = TfProbeResult(
+        env="research",
+        python="/opt/venv/bin/python",
+        status=ProbeStatus.OK,
+        started_at=1764150000.0,
+        duration_seconds=3.25,
+        tf_version="2.21.0",
+        build_info=frozen_map(
+            {"cuda_version": "12.5.1", "cudnn_version": "9", "is_cuda_build": "True"}
+        ),
+        gpus=(TfGpu(name="/physical_device:GPU:0"),),
+    )
+    broken = TfProbeResult(
+        env="old",
+        python="/usr/bin/python3",
+        status=ProbeStatus.IMPORT_FAILED,
+        started_at=1764150001.0,
+        duration_seconds=0.5,
+    )
+    return Snapshot(
+        taken_at=1764150010.0,
+        pci=PciReading(
+            gpus=(
+                PciGpu("0000:01:00.0", "0x2330", "0x030200", "nvidia"),
+                PciGpu("0000:02:00.0", "0x2330", "0x030200", "nvidia"),
+            )
+        ),
+        nvml=NvmlReading(
+            up=True,
+            driver_version="550.54.15",
+            cuda_driver_version=12040,
+            gpus=(healthy, lost),
+        ),
+        tf=(probe, broken),
+        xid_counts=MappingProxyType({(UUID1, 79): 1, (UUID0, 13): 2}),
+        collectors=(CollectorRun("pci", True, 0.001), CollectorRun("nvml", True, 0.002)),
+        findings=(
+            Finding("gpu-lost", Severity.CRITICAL, UUID1, "GPU 1 fell off the bus"),
+            Finding("tf-partial-visibility", Severity.CRITICAL, "research", "TF sees 1 of 2"),
+            Finding("tf-import-failed", Severity.CRITICAL, "old", "no TF"),
+        ),
+        expected_gpus=2,
+    )
+
+
+def render(snap: Snapshot | None) -> str:
+    return generate_latest(make_registry(lambda: snap)).decode()
+
+
+def test_exposition_matches_golden_file() -> None:
+    text = render(fixture_snapshot())
+    if os.environ.get("TFGPUD_UPDATE_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(text)
+    assert text == GOLDEN.read_text()
+
+
+def test_unknown_values_are_omitted_not_zero() -> None:
+    text = render(fixture_snapshot())
+    lost = f'gpu="1",uuid="{UUID1}"'
+    assert f"tfgpud_gpu_up{{{lost}}} 0.0" in text
+    assert f"tfgpud_gpu_memory_total_bytes{{{lost}}}" not in text
+    assert f"tfgpud_gpu_temperature_celsius{{{lost}}}" not in text
+    assert 'pid="4343"' not in text  # memory unknown
+    assert "NaN" not in text
+    # A probe that failed exports success 0 and no visibility/fallback values.
+    assert 'tfgpud_tf_probe_success{env="old"} 0.0' in text
+    assert 'tfgpud_tf_visible_gpus{env="old"}' not in text
+    assert 'tfgpud_tf_cpu_fallback{env="research"} 1.0' in text
+
+
+def test_xid_series_exist_at_zero_from_first_appearance() -> None:
+    text = render(fixture_snapshot())
+    assert f'tfgpud_gpu_xid_errors_total{{gpu="0",uuid="{UUID0}",xid="79"}} 0.0' in text
+    assert f'tfgpud_gpu_xid_errors_total{{gpu="1",uuid="{UUID1}",xid="79"}} 1.0' in text
+    assert f'tfgpud_gpu_xid_errors_total{{gpu="0",uuid="{UUID0}",xid="13"}} 2.0' in text
+
+
+def test_process_series_are_capped() -> None:
+    procs = tuple(GpuProcess(pid=1000 + i, used_memory_bytes=i + 1) for i in range(40))
+    gpu = GpuReading(index=0, uuid=UUID0, processes=procs)
+    snap = Snapshot(taken_at=0.0, nvml=NvmlReading(up=True, gpus=(gpu,)))
+    lines = [x for x in render(snap).splitlines() if x.startswith("tfgpud_gpu_process_memory")]
+    assert len(lines) == MAX_PROCESS_SERIES + 1
+    other = [x for x in lines if 'pid="other"' in x]
+    assert other == [
+        f'tfgpud_gpu_process_memory_bytes{{gpu="0",pid="other",process="24 processes",'
+        f'uuid="{UUID0}"}} {float(sum(range(1, 25)))}'
+    ]
+
+
+def test_before_first_poll_only_build_info() -> None:
+    text = render(None)
+    assert 'tfgpud_build_info{version="' in text
+    assert "tfgpud_nvml_up" not in text
+
+
+def test_openmetrics_negotiation_renders() -> None:
+    text = generate_openmetrics(make_registry(fixture_snapshot)).decode()
+    assert text.endswith("# EOF\n")
+    assert "tfgpud_gpu_xid_errors_total" in text
+
+
+def test_nvml_down_exports_up_zero_and_no_gpu_series() -> None:
+    snap = Snapshot(taken_at=0.0, nvml=NvmlReading(up=False, error="LIBRARY_NOT_FOUND"))
+    text = render(snap)
+    assert "tfgpud_nvml_up 0.0" in text
+    assert "tfgpud_nvml_gpus" not in text
+    assert "tfgpud_driver_info{" not in text
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+def test_promtool_check_metrics_accepts_the_exposition() -> None:
+    proc = subprocess.run(
+        ["promtool", "check", "metrics"],
+        input=render(fixture_snapshot()).encode(),
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()

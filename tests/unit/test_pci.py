@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tfgpud.collectors.pci import collect_pci
+
+
+def _device(root: Path, addr: str, vendor: str, cls: str, device: str, driver: str | None) -> None:
+    dev = root / "sys/bus/pci/devices" / addr
+    dev.mkdir(parents=True)
+    (dev / "vendor").write_text(vendor + "\n")
+    (dev / "class").write_text(cls + "\n")
+    (dev / "device").write_text(device + "\n")
+    if driver:
+        drv = root / "sys/bus/pci/drivers" / driver
+        drv.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath(drv, dev), dev / "driver")
+
+
+def test_reads_gpus_drivers_module_and_nodes(tmp_path: Path) -> None:
+    _device(tmp_path, "0000:01:00.0", "0x10de", "0x030000", "0x2204", "nvidia")
+    _device(tmp_path, "0000:41:00.0", "0x10de", "0x030200", "0x2330", "nouveau")
+    _device(tmp_path, "0000:42:00.0", "0x10de", "0x030200", "0x2330", None)
+    _device(tmp_path, "0000:01:00.1", "0x10de", "0x040300", "0x1aef", "snd_hda_intel")  # audio
+    _device(tmp_path, "0000:00:02.0", "0x8086", "0x030000", "0x9bc5", "i915")  # Intel iGPU
+    (tmp_path / "sys/module/nvidia").mkdir(parents=True)
+    (tmp_path / "sys/module/nvidia/version").write_text("550.54.15\n")
+    (tmp_path / "sys/module/nouveau").mkdir(parents=True)
+    (tmp_path / "proc/driver/nvidia").mkdir(parents=True)
+    (tmp_path / "proc/driver/nvidia/version").write_text(
+        "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15\nGCC version: 12\n"
+    )
+    (tmp_path / "dev").mkdir()
+    for node in ("nvidia0", "nvidiactl", "nvidia-uvm", "null"):
+        (tmp_path / "dev" / node).touch()
+
+    r = collect_pci(tmp_path / "sys", tmp_path / "proc", tmp_path / "dev")
+
+    assert [(g.address, g.driver, g.device_id) for g in r.gpus] == [
+        ("0000:01:00.0", "nvidia", "0x2204"),
+        ("0000:41:00.0", "nouveau", "0x2330"),
+        ("0000:42:00.0", None, "0x2330"),
+    ]
+    assert r.nvidia_module_version == "550.54.15"
+    assert r.proc_driver_version is not None and r.proc_driver_version.endswith("550.54.15")
+    assert r.nouveau_loaded
+    assert r.device_nodes == ("nvidia-uvm", "nvidia0", "nvidiactl")
+    assert not r.wsl
+
+
+def test_empty_or_missing_roots_mean_nothing_there(tmp_path: Path) -> None:
+    r = collect_pci(tmp_path / "nope", tmp_path / "nope", tmp_path / "nope")
+    assert r.gpus == ()
+    assert r.nvidia_module_version is None
+    assert r.device_nodes == ()
+    assert not r.nouveau_loaded
+
+
+def test_wsl_detected_from_kernel_release(tmp_path: Path) -> None:
+    (tmp_path / "proc/sys/kernel").mkdir(parents=True)
+    (tmp_path / "proc/sys/kernel/osrelease").write_text("5.15.153.1-microsoft-standard-WSL2\n")
+    assert collect_pci(tmp_path / "sys", tmp_path / "proc", tmp_path / "dev").wsl

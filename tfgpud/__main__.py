@@ -1,0 +1,5 @@
+import sys
+
+from tfgpud.cli import main
+
+sys.exit(main())

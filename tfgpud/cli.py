@@ -1,0 +1,187 @@
+"""Command line: ``tfgpud run | doctor | status | check-config | version``.
+
+Exit codes: 0 ok; doctor 1 warnings / 2 critical; 1 runtime failure (e.g. port in use,
+daemon unreachable); 64 usage; 78 invalid configuration (EX_CONFIG). Errors are one paragraph
+for a person, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tfgpud import __version__
+from tfgpud.config import (
+    DEFAULT_CONFIG_PATH,
+    DEFAULT_LISTEN,
+    Config,
+    ConfigError,
+    load_config,
+    parse_listen,
+)
+
+EX_OK = 0
+EX_FAILURE = 1
+EX_USAGE = 64
+EX_CONFIG = 78
+
+
+def _load(path: str | None) -> tuple[Config, str | None]:
+    """The configuration to use: the file named, else the default file, else built-in defaults."""
+    if path is not None:
+        return load_config(path), path
+    if DEFAULT_CONFIG_PATH.exists():
+        return load_config(DEFAULT_CONFIG_PATH), str(DEFAULT_CONFIG_PATH)
+    return Config(), None
+
+
+def _err(message: str) -> None:
+    print(f"tfgpud: {message}", file=sys.stderr)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        load_config(args.path)
+    except ConfigError as exc:
+        _err(exc.render())
+        return EX_CONFIG
+    print(f"{args.path}: valid")
+    return EX_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from tfgpud.daemon import Daemon, StartupError
+    from tfgpud.systemd import setup_logging
+
+    try:
+        config, path = _load(args.config)
+    except ConfigError as exc:
+        _err(exc.render())
+        return EX_CONFIG
+    setup_logging(config.daemon.log_level)
+    if path is None:
+        _err(f"no configuration at {DEFAULT_CONFIG_PATH}; running with built-in defaults")
+    try:
+        daemon = Daemon(config, path)
+        return daemon.run()
+    except StartupError as exc:
+        _err(str(exc))
+        return EX_FAILURE
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from tfgpud.doctor import run_doctor
+
+    try:
+        config, _ = _load(args.config)
+    except ConfigError as exc:
+        _err(exc.render())
+        return EX_CONFIG
+    return run_doctor(config, python=args.python, as_json=args.json, out=sys.stdout)
+
+
+def _status_url(args: argparse.Namespace) -> str:
+    if args.url:
+        return str(args.url).rstrip("/")
+    listen = DEFAULT_LISTEN
+    try:
+        config, _ = _load(args.config)
+        listen = config.http.listen
+    except ConfigError:
+        pass
+    host, port = parse_listen(listen)
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    base = _status_url(args)
+    try:
+        with urllib.request.urlopen(f"{base}/status", timeout=args.timeout) as resp:
+            doc: dict[str, Any] = json.load(resp)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        _err(
+            f"cannot read {base}/status: {reason}. Is the daemon running "
+            "(`systemctl status tfgpud`), and is --url right?"
+        )
+        return EX_FAILURE
+    if args.json:
+        json.dump(doc, sys.stdout, indent=2, sort_keys=True)
+        print()
+        return EX_OK
+    print(f"tfgpud {doc.get('version', '?')} on {doc.get('host', '?')}: {doc.get('summary', '')}")
+    for g in doc.get("gpus", []):
+        state = "LOST" if g.get("lost") else "ok"
+        print(f"  GPU {g['index']}  {g.get('name') or '?':<28} {g['uuid']}  {state}")
+    for t in doc.get("tensorflow", []):
+        seen = t.get("visible_gpus")
+        print(f"  TF env {t['env']}: {t['status']}, sees {'?' if seen is None else seen} GPU(s)")
+    findings = doc.get("findings", [])
+    if not findings:
+        print("  no findings")
+    for f in findings:
+        print(f"  [{f['severity']}] {f['code']} ({f['subject']}): {f['summary']}")
+        if f.get("fix"):
+            print(f"      fix: {f['fix']}")
+    return EX_OK
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:
+        self.print_usage(sys.stderr)
+        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="tfgpud",
+        description="Tells whether TensorFlow can use this machine's NVIDIA GPUs, and if not, why.",
+    )
+    parser.add_argument("--version", action="version", version=f"tfgpud {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the daemon in the foreground")
+    p.add_argument("--config", metavar="PATH", help=f"configuration (default {DEFAULT_CONFIG_PATH})")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("doctor", help="one full diagnosis now (exit 0 ok, 1 warning, 2 critical)")
+    p.add_argument("--config", metavar="PATH")
+    p.add_argument("--python", metavar="PATH", help="check this interpreter instead of the envs")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("status", help="what the running daemon currently sees")
+    p.add_argument("--url", help="daemon base URL (default: from the configuration)")
+    p.add_argument("--config", metavar="PATH")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--timeout", type=float, default=5.0, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("check-config", help="validate a configuration file (exit 78 if invalid)")
+    p.add_argument("path", type=Path)
+    p.set_defaults(func=cmd_check_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

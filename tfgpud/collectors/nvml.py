@@ -1,0 +1,441 @@
+"""The driver's view through NVML. The only module that imports ``pynvml``.
+
+NVML being absent, the driver not loaded, or a GPU fallen off the bus are *readings*, not
+errors: :meth:`NvmlSession.poll` always returns an :class:`NvmlReading`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pynvml
+
+from tfgpud.model import GpuProcess, GpuReading, NvmlReading, XidEvent
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Error codes that mean "this field does not exist here": omit it, don't complain each poll.
+_ABSENT = {pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_FUNCTION_NOT_FOUND}
+# Errors on a device call that mean the whole driver went away (unloaded, upgraded, revoked).
+_DRIVER_GONE = {
+    pynvml.NVML_ERROR_UNINITIALIZED,
+    pynvml.NVML_ERROR_DRIVER_NOT_LOADED,
+    pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH,
+    pynvml.NVML_ERROR_NO_PERMISSION,
+    pynvml.NVML_ERROR_LIBRARY_NOT_FOUND,
+}
+_GPU_GONE = {pynvml.NVML_ERROR_GPU_IS_LOST, pynvml.NVML_ERROR_RESET_REQUIRED}
+
+_ERROR_NAMES = {
+    value: name[len("NVML_ERROR_") :]
+    for name, value in vars(pynvml).items()
+    if name.startswith("NVML_ERROR_") and isinstance(value, int)
+}
+
+XID_EVENT = pynvml.nvmlEventTypeXidCriticalError
+
+
+def error_name(code: int) -> str:
+    """NVML return code → its short name (``15`` → ``"GPU_IS_LOST"``)."""
+    return _ERROR_NAMES.get(code, f"CODE_{code}")
+
+
+class DriverGone(Exception):
+    """NVML stopped answering for the whole driver during a poll."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(error_name(code))
+        self.code = code
+
+
+class GpuGone(Exception):
+    """One GPU stopped answering (lost, needs reset)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(error_name(code))
+        self.code = code
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def _loaded_library_path() -> str | None:
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                if "libnvidia-ml.so" in line:
+                    return line.split(None, 5)[-1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def _proc_name(proc_root: Path, pid: int) -> str | None:
+    try:
+        return (proc_root / str(pid) / "comm").read_text(errors="replace").strip() or None
+    except OSError:
+        return None
+
+
+class NvmlSession:
+    """Owns NVML initialisation: init on first poll, re-init after the driver comes back.
+
+    ``library`` is an explicit path to ``libnvidia-ml.so.1``; loading it first by path makes
+    pynvml's own ``CDLL("libnvidia-ml.so.1")`` reuse it (same soname).
+    """
+
+    def __init__(
+        self,
+        library: str | None = None,
+        proc_root: Path = Path("/proc"),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._library = library
+        self._proc_root = proc_root
+        self._clock = clock
+        self._up = False
+        self._lock = threading.Lock()
+        self._event_lock = threading.Lock()
+        self._next_attempt = 0.0
+        self._backoff = 0.0
+        self._last_error: tuple[str, int] | None = None
+        self._warned: set[tuple[str, int]] = set()
+        # Identity of each index from the last good read: a lost GPU may not tell its UUID.
+        self._identity: dict[int, tuple[str, str | None, str | None]] = {}
+        self._library_path: str | None = None
+        self._generation = 0  # bumped at each successful init; event sets die with NVML
+        self._events: tuple[tuple[frozenset[str], int], Any, dict[int, str]] | None = None
+
+    @property
+    def up(self) -> bool:
+        return self._up
+
+    # -- init / shutdown -----------------------------------------------------------------------
+
+    def _try_init(self) -> tuple[str, int] | None:
+        """Initialise NVML; return None on success or (error name, code)."""
+        if self._library:
+            try:
+                ctypes.CDLL(self._library)
+            except OSError as exc:
+                log.debug("cannot load %s: %s", self._library, exc)
+                return ("LIBRARY_NOT_FOUND", pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+        try:
+            pynvml.nvmlInit()
+        except pynvml.NVMLError as exc:
+            return (error_name(exc.value), int(exc.value))
+        self._library_path = _loaded_library_path()
+        return None
+
+    def _ensure_up(self) -> tuple[str, int] | None:
+        if self._up:
+            return None
+        now = self._clock()
+        if now < self._next_attempt and self._last_error is not None:
+            return self._last_error
+        err = self._try_init()
+        if err is None:
+            if self._last_error is not None:
+                log.info("NVML initialised (driver available again)")
+            self._up, self._last_error, self._backoff = True, None, 0.0
+            self._generation += 1
+            return None
+        # No library at all: back off up to 30 s (a dlopen search each poll is waste).
+        # Any other init error is a loaded-but-unhappy driver: retry every poll, it is cheap.
+        if err[1] == pynvml.NVML_ERROR_LIBRARY_NOT_FOUND:
+            self._backoff = min(30.0, max(1.0, self._backoff * 2))
+            self._next_attempt = now + self._backoff
+        if err != self._last_error:
+            log.warning("NVML unavailable: %s", err[0])
+        self._last_error = err
+        return err
+
+    def _drop(self, code: int) -> None:
+        with self._event_lock:
+            self._free_events()
+            self._up = False
+        self._last_error = (error_name(code), code)
+        self._next_attempt = 0.0
+        try:
+            pynvml.nvmlShutdown()
+        except pynvml.NVMLError:
+            pass
+
+    def close(self) -> None:
+        """Shut NVML down if this session initialised it."""
+        with self._lock, self._event_lock:
+            self._free_events()
+            if self._up:
+                self._up = False
+                try:
+                    pynvml.nvmlShutdown()
+                except pynvml.NVMLError:
+                    pass
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def _q(self, fn: Callable[..., T], *args: Any) -> T | None:
+        """Call one NVML getter; None when absent or failing, raise on GPU/driver loss."""
+        try:
+            return fn(*args)
+        except pynvml.NVMLError as exc:
+            code = int(exc.value)
+            if code in _GPU_GONE:
+                raise GpuGone(code) from None
+            if code in _DRIVER_GONE:
+                raise DriverGone(code) from None
+            key = (fn.__name__, code)
+            if key not in self._warned:
+                self._warned.add(key)
+                level = logging.DEBUG if code in _ABSENT else logging.WARNING
+                log.log(level, "%s: %s (value omitted)", fn.__name__, error_name(code))
+            return None
+
+    def _processes(self, handle: Any) -> tuple[GpuProcess, ...]:
+        procs = self._q(pynvml.nvmlDeviceGetComputeRunningProcesses, handle) or []
+        out = []
+        for p in procs:
+            used = p.usedGpuMemory
+            pid = int(p.pid)
+            out.append(
+                GpuProcess(
+                    pid=pid,
+                    used_memory_bytes=None if used is None else int(used),
+                    name=_proc_name(self._proc_root, pid),
+                )
+            )
+        return tuple(sorted(out, key=lambda p: p.pid))
+
+    def _gpu(self, index: int) -> GpuReading:
+        handle = None
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        except pynvml.NVMLError as exc:
+            code = int(exc.value)
+            if code in _DRIVER_GONE:
+                raise DriverGone(code) from None
+            return self._unreadable(index, code)
+        try:
+            uuid = self._q(pynvml.nvmlDeviceGetUUID, handle)
+            if uuid is None:
+                return self._unreadable(index, pynvml.NVML_ERROR_UNKNOWN)
+            uuid = _text(uuid)
+            name = self._q(pynvml.nvmlDeviceGetName, handle)
+            pci = self._q(pynvml.nvmlDeviceGetPciInfo, handle)
+            bus_id = _text(pci.busId) if pci is not None else None
+            self._identity[index] = (uuid, _text(name) if name else None, bus_id)
+            mem = self._q(pynvml.nvmlDeviceGetMemoryInfo, handle, pynvml.nvmlMemory_v2)
+            reserved = None
+            if mem is not None:
+                reserved = int(mem.reserved)
+            else:
+                mem = self._q(pynvml.nvmlDeviceGetMemoryInfo, handle)
+            util = self._q(pynvml.nvmlDeviceGetUtilizationRates, handle)
+            temp = self._q(pynvml.nvmlDeviceGetTemperature, handle, pynvml.NVML_TEMPERATURE_GPU)
+            power = self._q(pynvml.nvmlDeviceGetPowerUsage, handle)
+            cc = self._q(pynvml.nvmlDeviceGetCudaComputeCapability, handle)
+            ecc = self._q(
+                pynvml.nvmlDeviceGetTotalEccErrors,
+                handle,
+                pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
+                pynvml.NVML_VOLATILE_ECC,
+            )
+            persistence = self._q(pynvml.nvmlDeviceGetPersistenceMode, handle)
+            mig = self._q(pynvml.nvmlDeviceGetMigMode, handle)
+            return GpuReading(
+                index=index,
+                uuid=uuid,
+                name=_text(name) if name is not None else None,
+                pci_bus_id=bus_id,
+                memory_total_bytes=int(mem.total) if mem is not None else None,
+                memory_used_bytes=int(mem.used) if mem is not None else None,
+                memory_free_bytes=int(mem.free) if mem is not None else None,
+                memory_reserved_bytes=reserved,
+                utilization_gpu_ratio=util.gpu / 100.0 if util is not None else None,
+                utilization_memory_ratio=util.memory / 100.0 if util is not None else None,
+                temperature_celsius=float(temp) if temp is not None else None,
+                power_watts=power / 1000.0 if power is not None else None,
+                compute_capability=(int(cc[0]), int(cc[1])) if cc is not None else None,
+                ecc_uncorrected_total=int(ecc) if ecc is not None else None,
+                persistence_mode=bool(persistence) if persistence is not None else None,
+                mig_mode=bool(mig[0]) if mig is not None else None,
+                processes=self._processes(handle),
+            )
+        except GpuGone as gone:
+            return self._unreadable(index, gone.code)
+
+    def _unreadable(self, index: int, code: int) -> GpuReading:
+        uuid, name, bus_id = self._identity.get(index, (f"GPU-unknown-index-{index}", None, None))
+        return GpuReading(
+            index=index, uuid=uuid, name=name, pci_bus_id=bus_id, lost=True, error=error_name(code)
+        )
+
+    def poll(self) -> NvmlReading:
+        """Read the driver and every GPU. Never raises for driver or GPU trouble."""
+        with self._lock:
+            err = self._ensure_up()
+            if err is not None:
+                return NvmlReading(up=False, error=err[0], error_code=err[1])
+            try:
+                driver = self._q(pynvml.nvmlSystemGetDriverVersion)
+                cuda = self._q(pynvml.nvmlSystemGetCudaDriverVersion)
+                nvml_version = self._q(pynvml.nvmlSystemGetNVMLVersion)
+                count = self._q(pynvml.nvmlDeviceGetCount)
+                gpus = tuple(self._gpu(i) for i in range(count or 0))
+            except DriverGone as gone:
+                log.warning("NVML lost the driver: %s", gone)
+                self._drop(gone.code)
+                return NvmlReading(up=False, error=error_name(gone.code), error_code=gone.code)
+            return NvmlReading(
+                up=True,
+                library_path=self._library_path,
+                driver_version=_text(driver) if driver is not None else None,
+                cuda_driver_version=int(cuda) if cuda is not None else None,
+                nvml_version=_text(nvml_version) if nvml_version is not None else None,
+                gpus=gpus,
+                device_count=count,
+            )
+
+    # -- Xid events ------------------------------------------------------------------------
+
+    def _event_set_for(self, uuids: frozenset[str]) -> tuple[Any, dict[int, str]] | None:
+        """The registered event set for ``uuids``, (re)created when the set or NVML changed."""
+        if self._events is not None and self._events[0] == (uuids, self._generation):
+            return self._events[1], self._events[2]
+        self._free_events()
+        try:
+            event_set = pynvml.nvmlEventSetCreate()
+        except pynvml.NVMLError:
+            return None
+        by_handle: dict[int, str] = {}
+        for uuid in uuids:
+            try:
+                handle = pynvml.nvmlDeviceGetHandleByUUID(uuid)
+                pynvml.nvmlDeviceRegisterEvents(handle, XID_EVENT, event_set)
+                by_handle[ctypes.cast(handle, ctypes.c_void_p).value or 0] = uuid
+            except pynvml.NVMLError:
+                continue
+        self._events = ((uuids, self._generation), event_set, by_handle)
+        return event_set, by_handle
+
+    def _free_events(self) -> None:
+        if self._events is not None:
+            try:
+                pynvml.nvmlEventSetFree(self._events[1])
+            except pynvml.NVMLError:
+                pass
+            self._events = None
+
+    def wait_xids(self, uuids: Iterable[str], timeout_ms: int) -> list[tuple[str, int]]:
+        """Block up to ``timeout_ms`` for Xid events on the GPUs named; return (uuid, xid).
+
+        The event set persists across calls (events are not lost between waits) and is
+        rebuilt when the GPU set changes or NVML was re-initialised. Returns [] when NVML is
+        down, after sleeping the timeout so a caller's loop does not spin.
+        """
+        wanted = frozenset(uuids)
+        deadline = time.monotonic() + timeout_ms / 1000.0
+        events: list[tuple[str, int]] = []
+        while not events:
+            remaining = int((deadline - time.monotonic()) * 1000)
+            if remaining <= 0:
+                return events
+            # Short slices under the lock: a poll that finds the driver gone can free the set
+            # and shut NVML down between two slices, never under a wait in progress.
+            with self._event_lock:
+                registered = self._event_set_for(wanted) if self._up and wanted else None
+                if registered is None or not registered[1]:
+                    idle = True
+                else:
+                    idle = False
+                    events = self._drain(registered[0], registered[1], min(remaining, 100))
+            if idle:
+                time.sleep(min(remaining, 100) / 1000.0)
+        return events
+
+    def _drain(self, event_set: Any, by_handle: dict[int, str], wait: int) -> list[tuple[str, int]]:
+        events: list[tuple[str, int]] = []
+        while True:
+            try:
+                data = pynvml.nvmlEventSetWait_v2(event_set, wait)
+            except pynvml.NVMLError as exc:
+                if int(exc.value) != pynvml.NVML_ERROR_TIMEOUT:
+                    self._free_events()
+                    time.sleep(wait / 1000.0)
+                return events
+            uuid = by_handle.get(ctypes.cast(data.device, ctypes.c_void_p).value or 0)
+            if uuid is not None and data.eventType & XID_EVENT:
+                events.append((uuid, int(data.eventData)))
+            wait = 0  # drain what is already pending, then return
+
+
+class XidWatcher:
+    """A thread blocked in ``nvmlEventSetWait_v2``; counts Xid events per (uuid, xid)."""
+
+    def __init__(self, session: NvmlSession, wait_ms: int = 500, keep: int = 256) -> None:
+        self._session = session
+        self._wait_ms = wait_ms
+        self._lock = threading.Lock()
+        self._uuids: tuple[str, ...] = ()
+        self._counts: dict[tuple[str, int], int] = {}
+        self._events: deque[XidEvent] = deque(maxlen=keep)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tfgpud-xid", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def watch(self, uuids: Iterable[str]) -> None:
+        """Set the GPUs to listen on (healthy ones from the last poll)."""
+        with self._lock:
+            self._uuids = tuple(sorted(set(uuids)))
+
+    def counts(self) -> dict[tuple[str, int], int]:
+        with self._lock:
+            return dict(self._counts)
+
+    def events(self) -> tuple[XidEvent, ...]:
+        with self._lock:
+            return tuple(self._events)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                uuids = self._uuids
+            try:
+                got = self._session.wait_xids(uuids, self._wait_ms)
+            except Exception:  # noqa: BLE001 - a watcher thread must never die silently
+                log.exception("Xid watcher failed; retrying")
+                self._stop.wait(1.0)
+                continue
+            if got:
+                now = time.time()
+                with self._lock:
+                    for uuid, xid in got:
+                        self._counts[(uuid, xid)] = self._counts.get((uuid, xid), 0) + 1
+                        self._events.append(XidEvent(uuid=uuid, xid=xid, at=now))
+                for uuid, xid in got:
+                    log.warning("Xid %d on GPU %s", xid, uuid, extra={"GPU_UUID": uuid})
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+
+def read_nvml(library: str | None = None, proc_root: Path = Path("/proc")) -> NvmlReading:
+    """One-shot reading for ``tfgpud doctor``: init, read everything, shut down."""
+    session = NvmlSession(library, proc_root=proc_root)
+    try:
+        return session.poll()
+    finally:
+        session.close()

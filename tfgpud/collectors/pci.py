@@ -1,0 +1,67 @@
+"""NVIDIA GPUs on the PCI bus, the kernel driver bound to each, and the driver's host traces.
+
+Reads only sysfs/procfs/devfs; the three roots are parameters so tests use fixture trees.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tfgpud.model import PciGpu, PciReading
+
+NVIDIA_VENDOR = "0x10de"
+GPU_CLASSES = ("0x0300", "0x0302")  # VGA-compatible and 3D controllers
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="ascii", errors="replace").strip()
+    except OSError:
+        return None
+
+
+def _gpu(dev: Path) -> PciGpu | None:
+    if _read(dev / "vendor") != NVIDIA_VENDOR:
+        return None
+    cls = _read(dev / "class") or ""
+    if not cls.startswith(GPU_CLASSES):
+        return None
+    try:
+        driver: str | None = os.path.basename(os.readlink(dev / "driver"))
+    except OSError:
+        driver = None
+    return PciGpu(
+        address=dev.name,
+        device_id=_read(dev / "device") or "",
+        class_code=cls,
+        driver=driver,
+    )
+
+
+def collect_pci(
+    sys_root: Path = Path("/sys"),
+    proc_root: Path = Path("/proc"),
+    dev_root: Path = Path("/dev"),
+) -> PciReading:
+    """Read what the host says about NVIDIA hardware. Missing paths mean "not there"."""
+    devices = sys_root / "bus" / "pci" / "devices"
+    try:
+        entries = sorted(devices.iterdir())
+    except OSError:
+        entries = []
+    gpus = tuple(g for g in (_gpu(d) for d in entries) if g is not None)
+    proc_version = _read(proc_root / "driver" / "nvidia" / "version")
+    try:
+        nodes = tuple(sorted(n for n in os.listdir(dev_root) if n.startswith("nvidia")))
+    except OSError:
+        nodes = ()
+    osrelease = _read(proc_root / "sys" / "kernel" / "osrelease") or ""
+    return PciReading(
+        gpus=gpus,
+        nvidia_module_version=_read(sys_root / "module" / "nvidia" / "version"),
+        proc_driver_version=proc_version.splitlines()[0] if proc_version else None,
+        nouveau_loaded=(sys_root / "module" / "nouveau").exists(),
+        device_nodes=nodes,
+        wsl="microsoft" in osrelease.lower() or (dev_root / "dxg").exists(),
+    )

@@ -1,0 +1,129 @@
+"""CUDA / driver / TensorFlow compatibility facts (reference §2 and §4), as data.
+
+Pure lookups; nothing here touches the machine.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# Minimum Linux driver of each CUDA toolkit release (the toolkit's GA driver).
+TOOLKIT_DRIVERS: dict[tuple[int, int], str] = {
+    (11, 2): "460.27.03",
+    (11, 8): "520.61.05",
+    (12, 0): "525.60.13",
+    (12, 1): "530.30.02",
+    (12, 2): "535.54.03",
+    (12, 3): "545.23.06",
+    (12, 4): "550.54.14",
+    (12, 5): "555.42.02",
+    (12, 6): "560.28.03",
+    (12, 8): "570.26",
+    (12, 9): "575.51.03",
+    (13, 0): "580.65.06",
+    (13, 1): "590.44.01",
+    (13, 2): "595.45.04",
+}
+
+# Minor-version compatibility: any CUDA <major>.x application runs on at least this driver.
+MINOR_COMPAT_DRIVERS: dict[int, str] = {11: "450.80.02", 12: "525.60.13", 13: "580"}
+
+
+@dataclass(frozen=True)
+class TestedBuild:
+    """One row of tensorflow.org's "tested build configurations" (Linux GPU)."""
+
+    tf: str  # "2.21"
+    python: str  # "3.10-3.13"
+    cudnn: str  # "9.3"
+    cuda: str  # "12.5"
+
+
+TESTED_BUILDS: tuple[TestedBuild, ...] = (
+    TestedBuild("2.21", "3.10-3.13", "9.3", "12.5"),
+    TestedBuild("2.20", "3.9-3.13", "9.3", "12.5"),
+    TestedBuild("2.19", "3.9-3.12", "9.3", "12.5"),
+    TestedBuild("2.18", "3.9-3.12", "9.3", "12.5"),
+    TestedBuild("2.17", "3.9-3.12", "8.9", "12.3"),
+    TestedBuild("2.16", "3.9-3.12", "8.9", "12.3"),
+    TestedBuild("2.15", "3.9-3.11", "8.9", "12.2"),
+    TestedBuild("2.14", "3.9-3.11", "8.7", "11.8"),
+    TestedBuild("2.13", "3.8-3.11", "8.6", "11.8"),
+    TestedBuild("2.12", "3.8-3.11", "8.6", "11.8"),
+    TestedBuild("2.11", "3.7-3.10", "8.1", "11.2"),
+    TestedBuild("2.10", "3.7-3.10", "8.1", "11.2"),
+)
+
+# The version `pip install` fixes point at when nothing better is known.
+LATEST_TF = "2.21.0"
+
+
+def parse_version(text: str | None) -> tuple[int, ...] | None:
+    """Leading dotted integers of ``text`` ("12.5.1" -> (12, 5, 1)); None if there are none."""
+    if not text:
+        return None
+    m = re.match(r"\s*(\d+(?:\.\d+)*)", text)
+    return tuple(int(p) for p in m.group(1).split(".")) if m else None
+
+
+def cuda_major_minor(text: str | None) -> tuple[int, int] | None:
+    """"12.5.1" -> (12, 5); "12" -> (12, 0); None when unparsable."""
+    v = parse_version(text)
+    if not v:
+        return None
+    return (v[0], v[1] if len(v) > 1 else 0)
+
+
+def driver_cuda(cuda_driver_version: int) -> tuple[int, int]:
+    """NVML's ``nvmlSystemGetCudaDriverVersion`` (12040) -> (12, 4)."""
+    return (cuda_driver_version // 1000, (cuda_driver_version % 1000) // 10)
+
+
+def min_driver_for(cuda: tuple[int, int]) -> str | None:
+    """The GA driver of the first toolkit release >= ``cuda`` that the table knows, if any."""
+    candidates = sorted(k for k in TOOLKIT_DRIVERS if k >= cuda)
+    return TOOLKIT_DRIVERS[candidates[0]] if candidates else None
+
+
+def tested_build(tf_version: str | None) -> TestedBuild | None:
+    """The tested configuration for TF ``major.minor`` of ``tf_version``, if listed."""
+    v = parse_version(tf_version)
+    if not v or len(v) < 2:
+        return None
+    key = f"{v[0]}.{v[1]}"
+    return next((b for b in TESTED_BUILDS if b.tf == key), None)
+
+
+def compute_targets(build_caps: str | None) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Split build info ``cuda_compute_capabilities`` into (binary sm_ targets, PTX compute_).
+
+    Accepts the comma-joined form the probe stores ("sm_60,sm_70,compute_90") or a list repr.
+    """
+    sm: list[tuple[int, int]] = []
+    ptx: list[tuple[int, int]] = []
+    for kind, digits in re.findall(r"(sm|compute)_(\d+)", build_caps or ""):
+        cc = (int(digits[:-1]), int(digits[-1]))
+        (sm if kind == "sm" else ptx).append(cc)
+    return sorted(sm), sorted(ptx)
+
+
+def cuda_library_sonames(cuda_version: str | None, cudnn_version: str | None) -> dict[str, str]:
+    """The sonames TF dlopens for a build with this CUDA/cuDNN (from the wheel's loader)."""
+    cuda = cuda_major_minor(cuda_version)
+    names: dict[str, str] = {}
+    if cuda is not None:
+        major = cuda[0]
+        table = {
+            11: ("11.0", "11", "11", "10", "11", "11"),
+            12: ("12", "12", "12", "11", "11", "12"),
+            13: ("13", "13", "13", "12", "12", "12"),
+        }.get(major, (str(major),) * 6)
+        for lib, ver in zip(
+            ("cudart", "cublas", "cublasLt", "cufft", "cusolver", "cusparse"), table, strict=True
+        ):
+            names[lib] = f"lib{lib}.so.{ver}"
+    cudnn = parse_version(cudnn_version)
+    if cudnn:
+        names["cudnn"] = f"libcudnn.so.{cudnn[0]}"
+    return names

@@ -1,0 +1,377 @@
+"""The daemon's lifecycle: startup() → main_loop() → shutdown().
+
+Signal handlers only set flags; the loop thread does all the work. The loop is the heartbeat:
+WATCHDOG=1 is sent from it, so a hung poll stops the pings and systemd restarts the service.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import FrameType, MappingProxyType
+from typing import Any
+
+from tfgpud import __version__
+from tfgpud.collectors.base import timed
+from tfgpud.collectors.nvml import NvmlSession, XidWatcher
+from tfgpud.collectors.pci import collect_pci
+from tfgpud.collectors.tensorflow import TfProbeScheduler
+from tfgpud.config import Config, ConfigError, load_config, parse_listen
+from tfgpud.diagnosis import diagnose
+from tfgpud.exporter import make_registry
+from tfgpud.model import CollectorRun, KnownGpu, NvmlReading, Snapshot
+from tfgpud.server import Endpoints, HttpServer
+from tfgpud.systemd import Notifier
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    """The daemon cannot start (e.g. the port is taken). The message is for a person."""
+
+
+@dataclass(frozen=True)
+class HostPaths:
+    """Roots of the host filesystems the collectors read (fixture trees in tests)."""
+
+    sys: Path = Path("/sys")
+    proc: Path = Path("/proc")
+    dev: Path = Path("/dev")
+
+
+def summarize(snap: Snapshot) -> str:
+    """One line for systemd's STATUS= and the page: GPUs, driver, envs, findings."""
+    parts = []
+    nv = snap.nvml
+    if nv is not None and nv.up:
+        lost = sum(1 for g in nv.gpus if g.lost)
+        gpus = f"{len(nv.gpus)} GPU{'s' if len(nv.gpus) != 1 else ''}"
+        parts.append(gpus + (f" ({lost} lost)" if lost else ""))
+        parts.append(f"driver {nv.driver_version or '?'}")
+        if nv.cuda_driver_version_str:
+            parts.append(f"CUDA {nv.cuda_driver_version_str}")
+    else:
+        pci = len(snap.pci.gpus) if snap.pci else 0
+        why = nv.error if nv is not None else "not polled"
+        parts.append(f"NVML unavailable ({why}), {pci} NVIDIA GPU(s) on PCI")
+    for r in snap.tf:
+        seen = f"{len(r.gpus)} GPU(s)" if r.ok else r.status.value
+        parts.append(f"TF[{r.env}]: {seen}")
+    worst = [f for f in snap.findings if f.severity.value != "info"]
+    parts.append(f"{len(worst)} problem(s)" if worst else "no problems")
+    return ", ".join(parts)
+
+
+def status_document(snap: Snapshot | None, host: str) -> dict[str, Any]:
+    """The /status JSON (also what the HTML page and `tfgpud status` render)."""
+    if snap is None:
+        return {"host": host, "version": __version__, "summary": "starting", "findings": []}
+    nv = snap.nvml
+    doc: dict[str, Any] = {
+        "host": host,
+        "version": __version__,
+        "taken_at": snap.taken_at,
+        "summary": summarize(snap),
+        "pci_gpus": len(snap.pci.gpus) if snap.pci else None,
+        "expected_gpus": snap.expected_gpus,
+        "driver": {
+            "up": bool(nv and nv.up),
+            "error": nv.error if nv else None,
+            "driver_version": nv.driver_version if nv else None,
+            "cuda_driver_version": nv.cuda_driver_version_str if nv else None,
+        },
+        "gpus": [
+            {
+                "index": g.index,
+                "uuid": g.uuid,
+                "name": g.name,
+                "pci_bus_id": g.pci_bus_id,
+                "lost": g.lost,
+                "memory_total_bytes": g.memory_total_bytes,
+                "memory_used_bytes": g.memory_used_bytes,
+                "compute_capability": g.compute_capability_str,
+                "processes": [
+                    {"pid": p.pid, "name": p.name, "used_memory_bytes": p.used_memory_bytes}
+                    for p in g.processes
+                ],
+            }
+            for g in (nv.gpus if nv else ())
+        ],
+        "tensorflow": [
+            {
+                "env": r.env,
+                "python": r.python,
+                "status": r.status.value,
+                "tf_version": r.tf_version,
+                "visible_gpus": len(r.gpus) if r.ok else None,
+                "probed_at": r.started_at,
+            }
+            for r in snap.tf
+        ],
+        "collectors": [
+            {"name": c.name, "success": c.success, "duration_seconds": c.duration_seconds}
+            for c in snap.collectors
+        ],
+        "findings": [
+            {
+                "code": f.code,
+                "severity": f.severity.value,
+                "subject": f.subject,
+                "summary": f.summary,
+                "evidence": list(f.evidence),
+                "fix": f.fix,
+            }
+            for f in snap.findings
+        ],
+    }
+    return doc
+
+
+class Daemon:
+    """One tfgpud process. Construct, then ``run()``; returns the exit code."""
+
+    def __init__(
+        self,
+        config: Config,
+        config_path: str | None = None,
+        paths: HostPaths | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.paths = paths or HostPaths()
+        self.notifier = Notifier(environ)
+        self.host = socket.gethostname()
+        self._snapshot: Snapshot | None = None
+        self._wake = threading.Event()
+        self._stop_requested = False
+        self._reload_requested = False
+        self._last_poll_end = 0.0
+        self._last_status = ""
+        self._pressure_since: dict[str, float] = {}
+        self._known: dict[str, KnownGpu] = {}
+        self._nvml = NvmlSession(config.nvml.library, proc_root=self.paths.proc)
+        self._xids = XidWatcher(self._nvml)
+        self._tf = TfProbeScheduler(config.tensorflow)
+        self._registry = make_registry(lambda: self._snapshot)
+        self._http: HttpServer | None = None
+        self.polls = 0
+
+    # -- signals -----------------------------------------------------------------------------
+
+    def _on_stop(self, signum: int, frame: FrameType | None) -> None:
+        self._stop_requested = True
+        self._wake.set()
+
+    def _on_hup(self, signum: int, frame: FrameType | None) -> None:
+        self._reload_requested = True
+        self._wake.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hup)
+
+    def request_stop(self) -> None:
+        self._stop_requested = True
+        self._wake.set()
+
+    # -- endpoints -----------------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot | None:
+        return self._snapshot
+
+    def health(self) -> tuple[bool, str]:
+        if self._snapshot is None:
+            return False, "starting: no poll completed yet"
+        age = time.monotonic() - self._last_poll_end
+        limit = max(3 * self.config.daemon.interval_seconds, 30.0)
+        if age > limit:
+            return False, f"poll loop stalled: last poll {age:.0f}s ago (limit {limit:.0f}s)"
+        return True, f"ok: last poll {age:.1f}s ago"
+
+    def endpoints(self) -> Endpoints:
+        return Endpoints(
+            registry=self._registry,
+            health=self.health,
+            status=lambda: status_document(self._snapshot, self.host),
+        )
+
+    # -- polling -------------------------------------------------------------------------------
+
+    def _baseline(self, nvml: NvmlReading | None, now: float) -> tuple[tuple[KnownGpu, ...], int]:
+        """The GPUs expected: learned as the union of GPUs seen (persisted in state.py later)."""
+        if nvml is not None and nvml.up:
+            for g in nvml.gpus:
+                if g.uuid.startswith("GPU-unknown"):
+                    continue
+                prev = self._known.get(g.uuid)
+                self._known[g.uuid] = KnownGpu(
+                    uuid=g.uuid,
+                    name=g.name or (prev.name if prev else None),
+                    pci_bus_id=g.pci_bus_id or (prev.pci_bus_id if prev else None),
+                    first_seen=prev.first_seen if prev and prev.first_seen else now,
+                    last_seen=now,
+                )
+        known = tuple(sorted(self._known.values(), key=lambda k: k.uuid))
+        expect = self.config.expect.gpus
+        expected = expect if isinstance(expect, int) else len(known)
+        return known, expected
+
+    def _pressure(self, nvml: NvmlReading | None, now: float) -> Mapping[str, float]:
+        ratio = self.config.memory.pressure_ratio
+        current: dict[str, float] = {}
+        for g in nvml.gpus if nvml is not None else ():
+            total, used = g.memory_total_bytes, g.memory_used_bytes
+            if total and used is not None and used / total >= ratio:
+                current[g.uuid] = self._pressure_since.get(g.uuid, now)
+        self._pressure_since = current
+        return MappingProxyType(dict(current))
+
+    def poll_once(self) -> Snapshot:
+        """Run every collector, diagnose, publish the snapshot. Never raises."""
+        now = time.time()
+        runs: list[CollectorRun] = []
+        pci, run = timed(
+            "pci", lambda: collect_pci(self.paths.sys, self.paths.proc, self.paths.dev)
+        )
+        runs.append(run)
+        nvml, run = timed("nvml", self._nvml.poll)
+        runs.append(run)
+        if nvml is not None:
+            self._xids.watch(g.uuid for g in nvml.gpus if not g.lost)
+        _, run = timed("tensorflow", lambda: self._tf.maybe_start(nvml, now))
+        runs.append(run)
+        known, expected = self._baseline(nvml, now)
+        snap = Snapshot(
+            taken_at=now,
+            pci=pci,
+            nvml=nvml,
+            tf=self._tf.results(),
+            xid_counts=MappingProxyType(self._xids.counts()),
+            xid_events=self._xids.events(),
+            collectors=tuple(runs),
+            baseline=known,
+            expected_gpus=expected,
+            pressure_since=self._pressure(nvml, now),
+        )
+        try:
+            findings = diagnose(snap, self.config)
+        except Exception:  # noqa: BLE001 - a rule bug must not stop the loop
+            log.exception("diagnosis failed")
+            findings = ()
+        snap = replace(snap, findings=findings)
+        self._snapshot = snap
+        self._last_poll_end = time.monotonic()
+        self.polls += 1
+        return snap
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def startup(self) -> None:
+        """Bind the port, do the first poll, start serving, then READY=1."""
+        host, port = parse_listen(self.config.http.listen)
+        try:
+            self._http = HttpServer(host, port, self.endpoints())
+        except OSError as exc:
+            raise StartupError(
+                f"cannot listen on {self.config.http.listen}: {exc.strerror or exc}. "
+                "Another process may hold the port (see `ss -ltnp`), or the address is not "
+                "on this host; set [http] listen in the configuration to a free HOST:PORT."
+            ) from None
+        self._xids.start()
+        snap = self.poll_once()
+        self._http.start()
+        addr = self._http.address
+        log.info("tfgpud %s serving on http://%s:%d/ — %s", __version__, *addr, summarize(snap))
+        self._last_status = summarize(snap)
+        self.notifier.ready(self._last_status)
+
+    def _reload(self) -> None:
+        self._reload_requested = False
+        self.notifier.reloading()
+        if self.config_path is None:
+            log.warning("SIGHUP: no configuration file to re-read")
+        else:
+            try:
+                new = load_config(self.config_path)
+            except ConfigError as exc:
+                log.error("reload failed; keeping the running configuration. %s", exc.render())
+            else:
+                self._apply(new)
+        self.notifier.send(READY=1, STATUS=self._last_status or "reloaded")
+
+    def _apply(self, new: Config) -> None:
+        old = self.config
+        if new.http != old.http:
+            log.warning("[http] changed: takes effect on restart")
+        if new.nvml != old.nvml:
+            log.warning("[nvml] changed: takes effect on restart")
+        if new.tensorflow != old.tensorflow:
+            self._tf.close()
+            self._tf = TfProbeScheduler(new.tensorflow)
+        self.config = new
+        log.info("configuration reloaded from %s", self.config_path)
+
+    def main_loop(self) -> None:
+        interval = self.config.daemon.interval_seconds
+        next_poll = time.monotonic() + interval
+        wd = self.notifier.watchdog_interval
+        next_ping = time.monotonic() + (wd or 0)
+        if wd:
+            self.notifier.watchdog()
+        while not self._stop_requested:
+            now = time.monotonic()
+            due = next_poll if not wd else min(next_poll, next_ping)
+            if due > now:
+                self._wake.wait(due - now)
+                self._wake.clear()
+            if self._stop_requested:
+                break
+            if self._reload_requested:
+                self._reload()
+                interval = self.config.daemon.interval_seconds
+            now = time.monotonic()
+            if now >= next_poll:
+                snap = self.poll_once()
+                line = summarize(snap)
+                if line != self._last_status:
+                    self._last_status = line
+                    self.notifier.status(line)
+                next_poll = max(next_poll + interval, time.monotonic() if interval else 0.0)
+            if wd and time.monotonic() >= next_ping:
+                # Only this loop pings: if a poll hangs, pings stop and systemd steps in.
+                self.notifier.watchdog()
+                next_ping = time.monotonic() + wd
+
+    def shutdown(self) -> None:
+        """Stop everything within ~2 s: HTTP, probes, the Xid thread, NVML."""
+        self.notifier.stopping()
+        if self._http is not None:
+            self._http.stop(0.5)
+        self._tf.close()
+        self._xids.stop(1.0)
+        self._nvml.close()
+        self.notifier.close()
+
+    def run(self) -> int:
+        """startup → main_loop → shutdown. Returns 0 on a requested stop."""
+        self.install_signal_handlers()
+        try:
+            self.startup()
+        except StartupError:
+            self.shutdown()
+            raise
+        try:
+            self.main_loop()
+        finally:
+            self.shutdown()
+        log.info("stopped after %d polls (pid %d)", self.polls, os.getpid())
+        return 0

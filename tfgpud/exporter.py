@@ -1,0 +1,244 @@
+"""Snapshot → Prometheus metric families, on a private registry.
+
+Scrapes only read the last snapshot: nothing here calls NVML or starts a process. Unknown values
+are omitted, never exported as 0 or NaN.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from tfgpud import __version__
+from tfgpud.model import GpuReading, Snapshot
+
+log = logging.getLogger(__name__)
+
+# Pre-created at 0 per GPU so `increase()` sees the first event of these (reference §5).
+WATCHED_XIDS = (48, 62, 64, 74, 79, 94, 95, 119, 120)
+# Per-GPU cap on process series; the rest are summed into pid="other".
+MAX_PROCESS_SERIES = 16
+
+FALLBACK_CODES = frozenset({"tf-cpu-fallback", "tf-partial-visibility"})
+
+
+def _gauge(name: str, doc: str, labels: Iterable[str] = ()) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, labels=list(labels))
+
+
+class SnapshotCollector(Collector):
+    """Yields every tfgpud metric from whatever snapshot ``source`` returns."""
+
+    def __init__(self, source: Callable[[], Snapshot | None]) -> None:
+        self._source = source
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # never collect at registration
+
+    def collect(self) -> Iterator[Metric]:
+        build = _gauge("tfgpud_build_info", "tfgpud build; value is 1.", ["version"])
+        build.add_metric([__version__], 1)
+        yield build
+        snap = self._source()
+        if snap is None:
+            return
+        try:
+            families = list(_families(snap))
+        except Exception:  # noqa: BLE001 - an exception here would turn the scrape into a 500
+            log.exception("building metrics failed; serving build_info only")
+            return
+        yield from families
+
+
+def _families(snap: Snapshot) -> Iterator[Metric]:  # noqa: C901 - a flat list of metrics
+    ok = _gauge("tfgpud_collector_success", "1 if the collector's last run worked.", ["collector"])
+    dur = _gauge(
+        "tfgpud_collector_duration_seconds", "Duration of the collector's last run.", ["collector"]
+    )
+    for run in snap.collectors:
+        ok.add_metric([run.name], 1.0 if run.success else 0.0)
+        dur.add_metric([run.name], run.duration_seconds)
+    yield ok
+    yield dur
+
+    poll = _gauge("tfgpud_last_poll_timestamp_seconds", "Unix time of the last completed poll.")
+    poll.add_metric([], snap.taken_at)
+    yield poll
+
+    if snap.pci is not None:
+        pci = _gauge("tfgpud_pci_gpus", "NVIDIA GPUs on the PCI bus.")
+        pci.add_metric([], len(snap.pci.gpus))
+        yield pci
+
+    if snap.expected_gpus is not None:
+        exp = _gauge("tfgpud_expected_gpus", "GPUs this machine should have (config or learned).")
+        exp.add_metric([], snap.expected_gpus)
+        yield exp
+
+    nv = snap.nvml
+    if nv is not None:
+        up = _gauge("tfgpud_nvml_up", "1 if NVML initialised.")
+        up.add_metric([], 1.0 if nv.up else 0.0)
+        yield up
+        if nv.up:
+            count = _gauge("tfgpud_nvml_gpus", "GPUs NVML reports.")
+            count.add_metric([], len(nv.gpus))
+            yield count
+            if nv.driver_version is not None:
+                drv = _gauge(
+                    "tfgpud_driver_info",
+                    "NVIDIA driver; value is 1.",
+                    ["driver_version", "cuda_driver_version"],
+                )
+                drv.add_metric([nv.driver_version, nv.cuda_driver_version_str or ""], 1)
+                yield drv
+        yield from _gpu_families(nv.gpus, snap)
+
+    yield from _tf_families(snap)
+
+    finding = _gauge(
+        "tfgpud_finding", "1 for each active finding.", ["code", "severity", "subject"]
+    )
+    for f in snap.findings:
+        finding.add_metric([f.code, f.severity.value, f.subject], 1)
+    yield finding
+
+
+def _gpu_families(gpus: tuple[GpuReading, ...], snap: Snapshot) -> Iterator[Metric]:
+    ids = ["gpu", "uuid"]
+    info = _gauge(
+        "tfgpud_gpu_info",
+        "GPU identity; value is 1.",
+        ["gpu", "uuid", "name", "pci_bus_id", "compute_capability"],
+    )
+    up = _gauge("tfgpud_gpu_up", "1 if the GPU answers, 0 if lost or failing.", ids)
+    fields: list[tuple[GaugeMetricFamily, Callable[[GpuReading], float | None]]] = [
+        (
+            _gauge("tfgpud_gpu_memory_total_bytes", "Total GPU memory.", ids),
+            lambda g: g.memory_total_bytes,
+        ),
+        (
+            _gauge("tfgpud_gpu_memory_used_bytes", "Used GPU memory.", ids),
+            lambda g: g.memory_used_bytes,
+        ),
+        (
+            _gauge("tfgpud_gpu_memory_free_bytes", "Free GPU memory.", ids),
+            lambda g: g.memory_free_bytes,
+        ),
+        (
+            _gauge("tfgpud_gpu_utilization_ratio", "GPU busy fraction (0-1).", ids),
+            lambda g: g.utilization_gpu_ratio,
+        ),
+        (
+            _gauge("tfgpud_gpu_temperature_celsius", "GPU core temperature.", ids),
+            lambda g: g.temperature_celsius,
+        ),
+        (
+            _gauge("tfgpud_gpu_power_watts", "GPU power draw.", ids),
+            lambda g: g.power_watts,
+        ),
+        (
+            CounterMetricFamily(
+                "tfgpud_gpu_ecc_uncorrected_errors",
+                "Uncorrected ECC errors since the driver loaded.",
+                labels=ids,
+            ),
+            lambda g: g.ecc_uncorrected_total,
+        ),
+    ]
+    procs = _gauge(
+        "tfgpud_gpu_process_memory_bytes",
+        "GPU memory used by a process (top processes per GPU; the rest as pid=other).",
+        ["gpu", "uuid", "pid", "process"],
+    )
+    xid = CounterMetricFamily(
+        "tfgpud_gpu_xid_errors", "Xid error events received.", labels=["gpu", "uuid", "xid"]
+    )
+    counts = snap.xid_counts
+    for g in gpus:
+        labels = [str(g.index), g.uuid]
+        info.add_metric(
+            [*labels, g.name or "", g.pci_bus_id or "", g.compute_capability_str or ""], 1
+        )
+        up.add_metric(labels, 0.0 if g.lost else 1.0)
+        for family, get in fields:
+            value = get(g)
+            if value is not None:
+                family.add_metric(labels, float(value))
+        ranked = sorted(
+            (p for p in g.processes if p.used_memory_bytes is not None),
+            key=lambda p: (-(p.used_memory_bytes or 0), p.pid),
+        )
+        for p in ranked[:MAX_PROCESS_SERIES]:
+            procs.add_metric([*labels, str(p.pid), p.name or ""], float(p.used_memory_bytes or 0))
+        rest = ranked[MAX_PROCESS_SERIES:]
+        if rest:
+            procs.add_metric(
+                [*labels, "other", f"{len(rest)} processes"],
+                float(sum(p.used_memory_bytes or 0 for p in rest)),
+            )
+        seen = {x for (u, x) in counts if u == g.uuid}
+        for x in sorted(seen | set(WATCHED_XIDS)):
+            xid.add_metric([*labels, str(x)], float(counts.get((g.uuid, x), 0)))
+    yield info
+    yield up
+    for family, _ in fields:
+        yield family
+    yield procs
+    yield xid
+
+
+def _tf_families(snap: Snapshot) -> Iterator[Metric]:
+    env = ["env"]
+    info = _gauge(
+        "tfgpud_tf_info",
+        "TensorFlow in an env; value is 1.",
+        ["env", "tf_version", "cuda_version", "cudnn_version", "cuda_build"],
+    )
+    visible = _gauge("tfgpud_tf_visible_gpus", "GPUs TensorFlow lists in the env.", env)
+    fallback = _gauge(
+        "tfgpud_tf_cpu_fallback", "1 when GPUs exist but TensorFlow in the env sees fewer.", env
+    )
+    success = _gauge("tfgpud_tf_probe_success", "1 if the last TensorFlow probe worked.", env)
+    duration = _gauge("tfgpud_tf_probe_duration_seconds", "Duration of the last probe.", env)
+    stamp = _gauge("tfgpud_tf_probe_timestamp_seconds", "Unix time the last probe started.", env)
+    falling = {f.subject for f in snap.findings if f.code in FALLBACK_CODES}
+    for r in snap.tf:
+        success.add_metric([r.env], 1.0 if r.ok else 0.0)
+        duration.add_metric([r.env], r.duration_seconds)
+        stamp.add_metric([r.env], r.started_at)
+        if not r.ok:
+            continue
+        bi = r.build_info
+        info.add_metric(
+            [
+                r.env,
+                r.tf_version or "",
+                str(bi.get("cuda_version", "")),
+                str(bi.get("cudnn_version", "")),
+                "true" if str(bi.get("is_cuda_build", "")).lower() == "true" else "false",
+            ],
+            1,
+        )
+        visible.add_metric([r.env], len(r.gpus))
+        fallback.add_metric([r.env], 1.0 if r.env in falling else 0.0)
+    for family in (info, visible, fallback, success, duration, stamp):
+        yield family
+    if snap.tf_processes is not None:
+        procs = _gauge(
+            "tfgpud_tf_processes", "Running TensorFlow processes by placement.", ["placement"]
+        )
+        for placement in ("gpu", "cpu"):
+            n = sum(1 for p in snap.tf_processes if p.placement == placement)
+            procs.add_metric([placement], n)
+        yield procs
+
+
+def make_registry(source: Callable[[], Snapshot | None]) -> CollectorRegistry:
+    """A private registry holding only tfgpud's collector (no process/platform defaults)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(source))
+    return registry

@@ -1,0 +1,266 @@
+"""The only place tfgpud starts processes: bounded in time, output and lifetime.
+
+Every child runs in its own session (so its process group id is its pid), with stdin closed,
+an explicit environment, and both pipes drained concurrently into bounded buffers. When the
+child exits, or the deadline passes, or the caller cancels, the whole group is SIGKILLed before
+the child is reaped, so nothing it forked outlives it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import selectors
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+MIB = 1024 * 1024
+_CHUNK = 65536
+_POLL_SECONDS = 0.05  # how often the loop checks for child exit / cancel while pipes are quiet
+_DRAIN_SECONDS = 1.0  # after the group is killed, how long to wait for the pipes to close
+_REAP_SECONDS = 5.0  # a SIGKILLed process in uninterruptible sleep may take a while
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What happened to one child. ``error`` is set when it could not be started at all."""
+
+    argv: tuple[str, ...]
+    returncode: int | None  # exit status; negative signal number when killed (like Popen)
+    signal_name: str | None  # e.g. "SIGILL" when the child died by a signal
+    stdout: bytes
+    stderr: bytes
+    stdout_truncated: bool
+    stderr_truncated: bool
+    timed_out: bool
+    duration_seconds: float
+    cpu_seconds: float | None  # user + system time of the child (and children it reaped)
+    max_rss_bytes: int | None
+    error: str | None = None  # e.g. "executable not found: /x/bin/python"
+    cancelled: bool = False
+
+    @property
+    def started(self) -> bool:
+        return self.error is None
+
+
+class _Capture:
+    """Keeps the first ``limit`` bytes of a stream and counts (then drops) the rest."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.parts: list[bytes] = []
+        self.kept = 0
+        self.truncated = False
+
+    def add(self, data: bytes) -> None:
+        room = self.limit - self.kept
+        if len(data) > room:
+            self.truncated = True
+            data = data[: max(room, 0)]
+        if data:
+            self.parts.append(data)
+            self.kept += len(data)
+
+    def value(self) -> bytes:
+        return b"".join(self.parts)
+
+
+def _signal_name(num: int) -> str:
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return f"signal {num}"
+
+
+def _user_args(user: str) -> dict[str, object]:
+    """Popen keyword arguments that switch to ``user``; raise KeyError when unknown."""
+    pw = pwd.getpwnam(user)
+    return {
+        "user": pw.pw_uid,
+        "group": pw.pw_gid,
+        "extra_groups": os.getgrouplist(pw.pw_name, pw.pw_gid),
+    }
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _exited(pid: int) -> bool:
+    """True once the child has exited; it stays a zombie (WNOWAIT) so its pgid stays reserved."""
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return True
+    return info is not None
+
+
+def _reap(pid: int) -> tuple[int | None, float | None, int | None]:
+    """Reap ``pid``; return (wait status, cpu seconds, max rss bytes), None where unknown."""
+    deadline = time.monotonic() + _REAP_SECONDS
+    while True:
+        try:
+            wpid, status, usage = os.wait4(pid, os.WNOHANG)
+        except ChildProcessError:
+            return None, None, None
+        if wpid == pid:
+            # ru_maxrss is in KiB on Linux.
+            return status, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
+        if time.monotonic() >= deadline:
+            return None, None, None
+        time.sleep(0.01)
+
+
+def run_bounded(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    timeout: float,
+    max_output: int = MIB,
+    cwd: str | None = None,
+    user: str | None = None,
+    cancel: threading.Event | None = None,
+) -> RunResult:
+    """Run ``argv`` with exactly ``env``; never raises for anything the child does.
+
+    Returns within about ``timeout`` + 1 s. Keeps the first ``max_output`` bytes of stdout and
+    of stderr (the rest is read and dropped so the child never blocks on a full pipe). On
+    timeout or ``cancel`` the child's whole process group is SIGKILLed; it is also killed once
+    the child itself exits, so a grandchild left sleeping is not left behind (a descendant that
+    starts its own session escapes this; only a cgroup would catch it). ``user`` switches uid,
+    gid and supplementary groups (needs root). A child that cannot be started (missing or
+    non-executable file, unknown user) gives a result with ``error`` set.
+    """
+    args = tuple(argv)
+    start = time.monotonic()
+
+    def failed(message: str) -> RunResult:
+        return RunResult(
+            argv=args,
+            returncode=None,
+            signal_name=None,
+            stdout=b"",
+            stderr=b"",
+            stdout_truncated=False,
+            stderr_truncated=False,
+            timed_out=False,
+            duration_seconds=time.monotonic() - start,
+            cpu_seconds=None,
+            max_rss_bytes=None,
+            error=message,
+        )
+
+    extra: dict[str, object] = {}
+    if user is not None:
+        try:
+            extra = _user_args(user)
+        except KeyError:
+            return failed(f"unknown user {user!r}")
+    try:
+        proc = subprocess.Popen(  # noqa: S603 - argv comes from the operator's configuration
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=dict(env),
+            cwd=cwd,
+            start_new_session=True,
+            close_fds=True,
+            **extra,  # type: ignore[arg-type]
+        )
+    except FileNotFoundError as exc:
+        missing = exc.filename if exc.filename is not None else args[0] if args else "?"
+        if cwd is not None and missing == cwd:
+            return failed(f"working directory not found: {cwd}")
+        return failed(f"executable not found: {missing}")
+    except PermissionError as exc:
+        return failed(f"permission denied starting {args[0] if args else '?'}: {exc.strerror}")
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        return failed(f"cannot start {args[0] if args else '?'}: {exc}")
+
+    deadline = start + timeout
+    captures = {"stdout": _Capture(max_output), "stderr": _Capture(max_output)}
+    sel = selectors.DefaultSelector()
+    assert proc.stdout is not None and proc.stderr is not None
+    for name, stream in (("stdout", proc.stdout), ("stderr", proc.stderr)):
+        os.set_blocking(stream.fileno(), False)
+        sel.register(stream, selectors.EVENT_READ, name)
+    timed_out = cancelled = killed = False
+    drain_until: float | None = None
+    try:
+        while sel.get_map():
+            now = time.monotonic()
+            if not killed:
+                if now >= deadline:
+                    timed_out = True
+                elif cancel is not None and cancel.is_set():
+                    cancelled = True
+                if timed_out or cancelled or _exited(proc.pid):
+                    # Kill the group while the child is an unreaped zombie: its pid (= pgid)
+                    # cannot be reused yet, so this cannot hit an unrelated process.
+                    _kill_group(proc.pid)
+                    killed = True
+                    drain_until = now + _DRAIN_SECONDS
+            if drain_until is not None and now >= drain_until:
+                break
+            for key, _ in sel.select(_POLL_SECONDS):
+                try:
+                    data = os.read(key.fd, _CHUNK)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                if data:
+                    captures[key.data].add(data)
+                else:
+                    sel.unregister(key.fileobj)
+        if not killed:
+            # Pipes closed before we noticed the exit: the child may still be running (it
+            # closed its own stdout/stderr). Wait for it within the deadline, then kill.
+            while not _exited(proc.pid):
+                if time.monotonic() >= deadline:
+                    timed_out = True
+                    break
+                if cancel is not None and cancel.is_set():
+                    cancelled = True
+                    break
+                time.sleep(_POLL_SECONDS)
+            _kill_group(proc.pid)
+    finally:
+        sel.close()
+        proc.stdout.close()
+        proc.stderr.close()
+        status, cpu, rss = _reap(proc.pid)
+        # Tell Popen the child is gone so it neither waits again nor warns in __del__.
+        proc.returncode = (
+            os.waitstatus_to_exitcode(status) if status is not None else -signal.SIGKILL
+        )
+
+    returncode: int | None = None
+    signal_name: str | None = None
+    if status is not None:
+        returncode = os.waitstatus_to_exitcode(status)
+        if os.WIFSIGNALED(status):
+            signal_name = _signal_name(os.WTERMSIG(status))
+    out, err = captures["stdout"], captures["stderr"]
+    return RunResult(
+        argv=args,
+        returncode=returncode,
+        signal_name=signal_name,
+        stdout=out.value(),
+        stderr=err.value(),
+        stdout_truncated=out.truncated,
+        stderr_truncated=err.truncated,
+        timed_out=timed_out,
+        duration_seconds=time.monotonic() - start,
+        cpu_seconds=cpu,
+        max_rss_bytes=rss,
+        cancelled=cancelled,
+    )

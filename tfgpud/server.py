@@ -1,0 +1,176 @@
+"""The HTTP endpoints: /metrics, /healthz, /status, and a small HTML page at /.
+
+Every handler reads state the daemon already computed; none of them touches NVML or starts
+a process. Each connection gets its own thread and a socket timeout, so a client that connects
+and never speaks cannot stall other scrapes.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import exposition
+from prometheus_client.registry import CollectorRegistry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """What the handlers serve; supplied by the daemon (or a test)."""
+
+    registry: CollectorRegistry
+    health: Callable[[], tuple[bool, str]]
+    status: Callable[[], dict[str, Any]]
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 64
+    endpoints: Endpoints
+
+    def server_bind(self) -> None:
+        if self.address_family == socket.AF_INET6:
+            # Listen on exactly what was asked for, not dual-stack by surprise.
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        super().server_bind()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    timeout = 10  # per-connection socket timeout: idle or slow clients are dropped
+    protocol_version = "HTTP/1.1"
+    server_version = "tfgpud"
+    sys_version = ""
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def _send(self, code: int, body: bytes, content_type: str) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def do_HEAD(self) -> None:
+        self.do_GET()
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        ep = self.server.endpoints
+        try:
+            if path == "/metrics":
+                accept = self.headers.get("Accept", "")
+                encoder, content_type = exposition.choose_encoder(accept)
+                self._send(200, encoder(ep.registry), content_type)
+            elif path == "/healthz":
+                ok, why = ep.health()
+                self._send(200 if ok else 503, (why + "\n").encode(), "text/plain; charset=utf-8")
+            elif path == "/status":
+                body = json.dumps(ep.status(), indent=2, sort_keys=True).encode()
+                self._send(200, body + b"\n", "application/json")
+            elif path == "/":
+                self._send(200, render_page(ep.status()).encode(), "text/html; charset=utf-8")
+            else:
+                self._send(404, b"not found\n", "text/plain; charset=utf-8")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+
+def render_page(status: dict[str, Any]) -> str:
+    """A small page a person can read: GPUs, driver, TensorFlow envs, findings."""
+    e = html.escape
+    rows = []
+    for g in status.get("gpus", []):
+        mem = ""
+        if g.get("memory_total_bytes"):
+            used = (g.get("memory_used_bytes") or 0) / 2**30
+            mem = f"{used:.1f} / {g['memory_total_bytes'] / 2**30:.1f} GiB"
+        state = "lost" if g.get("lost") else "ok"
+        rows.append(
+            f"<tr><td>{g['index']}</td><td>{e(g.get('name') or '?')}</td>"
+            f"<td><code>{e(g['uuid'])}</code></td><td>{e(g.get('pci_bus_id') or '')}</td>"
+            f"<td>{mem}</td><td class={state}>{state}</td></tr>"
+        )
+    envs = []
+    for t in status.get("tensorflow", []):
+        envs.append(
+            f"<tr><td>{e(t['env'])}</td><td>{e(t.get('tf_version') or '-')}</td>"
+            f"<td>{e(t['status'])}</td><td>{t.get('visible_gpus', '-')}</td></tr>"
+        )
+    findings = []
+    for f in status.get("findings", []):
+        evidence = "".join(f"<li>{e(x)}</li>" for x in f.get("evidence", []))
+        fix = f"<p><b>Fix:</b> {e(f['fix'])}</p>" if f.get("fix") else ""
+        findings.append(
+            f"<div class='f {e(f['severity'])}'><h3>[{e(f['severity'])}] {e(f['code'])} "
+            f"— {e(f['subject'])}</h3><p>{e(f['summary'])}</p><ul>{evidence}</ul>{fix}</div>"
+        )
+    driver = status.get("driver") or {}
+    nvml = (
+        f"driver {e(driver.get('driver_version') or '?')}, "
+        f"CUDA {e(driver.get('cuda_driver_version') or '?')}"
+        if driver.get("up")
+        else f"NVML unavailable ({e(str(driver.get('error') or 'not polled yet'))})"
+    )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>tfgpud — {e(status.get("host", ""))}</title>
+<meta http-equiv="refresh" content="10">
+<style>body{{font-family:sans-serif;max-width:60em;margin:1em auto}}
+td,th{{padding:.2em .6em;text-align:left}} .lost{{color:#b00}} .f{{border-left:4px solid #888;
+padding-left:.6em;margin:.6em 0}} .critical{{border-color:#b00}} .warning{{border-color:#d80}}
+.info{{border-color:#48c}}</style></head><body>
+<h1>tfgpud on {e(status.get("host", ""))}</h1>
+<p>{e(status.get("summary", ""))}</p>
+<h2>Driver</h2><p>{nvml}; {status.get("pci_gpus", "?")} NVIDIA GPU(s) on the PCI bus.</p>
+<h2>GPUs</h2><table><tr><th>#</th><th>name</th><th>UUID</th><th>PCI</th><th>memory</th>
+<th>state</th></tr>{"".join(rows) or "<tr><td colspan=6>none</td></tr>"}</table>
+<h2>TensorFlow</h2><table><tr><th>env</th><th>version</th><th>probe</th><th>GPUs seen</th></tr>
+{"".join(envs) or "<tr><td colspan=4>no env configured</td></tr>"}</table>
+<h2>Findings</h2>{"".join(findings) or "<p>none</p>"}
+<p><a href="/metrics">/metrics</a> · <a href="/status">/status</a> ·
+<a href="/healthz">/healthz</a></p></body></html>
+"""
+
+
+class HttpServer:
+    """Binds at construction (so a busy port fails early), serves on a thread after start()."""
+
+    def __init__(self, host: str, port: int, endpoints: Endpoints) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        server_cls = type("_BoundServer", (_Server,), {"address_family": family})
+        self._server = server_cls((host, port), _Handler, bind_and_activate=True)
+        self._server.endpoints = endpoints
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, name="tfgpud-http"
+        )
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def set_endpoints(self, endpoints: Endpoints) -> None:
+        self._server.endpoints = endpoints
+
+    def stop(self, timeout: float = 1.0) -> None:
+        start = time.monotonic()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(max(0.0, timeout - (time.monotonic() - start)))
