@@ -151,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="run the daemon in the foreground")
-    p.add_argument("--config", metavar="PATH", help=f"configuration (default {DEFAULT_CONFIG_PATH})")
+    p.add_argument(
+        "--config", metavar="PATH", help=f"configuration (default {DEFAULT_CONFIG_PATH})"
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("doctor", help="one full diagnosis now (exit 0 ok, 1 warning, 2 critical)")

@@ -68,7 +68,7 @@ def parse_version(text: str | None) -> tuple[int, ...] | None:
 
 
 def cuda_major_minor(text: str | None) -> tuple[int, int] | None:
-    """"12.5.1" -> (12, 5); "12" -> (12, 0); None when unparsable."""
+    """ "12.5.1" -> (12, 5); "12" -> (12, 0); None when unparsable."""
     v = parse_version(text)
     if not v:
         return None

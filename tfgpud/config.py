@@ -224,7 +224,9 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     state = config.daemon.state_dir
     if not Path(state).is_absolute():
         state = os.path.normpath(base / state)
-    envs = [e.model_copy(update={"python": _resolve(base, e.python)}) for e in config.tensorflow.envs]
+    envs = [
+        e.model_copy(update={"python": _resolve(base, e.python)}) for e in config.tensorflow.envs
+    ]
     return config.model_copy(
         update={
             "daemon": config.daemon.model_copy(update={"state_dir": state}),

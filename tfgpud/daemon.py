@@ -78,6 +78,7 @@ def status_document(snap: Snapshot | None, host: str) -> dict[str, Any]:
         "host": host,
         "version": __version__,
         "taken_at": snap.taken_at,
+        "polls": snap.sequence,
         "summary": summarize(snap),
         "pci_gpus": len(snap.pci.gpus) if snap.pci else None,
         "expected_gpus": snap.expected_gpus,
@@ -159,7 +160,7 @@ class Daemon:
         self._known: dict[str, KnownGpu] = {}
         self._nvml = NvmlSession(config.nvml.library, proc_root=self.paths.proc)
         self._xids = XidWatcher(self._nvml)
-        self._tf = TfProbeScheduler(config.tensorflow)
+        self._tf = TfProbeScheduler.from_config(config.tensorflow)
         self._registry = make_registry(lambda: self._snapshot)
         self._http: HttpServer | None = None
         self.polls = 0
@@ -252,6 +253,7 @@ class Daemon:
         known, expected = self._baseline(nvml, now)
         snap = Snapshot(
             taken_at=now,
+            sequence=self.polls + 1,
             pci=pci,
             nvml=nvml,
             tf=self._tf.results(),
@@ -264,7 +266,7 @@ class Daemon:
         )
         try:
             findings = diagnose(snap, self.config)
-        except Exception:  # noqa: BLE001 - a rule bug must not stop the loop
+        except Exception:
             log.exception("diagnosis failed")
             findings = ()
         snap = replace(snap, findings=findings)
@@ -316,7 +318,7 @@ class Daemon:
             log.warning("[nvml] changed: takes effect on restart")
         if new.tensorflow != old.tensorflow:
             self._tf.close()
-            self._tf = TfProbeScheduler(new.tensorflow)
+            self._tf = TfProbeScheduler.from_config(new.tensorflow)
         self.config = new
         log.info("configuration reloaded from %s", self.config_path)
 

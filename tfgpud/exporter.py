@@ -47,13 +47,13 @@ class SnapshotCollector(Collector):
             return
         try:
             families = list(_families(snap))
-        except Exception:  # noqa: BLE001 - an exception here would turn the scrape into a 500
+        except Exception:
             log.exception("building metrics failed; serving build_info only")
             return
         yield from families
 
 
-def _families(snap: Snapshot) -> Iterator[Metric]:  # noqa: C901 - a flat list of metrics
+def _families(snap: Snapshot) -> Iterator[Metric]:
     ok = _gauge("tfgpud_collector_success", "1 if the collector's last run worked.", ["collector"])
     dur = _gauge(
         "tfgpud_collector_duration_seconds", "Duration of the collector's last run.", ["collector"]
@@ -67,6 +67,9 @@ def _families(snap: Snapshot) -> Iterator[Metric]:  # noqa: C901 - a flat list o
     poll = _gauge("tfgpud_last_poll_timestamp_seconds", "Unix time of the last completed poll.")
     poll.add_metric([], snap.taken_at)
     yield poll
+    polls = CounterMetricFamily("tfgpud_polls", "Polls completed since the daemon started.")
+    polls.add_metric([], snap.sequence)
+    yield polls
 
     if snap.pci is not None:
         pci = _gauge("tfgpud_pci_gpus", "NVIDIA GPUs on the PCI bus.")
@@ -115,7 +118,8 @@ def _gpu_families(gpus: tuple[GpuReading, ...], snap: Snapshot) -> Iterator[Metr
         ["gpu", "uuid", "name", "pci_bus_id", "compute_capability"],
     )
     up = _gauge("tfgpud_gpu_up", "1 if the GPU answers, 0 if lost or failing.", ids)
-    fields: list[tuple[GaugeMetricFamily, Callable[[GpuReading], float | None]]] = [
+    Getter = Callable[[GpuReading], float | None]
+    fields: list[tuple[GaugeMetricFamily | CounterMetricFamily, Getter]] = [
         (
             _gauge("tfgpud_gpu_memory_total_bytes", "Total GPU memory.", ids),
             lambda g: g.memory_total_bytes,
@@ -225,8 +229,7 @@ def _tf_families(snap: Snapshot) -> Iterator[Metric]:
         )
         visible.add_metric([r.env], len(r.gpus))
         fallback.add_metric([r.env], 1.0 if r.env in falling else 0.0)
-    for family in (info, visible, fallback, success, duration, stamp):
-        yield family
+    yield from (info, visible, fallback, success, duration, stamp)
     if snap.tf_processes is not None:
         procs = _gauge(
             "tfgpud_tf_processes", "Running TensorFlow processes by placement.", ["placement"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
-from enum import Enum
+from enum import Enum, StrEnum
 from types import MappingProxyType
 
 
@@ -17,7 +17,7 @@ def frozen_map(items: Mapping[str, str] | None = None) -> Mapping[str, str]:
     return MappingProxyType(dict(items or {}))
 
 
-class Severity(str, Enum):
+class Severity(StrEnum):
     INFO = "info"
     WARNING = "warning"
     CRITICAL = "critical"
@@ -122,7 +122,7 @@ class TfGpu:
     compute_capability: tuple[int, int] | None = None
 
 
-class ProbeStatus(str, Enum):
+class ProbeStatus(StrEnum):
     OK = "ok"
     IMPORT_FAILED = "import-failed"
     CRASHED = "crashed"
@@ -226,6 +226,7 @@ class Snapshot:
     """Everything one poll saw. Scrapes and /status read the latest one; nothing mutates it."""
 
     taken_at: float
+    sequence: int = 0  # polls completed by this process, this one included
     pci: PciReading | None = None
     nvml: NvmlReading | None = None
     tf: tuple[TfProbeResult, ...] = ()

@@ -78,14 +78,10 @@ def _signal_name(num: int) -> str:
         return f"signal {num}"
 
 
-def _user_args(user: str) -> dict[str, object]:
-    """Popen keyword arguments that switch to ``user``; raise KeyError when unknown."""
+def _user_ids(user: str) -> tuple[int, int, list[int]]:
+    """(uid, gid, supplementary gids) of ``user``; raise KeyError when unknown."""
     pw = pwd.getpwnam(user)
-    return {
-        "user": pw.pw_uid,
-        "group": pw.pw_gid,
-        "extra_groups": os.getgrouplist(pw.pw_name, pw.pw_gid),
-    }
+    return pw.pw_uid, pw.pw_gid, os.getgrouplist(pw.pw_name, pw.pw_gid)
 
 
 def _kill_group(pgid: int) -> None:
@@ -157,14 +153,16 @@ def run_bounded(
             error=message,
         )
 
-    extra: dict[str, object] = {}
+    uid: int | None = None
+    gid: int | None = None
+    groups: list[int] | None = None
     if user is not None:
         try:
-            extra = _user_args(user)
+            uid, gid, groups = _user_ids(user)
         except KeyError:
             return failed(f"unknown user {user!r}")
     try:
-        proc = subprocess.Popen(  # noqa: S603 - argv comes from the operator's configuration
+        proc = subprocess.Popen(  # argv comes from the operator's configuration
             args,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -173,7 +171,9 @@ def run_bounded(
             cwd=cwd,
             start_new_session=True,
             close_fds=True,
-            **extra,  # type: ignore[arg-type]
+            user=uid,
+            group=gid,
+            extra_groups=groups,
         )
     except FileNotFoundError as exc:
         missing = exc.filename if exc.filename is not None else args[0] if args else "?"

@@ -49,11 +49,12 @@ class _Server(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     timeout = 10  # per-connection socket timeout: idle or slow clients are dropped
+    disable_nagle_algorithm = True  # headers and body go out as separate writes
     protocol_version = "HTTP/1.1"
     server_version = "tfgpud"
     sys_version = ""
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
     def _send(self, code: int, body: bytes, content_type: str) -> None:

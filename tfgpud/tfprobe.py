@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import importlib
 import json
 import os
 import platform
@@ -53,10 +54,10 @@ def sonames(build: dict[str, Any]) -> list[tuple[str, str]]:
     cuda = _major(build.get("cuda_version")) if build.get("cuda_version") else None
     if cuda is not None:
         versions = _CUDA_SONAMES.get(cuda, (str(cuda),) * 6)
-        out.extend((lib, "lib%s.so.%s" % (lib, ver)) for lib, ver in zip(_CUDA_LIBS, versions))
+        out.extend((lib, f"lib{lib}.so.{ver}") for lib, ver in zip(_CUDA_LIBS, versions))  # noqa: B905 - Python 3.8
     cudnn = _major(build.get("cudnn_version")) if build.get("cudnn_version") else None
     if cudnn is not None:
-        out.append(("cudnn", "libcudnn.so.%d" % cudnn))
+        out.append(("cudnn", f"libcudnn.so.{cudnn}"))
     out.append(("cuda", "libcuda.so.1"))
     return out
 
@@ -143,19 +144,17 @@ def device_access() -> dict[str, str]:
         try:
             st = os.stat(node)
         except OSError as exc:
-            out[node] = "stat failed: %s" % exc.strerror
+            out[node] = f"stat failed: {exc.strerror}"
             continue
         if not stat.S_ISCHR(st.st_mode):
             continue
         if os.access(node, os.R_OK | os.W_OK):
             out[node] = "ok"
         else:
-            out[node] = "no read-write access (mode %o, uid %d, gid %d; probe uid %d, groups %s)" % (
-                stat.S_IMODE(st.st_mode),
-                st.st_uid,
-                st.st_gid,
-                os.getuid(),
-                ",".join(str(g) for g in os.getgroups()),
+            groups = ",".join(str(g) for g in os.getgroups())
+            out[node] = (
+                f"no read-write access (mode {stat.S_IMODE(st.st_mode):o}, uid {st.st_uid}, "
+                f"gid {st.st_gid}; probe uid {os.getuid()}, groups {groups})"
             )
     return out
 
@@ -174,12 +173,12 @@ def _smoke(tf: Any, gpus: list[Any]) -> tuple[bool, str | None]:
             x = tf.constant([[1.0, 2.0], [3.0, 4.0]])
             y = tf.linalg.matmul(x, x)
         if [list(r) for r in y.numpy().tolist()] != [[7.0, 10.0], [15.0, 22.0]]:
-            return False, "matmul on GPU:0 gave a wrong result: %r" % (y.numpy().tolist(),)
+            return False, f"matmul on GPU:0 gave a wrong result: {y.numpy().tolist()!r}"
         if "GPU" not in y.device:
-            return False, "matmul ran on %s, not on GPU:0" % y.device
+            return False, f"matmul ran on {y.device}, not on GPU:0"
         return True, None
-    except Exception as exc:
-        return False, "%s: %s" % (type(exc).__name__, exc)
+    except Exception as exc:  # noqa: BLE001 - any failure of the smoke test is its result
+        return False, f"{type(exc).__name__}: {exc}"
 
 
 def probe(smoke: bool) -> dict[str, Any]:
@@ -194,11 +193,11 @@ def probe(smoke: bool) -> dict[str, Any]:
         "device_access": device_access(),
     }
     try:
-        import tensorflow as tf
-    except BaseException as exc:  # noqa: BLE001 - anything raised by an import is the answer
+        tf: Any = importlib.import_module("tensorflow")
+    except BaseException as exc:  # anything raised by an import is the answer
         if isinstance(exc, KeyboardInterrupt):
             raise
-        out["import_error"] = "%s: %s" % (type(exc).__name__, exc)
+        out["import_error"] = f"{type(exc).__name__}: {exc}"
         out["traceback"] = traceback.format_exc().splitlines()[-15:]
         pip_dirs = pip_library_dirs(sys.path)
         out["library_search_dirs"] = pip_dirs
@@ -207,9 +206,9 @@ def probe(smoke: bool) -> dict[str, Any]:
     out["tf_version"] = getattr(tf, "__version__", None)
     try:
         build = dict(tf.sysconfig.get_build_info())
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - report, never die: the parent needs the rest
         build = {}
-        out["build_info_error"] = "%s: %s" % (type(exc).__name__, exc)
+        out["build_info_error"] = f"{type(exc).__name__}: {exc}"
     out["build_info"] = {str(k): _stringify(v) for k, v in build.items()}
     gpus = tf.config.list_physical_devices("GPU")
     devices = []
@@ -220,8 +219,8 @@ def probe(smoke: bool) -> dict[str, Any]:
             entry["device_name"] = details.get("device_name")
             cc = details.get("compute_capability")
             entry["compute_capability"] = list(cc) if cc else None
-        except Exception as exc:
-            entry["details_error"] = "%s: %s" % (type(exc).__name__, exc)
+        except Exception as exc:  # noqa: BLE001 - one odd device must not hide the others
+            entry["details_error"] = f"{type(exc).__name__}: {exc}"
         devices.append(entry)
     out["gpus"] = devices
     # Checked after TF listed its devices: loading a library by full path first would let TF's
@@ -236,13 +235,18 @@ def probe(smoke: bool) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
+    # Run by path, Python puts this file's folder first on sys.path; tfgpud's modules there
+    # (config, platform-like names) must not shadow what TensorFlow or the env imports.
+    here = os.path.dirname(os.path.abspath(__file__))
+    if sys.path and os.path.abspath(sys.path[0] or os.curdir) == here:
+        del sys.path[0]
     # TF may print to stdout; keep stdout for the one JSON line by pointing fd 1 at stderr.
     real_stdout = os.dup(1)
     os.dup2(2, 1)
     report = probe("--smoke" in argv)
     sys.stdout.flush()
-    os.write(real_stdout, (json.dumps(report, sort_keys=True) + "\n").encode())
-    os.close(real_stdout)
+    with os.fdopen(real_stdout, "w", encoding="utf-8") as stdout:
+        stdout.write(json.dumps(report, sort_keys=True) + "\n")
     return 0
 
 

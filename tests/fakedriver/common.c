@@ -76,7 +76,8 @@ static bool end_of_line(parser *ps)
     if (at_end(ps))
         return true;
     if (*ps->p != '\n')
-        return fail(ps, "unexpected '%c' after value (one key = value per line)", *ps->p);
+        return fail(ps, "unexpected byte 0x%02X after value (one key = value per line)",
+                    (unsigned char)*ps->p);
     ps->p++;
     ps->line++;
     return true;
@@ -206,30 +207,29 @@ static bool parse_string(parser *ps, value *v)
 
 static bool parse_int(parser *ps, int64_t *out)
 {
-    bool neg = false;
     int c = peek(ps);
-    if (c == '+' || c == '-') {
-        neg = c == '-';
+    bool has_sign = c == '+' || c == '-';
+    bool neg = c == '-';
+    if (has_sign)
         ps->p++;
-    }
-    /* reject floats, inf, nan early for a clear message */
+    /* the extent of the token, so that floats get a clear message */
     const char *q = ps->p;
-    while (q < ps->end && (isalnum((unsigned char)*q) || *q == '_' || *q == '.' ||
-                           ((*q == '+' || *q == '-') && q > ps->p &&
-                            (q[-1] == 'e' || q[-1] == 'E'))))
+    while (q < ps->end &&
+           (isalnum((unsigned char)*q) || *q == '_' || *q == '.' ||
+            ((*q == '+' || *q == '-') && q > ps->p && (q[-1] == 'e' || q[-1] == 'E'))))
         q++;
     int base = 10;
-    if (peek(ps) == '0' && (peek_at(ps, 1) == 'x' || peek_at(ps, 1) == 'o' ||
-                            peek_at(ps, 1) == 'b')) {
-        base = peek_at(ps, 1) == 'x' ? 16 : peek_at(ps, 1) == 'o' ? 8 : 2;
-        if (ps->p + 1 < ps->end && ps->p[1] == 'x' && memchr(ps->p, '.', (size_t)(q - ps->p)))
-            return fail(ps, "floats are not supported");
-        if (neg || ps->p != q - (q - ps->p) || (c == '+'))
+    if (q - ps->p >= 2 && ps->p[0] == '0' &&
+        (ps->p[1] == 'x' || ps->p[1] == 'o' || ps->p[1] == 'b')) {
+        if (has_sign)
             return fail(ps, "a sign is not allowed on hex/octal/binary integers");
+        base = ps->p[1] == 'x' ? 16 : ps->p[1] == 'o' ? 8 : 2;
         ps->p += 2;
     } else {
+        if ((q - ps->p == 3 && (memcmp(ps->p, "inf", 3) == 0 || memcmp(ps->p, "nan", 3) == 0)))
+            return fail(ps, "floats are not supported");
         for (const char *r = ps->p; r < q; r++)
-            if (*r == '.' || *r == 'e' || *r == 'E' || *r == 'i' || *r == 'n')
+            if (*r == '.' || *r == 'e' || *r == 'E')
                 return fail(ps, "floats are not supported");
     }
     uint64_t acc = 0;
@@ -247,7 +247,7 @@ static bool parse_int(parser *ps, int64_t *out)
         }
         int d = hexval(ch);
         if (d < 0 || d >= base)
-            return fail(ps, "invalid digit '%c' in integer", ch);
+            return fail(ps, "invalid character 0x%02X in integer", (unsigned)ch);
         if (acc > (UINT64_MAX - (uint64_t)d) / (uint64_t)base)
             return fail(ps, "integer out of range");
         acc = acc * (uint64_t)base + (uint64_t)d;
@@ -366,7 +366,7 @@ static const keyspec gpu_keys[] = {
     {"memory_reserved", T_INT, 0, INT64_MAX},
     {"utilization_gpu", T_INT, 0, 100},
     {"utilization_memory", T_INT, 0, 100},
-    {"temperature", T_INT, 0, UINT32_MAX},
+    {"temperature", T_INT, 0, INT32_MAX},
     {"power_mw", T_INT, 0, UINT32_MAX},
     {"cc_major", T_INT, 0, 255},
     {"cc_minor", T_INT, 0, 255},
@@ -591,6 +591,26 @@ static bool assign_gpu(parser *ps, fd_gpu *g, unsigned k, const value *v)
     return true;
 }
 
+/* A [[gpu]] table is complete: process_pids and process_memory must be parallel. */
+static bool finish_gpu(parser *ps, fd_scenario *sc, const seen_t *seen, unsigned npids,
+                       unsigned nmem, int gpu_line)
+{
+    if (sc->ngpus == 0)
+        return true;
+    if (npids != nmem) {
+        int lp = seen->line[K_PIDS], lm = seen->line[K_MEM];
+        ps->line = lp > lm ? lp : lm;
+        if (!ps->line)
+            ps->line = gpu_line;
+        return fail(ps,
+                    "process_pids has %u elements but process_memory has %u (they are "
+                    "parallel arrays)",
+                    npids, nmem);
+    }
+    sc->gpu[sc->ngpus - 1].nprocs = npids;
+    return true;
+}
+
 bool fd_parse(const char *text, size_t len, fd_scenario *sc, int *err_line, char *err,
               size_t errlen)
 {
@@ -605,7 +625,7 @@ bool fd_parse(const char *text, size_t len, fd_scenario *sc, int *err_line, char
     seen_t seen;
     memset(&seen, 0, sizeof seen);
     unsigned npids = 0, nmem = 0;
-    int in_gpu = 0;
+    bool in_gpu = false;
     int gpu_line = 0;
     static int uuid_line[FD_MAX_GPUS], pci_line[FD_MAX_GPUS];
 
@@ -616,20 +636,6 @@ bool fd_parse(const char *text, size_t len, fd_scenario *sc, int *err_line, char
         return fail(&ps, "NUL byte in file");
     }
 
-#define FINISH_GPU()                                                                          \
-    do {                                                                                      \
-        if (in_gpu && npids != nmem) {                                                        \
-            ps.line = seen.line[K_PIDS] > seen.line[K_MEM] ? seen.line[K_PIDS] : seen.line[K_MEM]; \
-            if (!ps.line)                                                                     \
-                ps.line = gpu_line;                                                           \
-            return fail(&ps,                                                                  \
-                        "process_pids has %u elements but process_memory has %u (they are "   \
-                        "parallel arrays)",                                                   \
-                        npids, nmem);                                                         \
-        }                                                                                     \
-        if (in_gpu)                                                                           \
-            sc->gpu[sc->ngpus - 1].nprocs = npids;                                            \
-    } while (0)
 
     for (;;) {
         skip_ws(&ps);
@@ -658,12 +664,13 @@ bool fd_parse(const char *text, size_t len, fd_scenario *sc, int *err_line, char
                 return fail(&ps, "unknown table '[[%.*s]]' (only [[gpu]] is supported)",
                             (int)(kl > 40 ? 40 : kl), k0);
             ps.p += 2;
-            FINISH_GPU();
+            if (!finish_gpu(&ps, sc, &seen, npids, nmem, gpu_line))
+                return false;
             if (sc->ngpus >= FD_MAX_GPUS)
                 return fail(&ps, "more than %d [[gpu]] tables", FD_MAX_GPUS);
             gpu_defaults(&sc->gpu[sc->ngpus], sc->ngpus);
             sc->ngpus++;
-            in_gpu = 1;
+            in_gpu = true;
             gpu_line = save_line;
             npids = nmem = 0;
             memset(&seen, 0, sizeof seen);
@@ -730,8 +737,8 @@ bool fd_parse(const char *text, size_t len, fd_scenario *sc, int *err_line, char
         if (!end_of_line(&ps))
             return false;
     }
-    FINISH_GPU();
-#undef FINISH_GPU
+    if (!finish_gpu(&ps, sc, &seen, npids, nmem, gpu_line))
+        return false;
 
     /* uuid and PCI bus id must identify one GPU each */
     for (unsigned i = 0; i < sc->ngpus; i++) {
@@ -752,5 +759,183 @@ bool fd_parse(const char *text, size_t len, fd_scenario *sc, int *err_line, char
             }
         }
     }
+    return true;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Reload on change                                                                            */
+/* ------------------------------------------------------------------------------------------ */
+
+static pthread_mutex_t fd_mu = PTHREAD_MUTEX_INITIALIZER;
+static fd_scenario fd_scen[2];
+static int fd_cur = -1; /* index of the good scenario in fd_scen, -1 = none */
+static char fd_errbuf[1200];
+static bool fd_error_reported;
+static unsigned long fd_gen;
+
+static struct {
+    int kind; /* 0 = nothing read yet, 1 = env unset, 2 = stat/open failed, 3 = file read */
+    char path[1024];
+    int err;
+    dev_t dev;
+    ino_t ino;
+    off_t size;
+    struct timespec mtim;
+} fd_id;
+
+void fd_lock(void) { pthread_mutex_lock(&fd_mu); }
+void fd_unlock(void) { pthread_mutex_unlock(&fd_mu); }
+const char *fd_error(void) { return fd_errbuf; }
+unsigned long fd_generation(void) { return fd_gen; }
+
+void fd_report_error(void)
+{
+    if (fd_error_reported || fd_cur >= 0)
+        return;
+    fd_error_reported = true;
+    fprintf(stderr, "%s\n", fd_errbuf);
+    fflush(stderr);
+}
+
+static void set_bad(void)
+{
+    /* keep the report on one line whatever the file contained */
+    for (char *c = fd_errbuf; *c; c++)
+        if ((unsigned char)*c < 0x20 || *c == 0x7F)
+            *c = '?';
+    fd_cur = -1;
+    fd_gen++;
+    fd_error_reported = false;
+}
+
+static void load(const char *path)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) != 0) {
+        int e = errno;
+        if (fd >= 0)
+            close(fd);
+        fd_id.kind = 2;
+        fd_id.err = e;
+        snprintf(fd_errbuf, sizeof fd_errbuf, "fakedriver: %s: cannot read scenario: %s", path,
+                 strerror(e));
+        set_bad();
+        return;
+    }
+    fd_id.kind = 3;
+    fd_id.dev = st.st_dev;
+    fd_id.ino = st.st_ino;
+    fd_id.size = st.st_size;
+    fd_id.mtim = st.st_mtim;
+
+    char *buf = malloc(FD_MAX_FILE + 1);
+    size_t n = 0;
+    int e = 0;
+    if (!buf) {
+        e = ENOMEM;
+    } else {
+        while (n <= FD_MAX_FILE) {
+            ssize_t r = read(fd, buf + n, FD_MAX_FILE + 1 - n);
+            if (r < 0 && errno == EINTR)
+                continue;
+            if (r < 0) {
+                e = errno;
+                break;
+            }
+            if (r == 0)
+                break;
+            n += (size_t)r;
+        }
+    }
+    close(fd);
+    if (e) {
+        snprintf(fd_errbuf, sizeof fd_errbuf, "fakedriver: %s: cannot read scenario: %s", path,
+                 strerror(e));
+        free(buf);
+        set_bad();
+        return;
+    }
+    if (n > FD_MAX_FILE) {
+        snprintf(fd_errbuf, sizeof fd_errbuf, "fakedriver: %s: scenario larger than %d bytes",
+                 path, FD_MAX_FILE);
+        free(buf);
+        set_bad();
+        return;
+    }
+    int slot = fd_cur == 0 ? 1 : 0;
+    int line = 0;
+    char why[512];
+    bool ok = fd_parse(buf, n, &fd_scen[slot], &line, why, sizeof why);
+    free(buf);
+    if (!ok) {
+        if (line > 0)
+            snprintf(fd_errbuf, sizeof fd_errbuf, "fakedriver: %s:%d: %s", path, line, why);
+        else
+            snprintf(fd_errbuf, sizeof fd_errbuf, "fakedriver: %s: %s", path, why);
+        set_bad();
+        return;
+    }
+    fd_cur = slot;
+    fd_gen++;
+    fd_errbuf[0] = '\0';
+    fd_error_reported = false;
+}
+
+const fd_scenario *fd_refresh(void)
+{
+    const char *path = getenv("TFGPUD_FAKE_DRIVER");
+    if (!path || !*path) {
+        if (fd_id.kind != 1) {
+            fd_id.kind = 1;
+            fd_id.path[0] = '\0';
+            snprintf(fd_errbuf, sizeof fd_errbuf,
+                     "fakedriver: TFGPUD_FAKE_DRIVER is not set: no scenario to simulate");
+            set_bad();
+        }
+        return NULL;
+    }
+    bool same_path = strncmp(fd_id.path, path, sizeof fd_id.path) == 0;
+    if (!same_path)
+        snprintf(fd_id.path, sizeof fd_id.path, "%s", path);
+    struct stat st;
+    if (stat(path, &st) != 0) {
+        int e = errno;
+        if (!same_path || fd_id.kind != 2 || fd_id.err != e) {
+            fd_id.kind = 2;
+            fd_id.err = e;
+            snprintf(fd_errbuf, sizeof fd_errbuf, "fakedriver: %s: cannot read scenario: %s",
+                     path, strerror(e));
+            set_bad();
+        }
+        return NULL;
+    }
+    if (!same_path || fd_id.kind != 3 || st.st_dev != fd_id.dev || st.st_ino != fd_id.ino ||
+        st.st_size != fd_id.size || st.st_mtim.tv_sec != fd_id.mtim.tv_sec ||
+        st.st_mtim.tv_nsec != fd_id.mtim.tv_nsec)
+        load(path);
+    return fd_cur >= 0 ? &fd_scen[fd_cur] : NULL;
+}
+
+bool fd_tracing(void)
+{
+    const char *t = getenv("TFGPUD_FAKE_DRIVER_TRACE");
+    return t && *t && strcmp(t, "0") != 0;
+}
+
+void fd_trace(const char *lib, const char *fn, long rc)
+{
+    if (fd_tracing()) {
+        fprintf(stderr, "fakedriver: trace: %s: %s -> %ld\n", lib, fn, rc);
+        fflush(stderr);
+    }
+}
+
+bool fd_copy_str(char *dst, size_t dstlen, const char *src)
+{
+    size_t n = strlen(src);
+    if (!dst || n + 1 > dstlen)
+        return false;
+    memcpy(dst, src, n + 1);
     return true;
 }

@@ -31,7 +31,7 @@ enum {
 typedef struct {
     char name[FD_STR];
     char uuid[FD_STR];
-    char pci_bus_id[FD_STR]; /* normalised: %08X:%02X:%02X.%X */
+    char pci_bus_id[32]; /* normalised: %08X:%02X:%02X.%X */
     unsigned pci_domain, pci_bus, pci_device, pci_function;
     uint64_t memory_total, memory_used, memory_reserved;
     unsigned utilization_gpu, utilization_memory, temperature, power_mw;

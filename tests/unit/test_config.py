@@ -79,7 +79,7 @@ python = "/usr/bin/python3"
 def test_check_config_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check-config", str(ROOT / "config" / "tfgpud.toml")]) == 0
     bad = tmp_path / "bad.toml"
-    bad.write_text('[http]\nlisten = 10041\nbogus = 1\n[expect]\ngpus = -2\n')
+    bad.write_text("[http]\nlisten = 10041\nbogus = 1\n[expect]\ngpus = -2\n")
     assert main(["check-config", str(bad)]) == EX_CONFIG
     err = capsys.readouterr().err
     assert str(bad) in err

@@ -22,7 +22,7 @@ def timed(name: str, fn: Callable[[], T]) -> tuple[T | None, CollectorRun]:
     start = time.perf_counter()
     try:
         result = fn()
-    except Exception as exc:  # noqa: BLE001 - the whole point: one collector never breaks a poll
+    except Exception as exc:
         duration = time.perf_counter() - start
         log.warning("collector %s failed: %s: %s", name, type(exc).__name__, exc, exc_info=True)
         return None, CollectorRun(name, False, duration, f"{type(exc).__name__}: {exc}")

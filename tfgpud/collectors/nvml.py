@@ -6,6 +6,7 @@ errors: :meth:`NvmlSession.poll` always returns an :class:`NvmlReading`.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import threading
@@ -34,7 +35,7 @@ _DRIVER_GONE = {
 }
 _GPU_GONE = {pynvml.NVML_ERROR_GPU_IS_LOST, pynvml.NVML_ERROR_RESET_REQUIRED}
 
-_ERROR_NAMES = {
+_ERROR_NAMES: dict[int, str] = {
     value: name[len("NVML_ERROR_") :]
     for name, value in vars(pynvml).items()
     if name.startswith("NVML_ERROR_") and isinstance(value, int)
@@ -79,9 +80,11 @@ def _loaded_library_path() -> str | None:
     return None
 
 
-def _proc_name(proc_root: Path, pid: int) -> str | None:
+def _proc_name(proc_root: str, pid: int) -> str | None:
+    # Plain strings, not pathlib: this runs for every GPU process on every poll.
     try:
-        return (proc_root / str(pid) / "comm").read_text(errors="replace").strip() or None
+        with open(f"{proc_root}/{pid}/comm", "rb") as f:
+            return f.read().decode("utf-8", "replace").strip() or None
     except OSError:
         return None
 
@@ -100,7 +103,7 @@ class NvmlSession:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._library = library
-        self._proc_root = proc_root
+        self._proc_root_str = str(proc_root)
         self._clock = clock
         self._up = False
         self._lock = threading.Lock()
@@ -165,10 +168,8 @@ class NvmlSession:
             self._up = False
         self._last_error = (error_name(code), code)
         self._next_attempt = 0.0
-        try:
+        with contextlib.suppress(pynvml.NVMLError):
             pynvml.nvmlShutdown()
-        except pynvml.NVMLError:
-            pass
 
     def close(self) -> None:
         """Shut NVML down if this session initialised it."""
@@ -176,10 +177,8 @@ class NvmlSession:
             self._free_events()
             if self._up:
                 self._up = False
-                try:
+                with contextlib.suppress(pynvml.NVMLError):
                     pynvml.nvmlShutdown()
-                except pynvml.NVMLError:
-                    pass
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -210,7 +209,7 @@ class NvmlSession:
                 GpuProcess(
                     pid=pid,
                     used_memory_bytes=None if used is None else int(used),
-                    name=_proc_name(self._proc_root, pid),
+                    name=_proc_name(self._proc_root_str, pid),
                 )
             )
         return tuple(sorted(out, key=lambda p: p.pid))
@@ -329,10 +328,8 @@ class NvmlSession:
 
     def _free_events(self) -> None:
         if self._events is not None:
-            try:
+            with contextlib.suppress(pynvml.NVMLError):
                 pynvml.nvmlEventSetFree(self._events[1])
-            except pynvml.NVMLError:
-                pass
             self._events = None
 
     def wait_xids(self, uuids: Iterable[str], timeout_ms: int) -> list[tuple[str, int]]:
@@ -413,7 +410,7 @@ class XidWatcher:
                 uuids = self._uuids
             try:
                 got = self._session.wait_xids(uuids, self._wait_ms)
-            except Exception:  # noqa: BLE001 - a watcher thread must never die silently
+            except Exception:
                 log.exception("Xid watcher failed; retrying")
                 self._stop.wait(1.0)
                 continue

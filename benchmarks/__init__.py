@@ -1,0 +1,1 @@
+"""Side-by-side measurements; run all with `make bench` (python -m benchmarks)."""

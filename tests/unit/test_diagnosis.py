@@ -1,0 +1,612 @@
+"""Every finding code from DESIGN.md, from fixture snapshots and probe results."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tfgpud.config import Config, parse_config
+from tfgpud.diagnosis import cpu_fallback_envs, diagnose, worst_severity
+from tfgpud.model import (
+    Finding,
+    GpuProcess,
+    GpuReading,
+    KnownGpu,
+    LibraryCheck,
+    NvmlReading,
+    PciGpu,
+    PciReading,
+    ProbeStatus,
+    Severity,
+    Snapshot,
+    TfGpu,
+    TfProbeResult,
+    TfProcess,
+    XidEvent,
+    frozen_map,
+)
+
+NOW = 1_800_000_000.0
+UUID0 = "GPU-aaaaaaaa-0000-0000-0000-000000000000"
+UUID1 = "GPU-bbbbbbbb-1111-1111-1111-111111111111"
+PY = "/opt/research/bin/python"
+GPU_BUILD = {
+    "cuda_compute_capabilities": "sm_60,sm_70,sm_80,sm_89,compute_90",
+    "cuda_version": "12.5.1",
+    "cudnn_version": "9",
+    "is_cuda_build": "True",
+    "is_rocm_build": "False",
+    "is_tensorrt_build": "False",
+}
+CPU_BUILD = {"is_cuda_build": "False", "is_rocm_build": "False", "is_tensorrt_build": "False"}
+SONAMES = [
+    ("cudart", "libcudart.so.12"),
+    ("cublas", "libcublas.so.12"),
+    ("cublasLt", "libcublasLt.so.12"),
+    ("cufft", "libcufft.so.11"),
+    ("cusolver", "libcusolver.so.11"),
+    ("cusparse", "libcusparse.so.12"),
+    ("cudnn", "libcudnn.so.9"),
+]
+PIP_DIRS = tuple(
+    f"/opt/research/lib/python3.11/site-packages/nvidia/{d}/lib"
+    for d in ("cublas", "cuda_runtime", "cudnn", "cufft", "cusolver", "cusparse")
+)
+CONFIG = Config()
+
+
+def libs(missing: set[str] = frozenset(), libcuda: bool = True) -> tuple[LibraryCheck, ...]:
+    out = []
+    for name, soname in SONAMES:
+        if name in missing:
+            err = f"{soname}: cannot open shared object file: No such file or directory"
+            out.append(LibraryCheck(name, soname, False, None, err))
+        else:
+            out.append(LibraryCheck(name, soname, True, f"{PIP_DIRS[0]}/{soname}"))
+    if libcuda:
+        out.append(LibraryCheck("cuda", "libcuda.so.1", True, "/usr/lib/libcuda.so.550.54.14"))
+    else:
+        err = "libcuda.so.1: cannot open shared object file: No such file or directory"
+        out.append(LibraryCheck("cuda", "libcuda.so.1", False, None, err))
+    return tuple(out)
+
+
+def probe(**kw: Any) -> TfProbeResult:
+    base: dict[str, Any] = {
+        "env": "research",
+        "python": PY,
+        "status": ProbeStatus.OK,
+        "started_at": NOW - 10,
+        "duration_seconds": 3.1,
+        "tf_version": "2.21.0",
+        "build_info": frozen_map(GPU_BUILD),
+        "gpus": (TfGpu("/physical_device:GPU:0"), TfGpu("/physical_device:GPU:1")),
+        "packages": frozen_map(
+            {"tensorflow": "2.21.0", "nvidia-cudnn-cu12": "9.3.0.75", "nvidia-cublas-cu12": "12.5"}
+        ),
+        "libraries": libs(),
+        "library_search_dirs": PIP_DIRS,
+        "environment": frozen_map({"TF_CPP_MIN_LOG_LEVEL": "0"}),
+    }
+    for key in ("build_info", "packages", "environment", "device_access"):
+        if key in kw and isinstance(kw[key], dict):
+            kw[key] = frozen_map(kw[key])
+    base.update(kw)
+    return TfProbeResult(**base)
+
+
+def gpu(i: int, uuid: str, **kw: Any) -> GpuReading:
+    base: dict[str, Any] = {
+        "index": i,
+        "uuid": uuid,
+        "name": "NVIDIA H100 80GB HBM3",
+        "pci_bus_id": f"00000000:0{i + 1}:00.0",
+        "memory_total_bytes": 80 * 1024**3,
+        "memory_used_bytes": 1024**3,
+        "compute_capability": (8, 0),
+    }
+    base.update(kw)
+    return GpuReading(**base)
+
+
+PCI2 = PciReading(
+    gpus=(
+        PciGpu("0000:01:00.0", "0x2330", "0x030200", "nvidia"),
+        PciGpu("0000:02:00.0", "0x2330", "0x030200", "nvidia"),
+    ),
+    nvidia_module_version="550.54.14",
+    device_nodes=("nvidia-uvm", "nvidia0", "nvidia1", "nvidiactl"),
+)
+NVML2 = NvmlReading(
+    up=True,
+    library_path="/usr/lib/x86_64-linux-gnu/libnvidia-ml.so.550.54.14",
+    driver_version="550.54.14",
+    cuda_driver_version=12040,
+    gpus=(gpu(0, UUID0), gpu(1, UUID1)),
+    device_count=2,
+)
+NO_NVML = NvmlReading(up=False, error="LIBRARY_NOT_FOUND", error_code=12)
+
+
+def snap(**kw: Any) -> Snapshot:
+    base: dict[str, Any] = {"taken_at": NOW, "pci": PCI2, "nvml": NVML2, "tf": (probe(),)}
+    base.update(kw)
+    return Snapshot(**base)
+
+
+def codes(findings: tuple[Finding, ...]) -> set[str]:
+    return {f.code for f in findings}
+
+
+def one(findings: tuple[Finding, ...], code: str, subject: str | None = None) -> Finding:
+    hits = [f for f in findings if f.code == code and (subject is None or f.subject == subject)]
+    assert len(hits) == 1, f"expected one {code}, got {[f.key for f in findings]}"
+    return hits[0]
+
+
+def text(f: Finding) -> str:
+    return "\n".join([f.summary, *f.evidence, f.fix])
+
+
+# --- healthy baselines: a rule that fires here is a false alarm -------------------------------
+
+
+def test_healthy_gpu_machine_has_no_findings() -> None:
+    assert diagnose(snap(), CONFIG) == ()
+
+
+def test_no_nvidia_gpu_is_info_and_no_cpu_fallback() -> None:
+    s = snap(
+        pci=PciReading(),
+        nvml=NO_NVML,
+        tf=(probe(gpus=(), libraries=libs(missing={n for n, _ in SONAMES}, libcuda=False)),),
+    )
+    found = diagnose(s, CONFIG)
+    assert codes(found) == {"no-nvidia-gpu"}
+    f = one(found, "no-nvidia-gpu", "host")
+    assert f.severity is Severity.INFO
+    assert "LIBRARY_NOT_FOUND" in text(f)
+    assert worst_severity(found) is Severity.INFO
+    assert cpu_fallback_envs(found) == frozenset()
+
+
+# --- hardware / driver -------------------------------------------------------------------------
+
+
+def test_nvml_library_missing_is_critical_when_pci_has_gpus() -> None:
+    found = diagnose(snap(nvml=NO_NVML, tf=()), CONFIG)
+    f = one(found, "nvml-library-missing", "host")
+    assert f.severity is Severity.CRITICAL
+    assert "2 NVIDIA GPU" in f.summary and "0000:01:00.0" in text(f)
+    assert "install" in f.fix.lower() and "--gpus all" in f.fix
+    assert "no-nvidia-gpu" not in codes(found)
+
+
+def test_nvml_library_missing_silent_without_gpus() -> None:
+    found = diagnose(snap(pci=PciReading(), nvml=NO_NVML, tf=()), CONFIG)
+    assert "nvml-library-missing" not in codes(found)
+
+
+def test_driver_not_loaded() -> None:
+    pci = replace(PCI2, nvidia_module_version=None, device_nodes=())
+    nvml = NvmlReading(up=False, error="DRIVER_NOT_LOADED", error_code=9)
+    f = one(diagnose(snap(pci=pci, nvml=nvml, tf=()), CONFIG), "driver-not-loaded", "host")
+    assert f.severity is Severity.CRITICAL
+    assert "/sys/module/nvidia: absent" in f.evidence
+    assert "modprobe nvidia" in f.fix and "dkms" in f.fix
+
+
+def test_driver_library_mismatch_from_nvml_error() -> None:
+    nvml = NvmlReading(
+        up=False,
+        error="LIB_RM_VERSION_MISMATCH",
+        error_code=18,
+        library_path="/usr/lib/x86_64-linux-gnu/libnvidia-ml.so.550.90.07",
+    )
+    f = one(diagnose(snap(nvml=nvml, tf=()), CONFIG), "driver-library-mismatch", "host")
+    assert "kernel module 550.54.14" in f.summary and "library 550.90.07" in f.summary
+    assert "Reboot" in f.fix
+
+
+def test_driver_library_mismatch_from_versions_only() -> None:
+    nvml = replace(NVML2, library_path="/usr/lib/libnvidia-ml.so.555.42.02")
+    assert "driver-library-mismatch" in codes(diagnose(snap(nvml=nvml, tf=()), CONFIG))
+
+
+def test_nouveau_bound() -> None:
+    pci = PciReading(
+        gpus=(PciGpu("0000:01:00.0", "0x1b80", "0x030000", "nouveau"),), nouveau_loaded=True
+    )
+    nvml = NvmlReading(up=False, error="DRIVER_NOT_LOADED")
+    f = one(diagnose(snap(pci=pci, nvml=nvml, tf=()), CONFIG), "nouveau-bound", "host")
+    assert "kernel driver nouveau" in text(f)
+    assert "blacklist nouveau" in f.fix
+
+
+def test_device_nodes_missing() -> None:
+    pci = replace(PCI2, device_nodes=())
+    nvml = NvmlReading(up=False, error="NO_PERMISSION")
+    found = diagnose(snap(pci=pci, nvml=nvml, tf=()), CONFIG)
+    f = one(found, "device-nodes-missing", "host")
+    assert "/dev/nvidiactl" in f.summary and "/dev/nvidia0..1" in f.summary
+    assert "--gpus all" in f.fix and "nvidia-modprobe" in f.fix
+
+
+def test_device_nodes_present_is_quiet() -> None:
+    assert "device-nodes-missing" not in codes(diagnose(snap(), CONFIG))
+
+
+def test_nvml_no_permission() -> None:
+    nvml = NvmlReading(up=False, error="NO_PERMISSION", error_code=4)
+    f = one(diagnose(snap(nvml=nvml, tf=()), CONFIG), "nvml-no-permission", "host")
+    assert "ls -l /dev/nvidia*" in f.fix and "usermod" in f.fix
+
+
+def test_gpu_lost() -> None:
+    nvml = replace(NVML2, gpus=(gpu(0, UUID0), gpu(1, UUID1, lost=True, error="GPU_IS_LOST")))
+    found = diagnose(snap(nvml=nvml, tf=(probe(gpus=(TfGpu("/physical_device:GPU:0"),)),)), CONFIG)
+    f = one(found, "gpu-lost", UUID1)
+    assert f.severity is Severity.CRITICAL and "00000000:02:00.0" in f.fix
+    # The lost GPU is not a TF visibility problem: TF sees all the healthy one.
+    assert "tf-partial-visibility" not in codes(found)
+
+
+def test_gpu_vanished_names_uuid_name_and_address() -> None:
+    baseline = (
+        KnownGpu(UUID0, "NVIDIA H100 80GB HBM3", "00000000:01:00.0"),
+        KnownGpu(UUID1, "NVIDIA H100 80GB HBM3", "00000000:02:00.0"),
+    )
+    nvml = replace(NVML2, gpus=(gpu(0, UUID0),))
+    pci = replace(PCI2, gpus=PCI2.gpus[:1])
+    tf = (probe(gpus=(TfGpu("/physical_device:GPU:0"),)),)
+    found = diagnose(snap(nvml=nvml, pci=pci, baseline=baseline, tf=tf), CONFIG)
+    f = one(found, "gpu-vanished", UUID1)
+    assert "NVIDIA H100 80GB HBM3" in f.summary and "00000000:02:00.0" in f.summary
+    assert "gone from the PCI bus too" in f.summary
+    assert "gpu-vanished" not in {x.code for x in found if x.subject == UUID0}
+
+
+def test_gpu_vanished_but_still_on_bus() -> None:
+    baseline = (KnownGpu(UUID1, "NVIDIA H100", "00000000:02:00.0"),)
+    nvml = replace(NVML2, gpus=(gpu(0, UUID0),))
+    f = one(diagnose(snap(nvml=nvml, baseline=baseline, tf=()), CONFIG), "gpu-vanished", UUID1)
+    assert "still on the PCI bus" in f.summary
+
+
+def test_gpu_appeared_only_with_a_baseline() -> None:
+    found = diagnose(snap(baseline=(KnownGpu(UUID0),), tf=()), CONFIG)
+    f = one(found, "gpu-appeared", UUID1)
+    assert f.severity is Severity.INFO
+    assert "gpu-appeared" not in codes(diagnose(snap(baseline=(), tf=()), CONFIG))
+
+
+def test_gpu_xid_critical_within_the_hour_only() -> None:
+    events = (
+        XidEvent(UUID0, 79, NOW - 60),
+        XidEvent(UUID0, 13, NOW - 30),  # application error: ignored
+        XidEvent(UUID1, 48, NOW - 7200),  # too old
+        XidEvent(UUID1, 31, NOW - 10),  # application error: ignored
+    )
+    found = diagnose(snap(xid_events=events, tf=()), CONFIG)
+    f = one(found, "gpu-xid-critical", UUID0)
+    assert "79 (GPU has fallen off the bus)" in f.summary and "13" not in f.summary
+    assert "reboot" in f.fix.lower()
+    assert [x for x in found if x.code == "gpu-xid-critical" and x.subject == UUID1] == []
+
+
+def test_gpu_memory_pressure_names_tf_without_allow_growth() -> None:
+    g = gpu(
+        0,
+        UUID0,
+        memory_used_bytes=79 * 1024**3,
+        processes=(GpuProcess(4242, 78 * 1024**3, "python"), GpuProcess(7, 1024**3, "Xorg")),
+    )
+    nvml = replace(NVML2, gpus=(g, gpu(1, UUID1)))
+    tfp = (TfProcess(4242, "gpu", user="ana", allow_growth=False, started_at=NOW - 999),)
+    s = snap(nvml=nvml, pressure_since={UUID0: NOW - 600}, tf_processes=tfp, tf=())
+    f = one(diagnose(s, CONFIG), "gpu-memory-pressure", UUID0)
+    assert f.severity is Severity.WARNING
+    assert "99%" in f.summary
+    assert "pid 4242 (python): 78.0 GiB" in f.evidence
+    assert "TF_FORCE_GPU_ALLOW_GROWTH=true" in f.fix and "4242" in f.fix
+
+
+def test_gpu_memory_pressure_needs_duration() -> None:
+    g = gpu(0, UUID0, memory_used_bytes=79 * 1024**3)
+    s = snap(nvml=replace(NVML2, gpus=(g,)), pressure_since={UUID0: NOW - 60}, tf=())
+    assert "gpu-memory-pressure" not in codes(diagnose(s, CONFIG))
+
+
+def test_tf_job_on_cpu() -> None:
+    procs = (
+        TfProcess(
+            100, "cpu", user="bob", cmdline="python train.py", started_at=NOW - 900, python=PY
+        ),
+        TfProcess(101, "cpu", started_at=NOW - 10),  # too young
+        TfProcess(102, "gpu", started_at=NOW - 9000),
+    )
+    found = diagnose(snap(tf_processes=procs), CONFIG)
+    f = one(found, "tf-job-on-cpu", "100")
+    assert f.severity is Severity.WARNING and "15 min" in f.summary
+    assert f"tfgpud doctor --python {PY}" in f.fix
+    assert {x.subject for x in found if x.code == "tf-job-on-cpu"} == {"100"}
+    off = parse_config("[workloads]\nenabled = false\n")
+    assert "tf-job-on-cpu" not in codes(diagnose(snap(tf_processes=procs), off))
+
+
+def test_tf_job_on_cpu_not_without_gpus() -> None:
+    procs = (TfProcess(100, "cpu", started_at=NOW - 900),)
+    s = snap(pci=PciReading(), nvml=NO_NVML, tf=(), tf_processes=procs)
+    assert "tf-job-on-cpu" not in codes(diagnose(s, CONFIG))
+
+
+# --- TensorFlow per env ------------------------------------------------------------------------
+
+
+def test_cuda_libs_missing_matches_issue_wording() -> None:
+    r = probe(
+        gpus=(),
+        libraries=libs(missing={"cudnn", "cudart"}),
+        library_search_dirs=(),
+        packages={"tensorflow": "2.21.0"},
+        log_lines=("Cannot dlopen some GPU libraries. Skipping registering GPU devices...",),
+    )
+    found = diagnose(snap(tf=(r,)), CONFIG)
+    fb = one(found, "tf-cpu-fallback", "research")
+    assert fb.severity is Severity.CRITICAL
+    assert "sees 0 of 2 GPU(s)" in fb.summary and "tf-cuda-libs-missing" in fb.summary
+    f = one(found, "tf-cuda-libs-missing", "research")
+    assert f.summary.startswith(
+        "TensorFlow 2.21.0 in env `research` was built for CUDA 12.5 / cuDNN 9; "
+        "libcudart.so.12 and libcudnn.so.9 cannot be loaded (searched: "
+    )
+    assert "LD_LIBRARY_PATH unset" in f.summary and "ld.so cache" in f.summary
+    assert f.fix == f"{PY} -m pip install 'tensorflow[and-cuda]==2.21.0'"
+    assert any("Cannot dlopen" in e for e in f.evidence)
+    assert cpu_fallback_envs(found) == {"research"}
+
+
+def test_cpu_only_build() -> None:
+    r = probe(
+        gpus=(), build_info=CPU_BUILD, libraries=libs(), packages={"tensorflow-cpu": "2.21.0"}
+    )
+    f = one(diagnose(snap(tf=(r,)), CONFIG), "tf-cpu-only-build", "research")
+    assert "tensorflow-cpu 2.21.0" in f.summary
+    assert f.fix.startswith(f"{PY} -m pip uninstall -y tensorflow-cpu && ")
+    assert "tensorflow[and-cuda]==2.21.0" in f.fix
+
+
+@pytest.mark.parametrize("value", ["-1", "", "none"])
+def test_gpus_hidden_by_env(value: str) -> None:
+    r = probe(gpus=(), environment={"CUDA_VISIBLE_DEVICES": value})
+    cfg = parse_config(
+        f'[[tensorflow.envs]]\nname = "research"\npython = "{PY}"\n'
+        f'environment = {{ CUDA_VISIBLE_DEVICES = "{value}" }}\n'
+    )
+    found = diagnose(snap(tf=(r,)), cfg)
+    assert {"tf-cpu-fallback", "tf-gpus-hidden-by-env"} <= codes(found)
+    f = one(found, "tf-gpus-hidden-by-env", "research")
+    assert f"CUDA_VISIBLE_DEVICES={value!r}" in f.summary and "all 2 GPU(s)" in f.summary
+    assert "environment table" in text(f)
+    assert "Remove CUDA_VISIBLE_DEVICES" in f.fix
+
+
+def test_cuda_visible_devices_subset_is_intentional() -> None:
+    r = probe(gpus=(TfGpu("/physical_device:GPU:0"),), environment={"CUDA_VISIBLE_DEVICES": "1"})
+    assert diagnose(snap(tf=(r,)), CONFIG) == ()
+
+
+def test_libcuda_missing_points_at_the_nvml_dir() -> None:
+    r = probe(gpus=(), libraries=libs(libcuda=False))
+    f = one(diagnose(snap(tf=(r,)), CONFIG), "tf-libcuda-missing", "research")
+    assert "cannot open shared object file" in f.summary
+    assert 'LD_LIBRARY_PATH = "/usr/lib/x86_64-linux-gnu"' in f.fix
+
+
+def test_libcuda_missing_without_driver_says_install_driver() -> None:
+    r = probe(gpus=(), libraries=libs(libcuda=False))
+    found = diagnose(snap(nvml=NO_NVML, tf=(r,)), CONFIG)
+    f = one(found, "tf-libcuda-missing", "research")
+    assert "Install the NVIDIA driver" in f.fix
+    assert "tf-cpu-fallback" in codes(found)  # PCI says the GPUs exist
+
+
+def test_driver_too_old_names_the_fixing_drivers() -> None:
+    nvml = replace(NVML2, driver_version="470.256.02", cuda_driver_version=11040)
+    r = probe(gpus=(), log_lines=("CUDA driver version is insufficient for CUDA runtime version",))
+    f = one(diagnose(snap(nvml=nvml, tf=(r,)), CONFIG), "tf-driver-too-old", "research")
+    assert f.summary == (
+        "driver 470.x supports CUDA ≤ 11.4; TF 2.21.0 needs CUDA 12.5: install driver ≥ "
+        "555.42.02 (or ≥ 525.60.13 with minor-version compatibility)"
+    )
+    assert "tensorflow[and-cuda]==2.14.*" in f.fix
+
+
+def test_driver_same_major_older_minor_is_covered_by_minor_compat() -> None:
+    nvml = replace(NVML2, driver_version="535.54.03", cuda_driver_version=12020)
+    r = probe(gpus=(), libraries=libs(missing={"cudnn"}))
+    found = diagnose(snap(nvml=nvml, tf=(r,)), CONFIG)
+    assert "tf-driver-too-old" not in codes(found)
+    assert "tf-cuda-libs-missing" in codes(found)
+
+
+def test_driver_dso_mismatch_from_log() -> None:
+    r = probe(
+        gpus=(),
+        log_lines=(
+            "kernel version 550.54.14 does not match DSO version 555.42.2 -- cannot find working "
+            "devices in this configuration",
+        ),
+        libraries=tuple(
+            replace(x, path="/usr/lib/libcuda.so.555.42.02") if x.name == "cuda" else x
+            for x in libs()
+        ),
+    )
+    f = one(diagnose(snap(tf=(r,)), CONFIG), "tf-driver-dso-mismatch", "research")
+    assert "libcuda 555.42.02" in f.summary and "kernel module 550.54.14" in f.summary
+    assert "Reboot" in f.fix
+
+
+def test_compute_capability_unsupported() -> None:
+    nvml = replace(NVML2, gpus=(gpu(0, UUID0, compute_capability=(5, 2), name="Tesla M60"),))
+    r = probe(gpus=(), log_lines=("Ignoring visible gpu device (compute capability: 5.2)",))
+    found = diagnose(snap(nvml=nvml, tf=(r,)), CONFIG)
+    f = one(found, "tf-compute-capability-unsupported", "research")
+    assert "5.2" in f.summary and "6.0" in f.summary and "PTX 9.0" in f.summary
+    assert "TF_CUDA_COMPUTE_CAPABILITIES=5.2" in f.fix
+    assert "tf-cpu-fallback" in codes(found)
+
+
+def test_cudnn_mismatch_from_package_version() -> None:
+    r = probe(packages={"tensorflow": "2.21.0", "nvidia-cudnn-cu12": "9.1.0.70"})
+    found = diagnose(snap(tf=(r,)), CONFIG)
+    f = one(found, "tf-cudnn-mismatch", "research")
+    assert "cuDNN 9.1.0.70 is installed" in f.summary and "tested with 9.3" in f.summary
+    assert "nvidia-cudnn-cu12>=9.3,<10" in f.fix
+
+
+def test_cudnn_major_mismatch_under_fallback() -> None:
+    r = probe(gpus=(), packages={"nvidia-cudnn-cu12": "8.9.7.29"}, libraries=libs({"cudnn"}))
+    assert {"tf-cpu-fallback", "tf-cudnn-mismatch"} <= codes(diagnose(snap(tf=(r,)), CONFIG))
+
+
+def test_device_permission() -> None:
+    r = probe(
+        gpus=(),
+        device_access={"/dev/nvidiactl": "ok", "/dev/nvidia0": "no read-write access (mode 660)"},
+    )
+    f = one(diagnose(snap(tf=(r,)), CONFIG), "tf-device-permission", "research")
+    assert "/dev/nvidia0" in f.summary and "/dev/nvidiactl" not in f.summary
+    assert "usermod" in f.fix
+
+
+def test_partial_visibility() -> None:
+    r = probe(gpus=(TfGpu("/physical_device:GPU:0"),))
+    found = diagnose(snap(tf=(r,)), CONFIG)
+    f = one(found, "tf-partial-visibility", "research")
+    assert f.severity is Severity.CRITICAL and "sees 1 of the 2 GPU(s)" in f.summary
+    assert "tf-cpu-fallback" not in codes(found)
+
+
+def test_ptx_jit_only() -> None:
+    nvml = replace(NVML2, gpus=(gpu(0, UUID0, compute_capability=(9, 0)),))
+    r = probe(gpus=(TfGpu("/physical_device:GPU:0"),))
+    found = diagnose(snap(nvml=nvml, tf=(r,)), CONFIG)
+    f = one(found, "tf-ptx-jit-only", "research")
+    assert f.severity is Severity.WARNING and "9.0" in f.summary
+    assert "CUDA_CACHE_MAXSIZE" in f.fix
+    assert worst_severity(found) is Severity.WARNING
+
+
+def test_import_failed_not_installed() -> None:
+    r = probe(
+        status=ProbeStatus.IMPORT_FAILED,
+        error="ModuleNotFoundError: No module named 'tensorflow'",
+        tf_version=None,
+        build_info={},
+        gpus=(),
+        packages={},
+    )
+    f = one(diagnose(snap(tf=(r,)), CONFIG), "tf-import-failed", "research")
+    assert f.summary == f"TensorFlow is not installed in env `research` ({PY})"
+    assert f.fix == f"{PY} -m pip install 'tensorflow[and-cuda]==2.21.0'"
+
+
+def test_import_failed_other_error_reinstalls_that_version() -> None:
+    r = probe(
+        status=ProbeStatus.IMPORT_FAILED,
+        error="ImportError: numpy.core.multiarray failed to import",
+        gpus=(),
+        packages={"tensorflow": "2.20.0"},
+    )
+    f = one(diagnose(snap(tf=(r,)), CONFIG), "tf-import-failed", "research")
+    assert "numpy.core.multiarray" in f.summary and "==2.20.0" in f.fix
+
+
+def test_missing_interpreter_is_a_clear_import_failure() -> None:
+    r = probe(status=ProbeStatus.MISSING_INTERPRETER, error=f"interpreter {PY} not found")
+    f = one(diagnose(snap(tf=(r,)), CONFIG), "tf-import-failed", "research")
+    assert f.summary == f"The interpreter of env `research` does not exist: {PY}"
+    assert "python3 -m venv /opt/research" in f.fix
+
+
+def test_import_crashed_sigill() -> None:
+    r = probe(
+        status=ProbeStatus.CRASHED,
+        signal_name="SIGILL",
+        returncode=-4,
+        error="probe killed by SIGILL: the CPU lacks instructions",
+    )
+    f = one(diagnose(snap(tf=(r,)), CONFIG), "tf-import-crashed", "research")
+    assert "SIGILL" in f.summary and "AVX" in f.fix
+
+
+@pytest.mark.parametrize("status", [ProbeStatus.ERROR, ProbeStatus.BAD_OUTPUT])
+def test_probe_error_and_garbage_are_crash_findings(status: ProbeStatus) -> None:
+    r = probe(status=status, error="probe output is not JSON: 'hello'")
+    f = one(diagnose(snap(tf=(r,)), CONFIG), "tf-import-crashed", "research")
+    assert "not JSON" in f.summary
+
+
+def test_probe_timeout_is_warning() -> None:
+    r = probe(status=ProbeStatus.TIMEOUT, error="no answer within 120 s; process group killed")
+    f = one(diagnose(snap(tf=(r,)), CONFIG), "tf-probe-timeout", "research")
+    assert f.severity is Severity.WARNING and "120 s" in f.summary
+    assert "timeout_seconds" in f.fix
+
+
+# DESIGN.md "Finding codes", copied: the contract this module implements.
+DESIGN_CODES = [
+    "no-nvidia-gpu",
+    "nvml-library-missing",
+    "driver-not-loaded",
+    "driver-library-mismatch",
+    "nouveau-bound",
+    "device-nodes-missing",
+    "nvml-no-permission",
+    "gpu-lost",
+    "gpu-vanished",
+    "gpu-appeared",
+    "gpu-xid-critical",
+    "gpu-memory-pressure",
+    "tf-cpu-fallback",
+    "tf-cpu-only-build",
+    "tf-gpus-hidden-by-env",
+    "tf-cuda-libs-missing",
+    "tf-libcuda-missing",
+    "tf-driver-too-old",
+    "tf-driver-dso-mismatch",
+    "tf-compute-capability-unsupported",
+    "tf-cudnn-mismatch",
+    "tf-device-permission",
+    "tf-partial-visibility",
+    "tf-ptx-jit-only",
+    "tf-import-failed",
+    "tf-import-crashed",
+    "tf-probe-timeout",
+    "tf-job-on-cpu",
+]
+
+
+def test_every_design_code_is_asserted_by_a_test() -> None:
+    source = Path(__file__).read_text()
+    # Codes passed to one(found | diagnose(...), CODE): each asserts that exact finding.
+    asserted = set(re.findall(r'(?:found|CONFIG\)|cfg\)), "([a-z0-9-]+)"', source))
+    assert set(DESIGN_CODES) - asserted == set()
+    design = Path(__file__).resolve().parents[3] / "shared" / "DESIGN.md"
+    if design.exists():  # in the shared workspace, also check the copy is current
+        section = design.read_text().split("### Finding codes")[1].split("###")[0]
+        assert set(re.findall(r"`([a-z0-9]+(?:-[a-z0-9]+)+)`", section)) == set(DESIGN_CODES)
+
+
+def test_findings_sorted_most_severe_first_and_unique() -> None:
+    r = probe(gpus=(), libraries=libs(missing={"cudnn"}))
+    nvml = replace(NVML2, gpus=(gpu(0, UUID0, compute_capability=(9, 0)), gpu(1, UUID1)))
+    found = diagnose(snap(nvml=nvml, tf=(r,), baseline=(KnownGpu(UUID0),)), CONFIG)
+    ranks = [f.severity.rank for f in found]
+    assert ranks == sorted(ranks, reverse=True)
+    assert len({f.key for f in found}) == len(found)

@@ -1,0 +1,109 @@
+"""run_bounded: time, output and lifetime limits; failures to start are results."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+from tfgpud.runner import run_bounded
+
+ENV = {"PATH": "/usr/bin:/bin"}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes; only the init reaper can clear it.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_exit_status_and_both_streams() -> None:
+    r = run_bounded(["sh", "-c", "echo out; echo err >&2; exit 3"], env=ENV, timeout=5)
+    assert (r.returncode, r.stdout, r.stderr, r.timed_out) == (3, b"out\n", b"err\n", False)
+    assert r.started and r.signal_name is None
+    assert r.cpu_seconds is not None and r.max_rss_bytes is not None and r.max_rss_bytes > 0
+
+
+def test_environment_is_exactly_what_was_given() -> None:
+    r = run_bounded(["/usr/bin/env"], env={"ONLY": "this"}, timeout=5)
+    assert r.stdout == b"ONLY=this\n"
+
+
+def test_timeout_kills_the_whole_group_and_leaves_nothing(tmp_path: Path) -> None:
+    pidfile = tmp_path / "grandchild"
+    script = f"sleep 1000 & echo $! > {pidfile}; sleep 1000"
+    start = time.monotonic()
+    r = run_bounded(["sh", "-c", script], env=ENV, timeout=0.5)
+    assert r.timed_out and r.signal_name == "SIGKILL" and r.returncode == -9
+    assert time.monotonic() - start < 3
+    grandchild = int(pidfile.read_text())
+    deadline = time.monotonic() + 2
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not _alive(grandchild)
+
+
+def test_grandchild_holding_the_pipes_is_killed_when_child_exits(tmp_path: Path) -> None:
+    pidfile = tmp_path / "grandchild"
+    r = run_bounded(
+        ["sh", "-c", f"sleep 1000 & echo $! > {pidfile}; echo done"], env=ENV, timeout=10
+    )
+    assert r.returncode == 0 and r.stdout == b"done\n" and not r.timed_out
+    assert r.duration_seconds < 3
+    grandchild = int(pidfile.read_text())
+    time.sleep(0.1)
+    assert not _alive(grandchild)
+
+
+def test_output_is_bounded_and_child_never_blocks() -> None:
+    r = run_bounded(
+        ["sh", "-c", "head -c 3000000 /dev/zero; head -c 3000000 /dev/zero >&2; echo end >&2"],
+        env=ENV,
+        timeout=10,
+        max_output=1000,
+    )
+    assert r.returncode == 0 and not r.timed_out
+    assert len(r.stdout) == 1000 and r.stdout_truncated
+    assert len(r.stderr) == 1000 and r.stderr_truncated
+
+
+def test_missing_executable_is_a_result() -> None:
+    r = run_bounded(["/nonexistent/bin/python", "x"], env=ENV, timeout=5)
+    assert not r.started and r.error == "executable not found: /nonexistent/bin/python"
+    assert r.returncode is None
+
+
+def test_not_executable_is_a_result(tmp_path: Path) -> None:
+    f = tmp_path / "python"
+    f.write_text("#!/bin/sh\n")
+    r = run_bounded([str(f)], env=ENV, timeout=5)
+    assert r.error is not None and r.error.startswith("permission denied")
+
+
+def test_unknown_user_is_a_result() -> None:
+    r = run_bounded(["true"], env=ENV, timeout=5, user="no-such-user-tfgpud")
+    assert r.error == "unknown user 'no-such-user-tfgpud'"
+
+
+def test_signal_is_named() -> None:
+    r = run_bounded(["sh", "-c", "kill -ILL $$"], env=ENV, timeout=5)
+    assert r.signal_name == "SIGILL" and r.returncode == -4 and not r.timed_out
+
+
+def test_cancel_stops_the_child() -> None:
+    cancel = threading.Event()
+    threading.Timer(0.2, cancel.set).start()
+    r = run_bounded(["sleep", "1000"], env=ENV, timeout=30, cancel=cancel)
+    assert r.cancelled and not r.timed_out and r.duration_seconds < 3
+
+
+def test_child_closing_its_pipes_is_still_waited_for() -> None:
+    r = run_bounded(["sh", "-c", "exec >&- 2>&-; sleep 0.3; exit 4"], env=ENV, timeout=5)
+    assert r.returncode == 4 and r.duration_seconds >= 0.3

@@ -1,0 +1,314 @@
+"""Parent side of the TF probe: environment, output parsing, log filtering, scheduling."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tfgpud import compat, tfprobe
+from tfgpud.collectors.tensorflow import (
+    TfProbeScheduler,
+    meaningful_log_lines,
+    parse_probe_run,
+    probe_env,
+    probe_environment,
+)
+from tfgpud.config import TfEnvConfig
+from tfgpud.model import GpuReading, NvmlReading, ProbeStatus, TfProbeResult
+from tfgpud.runner import RunResult
+
+ENV = TfEnvConfig(name="main", python="/opt/venv/bin/python")
+REPORT: dict[str, Any] = {
+    "schema": 1,
+    "python": {"version": "3.11.7", "executable": "/opt/venv/bin/python"},
+    "tf_version": "2.21.0",
+    "build_info": {"cuda_version": "12.5.1", "cudnn_version": "9", "is_cuda_build": "True"},
+    "gpus": [
+        {
+            "name": "/physical_device:GPU:0",
+            "device_name": "NVIDIA H100",
+            "compute_capability": [9, 0],
+        }
+    ],
+    "environment": {"CUDA_VISIBLE_DEVICES": "0"},
+    "packages": {"tensorflow": "2.21.0"},
+    "package_dirs": ["/opt/venv/lib/python3.11/site-packages"],
+    "libraries": [
+        {"name": "cudart", "soname": "libcudart.so.12", "loaded": True, "path": "/x", "error": None}
+    ],
+    "library_search_dirs": ["/opt/venv/lib/python3.11/site-packages/nvidia/cudnn/lib"],
+    "device_access": {"/dev/nvidia0": "ok"},
+}
+# Real TF 2.21 stderr shapes (absl and TSL prefixes), one message per line.
+TF_STDERR = "\n".join(
+    [
+        "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+        "I0000 00:00:1758131045.203198 3722035 cudart_stub.cc:31] Could not find cuda drivers "
+        "on your machine, GPU will not be used.",
+        "I0000 00:00:1758131045.203198 3722035 port.cc:153] oneDNN custom operations are on.",
+        "2025-09-17 14:44:05.157831: E external/local_xla/xla/stream_executor/cuda/"
+        "cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error: Failed call to "
+        "cuInit: UNKNOWN ERROR (303)",
+        "2025-09-17 14:44:05.157831: I tensorflow/core/util/port.cc:113] Could not find TensorRT",
+        "W0000 00:00:1758131045.9 3722035 gpu_device.cc:2344] Cannot dlopen some GPU libraries. "
+        "Skipping registering GPU devices...",
+        "W0000 00:00:1758131045.9 3722035 gpu_device.cc:2344] Cannot dlopen some GPU libraries. "
+        "Skipping registering GPU devices...",
+    ]
+).encode()
+
+
+def run(**kw: Any) -> RunResult:
+    base: dict[str, Any] = {
+        "argv": ("/opt/venv/bin/python", "tfprobe.py"),
+        "returncode": 0,
+        "signal_name": None,
+        "stdout": json.dumps(REPORT).encode(),
+        "stderr": TF_STDERR,
+        "stdout_truncated": False,
+        "stderr_truncated": False,
+        "timed_out": False,
+        "duration_seconds": 3.0,
+        "cpu_seconds": 3.1,
+        "max_rss_bytes": 540_000_000,
+    }
+    base.update(kw)
+    return RunResult(**base)
+
+
+def parse(r: RunResult) -> TfProbeResult:
+    return parse_probe_run(ENV, r, started_at=100.0, timeout=120)
+
+
+def test_parses_a_full_report() -> None:
+    res = parse(run())
+    assert res.status is ProbeStatus.OK and res.tf_version == "2.21.0"
+    assert res.gpus[0].compute_capability == (9, 0) and res.gpus[0].device_name == "NVIDIA H100"
+    assert res.libraries[0].loaded and res.libraries[0].soname == "libcudart.so.12"
+    assert res.environment["CUDA_VISIBLE_DEVICES"] == "0"
+    assert res.cpu_seconds == 3.1 and res.max_rss_bytes == 540_000_000
+    assert res.package_dirs == ("/opt/venv/lib/python3.11/site-packages",)
+
+
+def test_log_lines_keep_meaning_drop_noise_and_prefixes() -> None:
+    lines = meaningful_log_lines(TF_STDERR)
+    assert lines == (
+        "Could not find cuda drivers on your machine, GPU will not be used.",
+        "failed call to cuInit: INTERNAL: CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)",
+        "Cannot dlopen some GPU libraries. Skipping registering GPU devices...",
+    )
+
+
+def test_log_lines_are_bounded() -> None:
+    spam = b"".join(b"CUDA_ERROR number %d\n" % i for i in range(1000))
+    assert len(meaningful_log_lines(spam)) == 40
+
+
+def test_import_failure() -> None:
+    report = {"schema": 1, "import_error": "ModuleNotFoundError: No module named 'tensorflow'"}
+    res = parse(run(stdout=json.dumps(report).encode()))
+    assert res.status is ProbeStatus.IMPORT_FAILED and "No module named" in (res.error or "")
+
+
+@pytest.mark.parametrize(
+    ("kw", "status", "needle"),
+    [
+        (
+            {"error": "executable not found: /opt/venv/bin/python"},
+            "missing-interpreter",
+            "not found",
+        ),
+        ({"error": "unknown user 'x'"}, "refused", "run_as"),
+        ({"error": "permission denied starting x"}, "error", "permission denied"),
+        ({"timed_out": True, "returncode": -9, "signal_name": "SIGKILL"}, "timeout", "120 s"),
+        ({"signal_name": "SIGILL", "returncode": -4, "stdout": b""}, "crashed", "lacks instr"),
+        ({"signal_name": "SIGSEGV", "returncode": -11, "stdout": b""}, "crashed", "SIGSEGV"),
+        ({"stdout": b"x" * 100, "stdout_truncated": True}, "bad-output", "more than"),
+        ({"stdout": b"hello world"}, "bad-output", "not JSON"),
+        ({"stdout": b'{"schema": 99}'}, "bad-output", "schema 99"),
+        ({"stdout": b"[1, 2]"}, "bad-output", "schema None"),
+        ({"stdout": b'{"schema": 1, "gpus": "many"}'}, "bad-output", "gpus"),
+        ({"stdout": b"", "returncode": 1}, "error", "status 1"),
+        ({"cancelled": True, "returncode": -9}, "error", "cancelled"),
+    ],
+)
+def test_every_failure_is_a_status(kw: dict[str, Any], status: str, needle: str) -> None:
+    res = parse(run(**kw))
+    assert res.status.value == status
+    assert needle in (res.error or "")
+
+
+def test_probe_environment_is_clean(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/leak")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    env = TfEnvConfig(
+        name="e",
+        python="/opt/venv/bin/python",
+        environment={"TF_CPP_MIN_LOG_LEVEL": "3", "WATCHDOG_USEC": "1", "FOO": "bar"},
+    )
+    got = probe_environment(env, home="/home/x")
+    assert got == {
+        "PATH": "/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME": "/home/x",
+        "LANG": "C.UTF-8",
+        "FOO": "bar",
+        "TF_CPP_MIN_LOG_LEVEL": "0",
+    }
+    with_ld = TfEnvConfig(name="e", python="/p", environment={"LD_LIBRARY_PATH": "/drv"})
+    assert probe_environment(with_ld)["LD_LIBRARY_PATH"] == "/drv"
+
+
+def test_probe_env_passes_argv_env_and_limits() -> None:
+    seen: dict[str, Any] = {}
+
+    def fake_runner(argv: Sequence[str], *, env: Mapping[str, str], **kw: Any) -> RunResult:
+        seen.update(argv=list(argv), env=dict(env), **kw)
+        return run()
+
+    env = TfEnvConfig(name="main", python="/opt/venv/bin/python", smoke_test=True)
+    res = probe_env(env, timeout=7, runner=fake_runner)
+    assert res.ok
+    assert seen["argv"][0] == "/opt/venv/bin/python" and seen["argv"][1].endswith("tfprobe.py")
+    assert seen["argv"][2] == "--smoke"
+    assert seen["timeout"] == 7 and seen["max_output"] == 1024 * 1024 and seen["cwd"] == "/"
+
+
+def test_probe_env_survives_a_broken_runner() -> None:
+    def broken(argv: Sequence[str], **kw: Any) -> RunResult:
+        raise RuntimeError("boom")
+
+    res = probe_env(ENV, timeout=1, runner=broken)
+    assert res.status is ProbeStatus.ERROR and "boom" in (res.error or "")
+
+
+def test_soname_tables_agree() -> None:
+    build = {"cuda_version": "12.5.1", "cudnn_version": "9"}
+    probe_side = dict(tfprobe.sonames(build))
+    parent_side = compat.cuda_library_sonames("12.5.1", "9")
+    assert probe_side == {**parent_side, "cuda": "libcuda.so.1"}
+    assert parent_side["cufft"] == "libcufft.so.11" and parent_side["cudnn"] == "libcudnn.so.9"
+    assert dict(tfprobe.sonames({"is_cuda_build": False})) == {"cuda": "libcuda.so.1"}
+    assert dict(tfprobe.sonames({"cuda_version": "11.8", "cudnn_version": "8"}))["cudart"] == (
+        "libcudart.so.11.0"
+    )
+
+
+# --- scheduler -----------------------------------------------------------------------------------
+
+
+class FakeProbe:
+    def __init__(self, status: ProbeStatus = ProbeStatus.OK, delay: float = 0.0) -> None:
+        self.calls: list[str] = []
+        self.status = status
+        self.delay = delay
+        self.package_dirs: tuple[str, ...] = ()
+
+    def __call__(
+        self, env: TfEnvConfig, *, timeout: float, cancel: threading.Event
+    ) -> TfProbeResult:
+        self.calls.append(env.name)
+        if self.delay:
+            cancel.wait(self.delay)
+        return TfProbeResult(
+            env=env.name,
+            python=env.python,
+            status=self.status,
+            started_at=time.time(),
+            duration_seconds=self.delay,
+            package_dirs=self.package_dirs,
+        )
+
+
+def nvml(driver: str = "550.54.14", uuids: tuple[str, ...] = ("GPU-a",)) -> NvmlReading:
+    return NvmlReading(
+        up=True, driver_version=driver, gpus=tuple(GpuReading(i, u) for i, u in enumerate(uuids))
+    )
+
+
+def sched(fake: FakeProbe, envs: Sequence[TfEnvConfig] = (ENV,)) -> TfProbeScheduler:
+    return TfProbeScheduler(envs, interval=21600, timeout=5, probe=fake, retry_seconds=900)
+
+
+def test_cadence_start_interval_and_changes(tmp_path: Path) -> None:
+    fake = FakeProbe()
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    fake.package_dirs = (str(site),)
+    s = sched(fake)
+    assert s.maybe_start(nvml(), 0.0) == ("main",)
+    assert s.wait_idle(2)
+    assert s.results()[0].env == "main"
+    assert s.maybe_start(nvml(), 10.0) == ()  # nothing changed
+    assert s.maybe_start(nvml(driver="555.42.02"), 20.0) == ("main",)
+    assert s.last_reason("main") == "driver version changed: 550.54.14 -> 555.42.02"
+    s.wait_idle(2)
+    assert s.maybe_start(nvml(driver="555.42.02", uuids=("GPU-a", "GPU-b")), 30.0) == ("main",)
+    assert s.last_reason("main") == "NVML GPU set changed"
+    s.wait_idle(2)
+    assert s.maybe_start(None, 40.0) == ()  # NVML not read: no change inferred
+    (site / "nvidia_cudnn_cu12-9.3.0.dist-info").mkdir()
+    os.utime(site, ns=(0, 10**18))
+    assert s.maybe_start(None, 50.0) == ("main",)
+    assert s.last_reason("main") == "installed packages changed"
+    s.wait_idle(2)
+    assert s.maybe_start(None, 50.0 + 21599) == ()
+    assert s.maybe_start(None, 50.0 + 21600) == ("main",)
+    assert s.last_reason("main") == "interval elapsed"
+    s.close()
+    assert s.runs("main") == 5 and len(fake.calls) == 5
+
+
+def test_never_two_probes_of_one_env_and_caller_never_blocks() -> None:
+    fake = FakeProbe(delay=5.0)
+    s = sched(fake)
+    t0 = time.monotonic()
+    assert s.maybe_start(nvml(), 0.0) == ("main",)
+    assert s.maybe_start(nvml(driver="9"), 1.0) == ()  # due, but still running
+    assert time.monotonic() - t0 < 0.5
+    assert s.running() == ("main",)
+    t1 = time.monotonic()
+    s.close()
+    assert time.monotonic() - t1 < 2.5
+    assert s.running() == ()
+    assert s.maybe_start(nvml(), 99999.0) == ()  # closed
+
+
+def test_failed_probe_retried_sooner() -> None:
+    fake = FakeProbe(status=ProbeStatus.TIMEOUT)
+    s = sched(fake)
+    s.maybe_start(nvml(), 0.0)
+    s.wait_idle(2)
+    assert s.maybe_start(nvml(), 899.0) == ()
+    assert s.maybe_start(nvml(), 900.0) == ("main",)
+    assert s.last_reason("main") == "retry after timeout"
+    s.close()
+
+
+def test_envs_are_independent() -> None:
+    fake = FakeProbe()
+    other = TfEnvConfig(name="other", python="/opt/other/bin/python")
+    s = sched(fake, (ENV, other))
+    assert set(s.maybe_start(nvml(), 0.0)) == {"main", "other"}
+    s.wait_idle(2)
+    assert {r.env for r in s.results()} == {"main", "other"}
+    s.close()
+
+
+def test_a_raising_probe_still_leaves_a_result() -> None:
+    def bad(env: TfEnvConfig, *, timeout: float, cancel: threading.Event) -> TfProbeResult:
+        raise RuntimeError("kaput")
+
+    s = TfProbeScheduler([ENV], interval=60, timeout=1, probe=bad)
+    s.maybe_start(None, 0.0)
+    s.wait_idle(2)
+    (res,) = s.results()
+    assert res.status is ProbeStatus.ERROR and "kaput" in (res.error or "")
+    s.close()

@@ -1,0 +1,90 @@
+"""tfprobe.py itself, run by an interpreter without TensorFlow (fast) and in-process helpers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tfgpud import tfprobe
+from tfgpud.collectors.tensorflow import PROBE_SCRIPT
+
+NO_TF_PYTHON = shutil.which("python3", path="/usr/bin")
+
+
+def _has_tf(python: str) -> bool:
+    r = subprocess.run(
+        [python, "-c", "import importlib.util as u; print(u.find_spec('tensorflow') is not None)"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    return r.stdout.strip() == "True"
+
+
+@pytest.mark.skipif(
+    NO_TF_PYTHON is None or _has_tf(NO_TF_PYTHON), reason="needs a python3 without TensorFlow"
+)
+def test_import_failure_is_json_and_exit_0() -> None:
+    assert NO_TF_PYTHON is not None
+    r = subprocess.run(
+        [NO_TF_PYTHON, str(PROBE_SCRIPT)],
+        capture_output=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": "-1"},
+        check=False,
+    )
+    assert r.returncode == 0
+    report = json.loads(r.stdout)
+    assert report["schema"] == 1
+    assert report["import_error"] == "ModuleNotFoundError: No module named 'tensorflow'"
+    assert report["environment"] == {"CUDA_VISIBLE_DEVICES": "-1"}
+    assert report["libraries"][0]["soname"] == "libcuda.so.1"
+    assert any("import" in line for line in report["traceback"])
+
+
+def test_script_does_not_import_tfgpud() -> None:
+    source = PROBE_SCRIPT.read_text()
+    assert "tfgpud" not in "\n".join(
+        line for line in source.splitlines() if line.lstrip().startswith(("import", "from"))
+    )
+
+
+def test_check_library_finds_a_real_library_and_its_path() -> None:
+    found = tfprobe.check_library("c", "libc.so.6", [])
+    assert found["loaded"] and found["path"] and Path(found["path"]).exists()
+    assert Path(found["path"]).name.startswith("libc")
+    missing = tfprobe.check_library("cudnn", "libcudnn.so.9", ["/nonexistent"])
+    assert not missing["loaded"] and "libcudnn.so.9" in missing["error"]
+
+
+def test_check_library_prefers_pip_dirs(tmp_path: Path) -> None:
+    libdir = tmp_path / "nvidia" / "fake" / "lib"
+    libdir.mkdir(parents=True)
+    real = Path(tfprobe.check_library("m", "libm.so.6", [])["path"])
+    (libdir / "libfakeprobe.so.1").symlink_to(real)
+    dirs = tfprobe.pip_library_dirs([str(tmp_path), "/nonexistent"])
+    assert dirs == [str(libdir)]
+    found = tfprobe.check_library("fake", "libfakeprobe.so.1", dirs)
+    assert found["loaded"] and found["path"] == str(real.resolve())
+
+
+def test_packages_lists_metadata_dirs() -> None:
+    pkgs, dirs = tfprobe.packages()
+    assert all(n.startswith(("nvidia-", "tensorflow")) for n in pkgs)
+    assert all(Path(d).is_dir() for d in dirs)
+
+
+def test_probe_runs_in_this_interpreter_without_tf_import(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(name: str) -> object:
+        raise ImportError(f"blocked {name}")
+
+    monkeypatch.setattr(tfprobe.importlib, "import_module", refuse)
+    report = tfprobe.probe(smoke=False)
+    assert report["import_error"] == "ImportError: blocked tensorflow"
+    assert report["python"]["executable"] == sys.executable

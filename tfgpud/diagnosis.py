@@ -1,0 +1,1074 @@
+"""diagnose(): the expert knowledge. Pure rules over a Snapshot, one small function per finding.
+
+Every rule reads only the snapshot and the config, returns zero or more Findings, and says in
+the finding what it rests on (evidence) and what to do (fix). The facts behind the rules are in
+``reference/tensorflow-gpu-failures.md``; the version tables live in :mod:`tfgpud.compat`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+
+from tfgpud import compat
+from tfgpud.config import Config, TfEnvConfig
+from tfgpud.model import (
+    Finding,
+    GpuReading,
+    LibraryCheck,
+    ProbeStatus,
+    Severity,
+    Snapshot,
+    TfProbeResult,
+)
+
+HOST = "host"
+CRIT, WARN, INFO = Severity.CRITICAL, Severity.WARNING, Severity.INFO
+GIB = 1024**3
+
+# Xids worth waking someone for (reference §5), with what they mean.
+CRITICAL_XIDS: dict[int, str] = {
+    48: "double-bit ECC error",
+    62: "internal micro-controller halt",
+    64: "ECC page retirement / row remapping failure",
+    74: "NVLink error",
+    79: "GPU has fallen off the bus",
+    95: "uncontained ECC error",
+    119: "GSP RPC timeout",
+    120: "GSP firmware error",
+}
+XID_WINDOW_SECONDS = 3600.0
+
+Rule = Callable[[Snapshot, Config], Iterable[Finding]]
+
+
+# --- shared facts -------------------------------------------------------------------------------
+
+
+def _nvml_gpus(s: Snapshot) -> tuple[GpuReading, ...]:
+    return s.nvml.gpus if s.nvml is not None and s.nvml.up else ()
+
+
+def _usable_gpus(s: Snapshot) -> tuple[GpuReading, ...]:
+    return tuple(g for g in _nvml_gpus(s) if not g.lost and g.error is None)
+
+
+def gpu_count_expected(s: Snapshot) -> int:
+    """How many NVIDIA GPUs this machine has, by the best source available.
+
+    NVML's healthy GPUs when NVML is up; otherwise the largest of PCI, baseline and
+    ``expected_gpus`` (so a dead driver does not make the GPUs "not exist").
+    """
+    if s.nvml is not None and s.nvml.up and s.nvml.gpus:
+        return len(_usable_gpus(s))
+    pci = len(s.pci.gpus) if s.pci is not None else 0
+    return max(pci, len(s.baseline), s.expected_gpus or 0)
+
+
+def gpus_exist(s: Snapshot) -> bool:
+    """True when any source says there are NVIDIA GPUs: PCI, NVML, the baseline, [expect]."""
+    pci = bool(s.pci.gpus) if s.pci is not None else False
+    return pci or bool(_nvml_gpus(s)) or bool(s.baseline) or (s.expected_gpus or 0) > 0
+
+
+def _gib(n: int | None) -> str:
+    return "?" if n is None else f"{n / GIB:.1f} GiB"
+
+
+def _pci_lines(s: Snapshot) -> list[str]:
+    if s.pci is None:
+        return ["PCI bus: not read"]
+    if not s.pci.gpus:
+        return ["PCI bus: no NVIDIA display/3D controller (vendor 0x10de)"]
+    return [
+        f"PCI {g.address}: NVIDIA device {g.device_id}, kernel driver {g.driver or 'none bound'}"
+        for g in s.pci.gpus
+    ]
+
+
+def _gpu_label(g: GpuReading) -> str:
+    parts = [g.name or "GPU", g.uuid]
+    if g.pci_bus_id:
+        parts.append(g.pci_bus_id)
+    return f"GPU {g.index} " + " ".join(parts)
+
+
+def _find(
+    code: str, sev: Severity, subject: str, summary: str, evidence: Iterable[str], fix: str
+) -> Finding:
+    return Finding(code, sev, subject, summary, tuple(e for e in evidence if e), fix)
+
+
+# --- hardware and driver ------------------------------------------------------------------------
+
+
+def rule_no_nvidia_gpu(s: Snapshot, c: Config) -> Iterable[Finding]:
+    if gpus_exist(s):
+        return
+    ev = _pci_lines(s)
+    if s.nvml is not None:
+        ev.append("NVML: " + ("up, 0 GPUs" if s.nvml.up else f"not available ({s.nvml.error})"))
+    ev.append("baseline: no GPU ever seen here; [expect] gpus: " + str(c.expect.gpus))
+    yield _find(
+        "no-nvidia-gpu",
+        INFO,
+        HOST,
+        "No NVIDIA GPU on this machine: TensorFlow runs on the CPU, as expected here",
+        ev,
+        "Nothing to do on a CPU-only machine; on a cloud VM check that the instance type "
+        "has a GPU attached.",
+    )
+
+
+def rule_nvml_library_missing(s: Snapshot, c: Config) -> Iterable[Finding]:
+    if s.nvml is None or s.nvml.error != "LIBRARY_NOT_FOUND" or not gpus_exist(s):
+        return
+    n = len(s.pci.gpus) if s.pci is not None else 0
+    where = f"the PCI bus has {n} NVIDIA GPU(s)" if n else "GPUs were seen here before"
+    yield _find(
+        "nvml-library-missing",
+        CRIT,
+        HOST,
+        f"The NVIDIA driver's libnvidia-ml.so.1 is not installed, but {where}",
+        [
+            *_pci_lines(s),
+            f"NVML load failed: LIBRARY_NOT_FOUND (library: {c.nvml.library or 'default search'})",
+        ],
+        "Install the NVIDIA driver, which provides libnvidia-ml.so.1 and libcuda.so.1 "
+        "(pip cannot): Ubuntu `sudo ubuntu-drivers install`, Debian `sudo apt install "
+        "nvidia-driver`; in a container start it with `--gpus all` (NVIDIA Container "
+        'Toolkit); if the driver lives elsewhere set [nvml] library = "/path/libnvidia-ml.so.1".',
+    )
+
+
+def rule_driver_not_loaded(s: Snapshot, c: Config) -> Iterable[Finding]:
+    if s.nvml is None or s.nvml.error != "DRIVER_NOT_LOADED":
+        return
+    ev = ["NVML init: DRIVER_NOT_LOADED", *_pci_lines(s)]
+    if s.pci is not None:
+        ev.append(
+            "/sys/module/nvidia: "
+            + (
+                f"version {s.pci.nvidia_module_version}"
+                if s.pci.nvidia_module_version
+                else "absent"
+            )
+        )
+        if s.pci.nouveau_loaded:
+            ev.append("nouveau is loaded (see nouveau-bound)")
+    yield _find(
+        "driver-not-loaded",
+        CRIT,
+        HOST,
+        "The NVIDIA kernel module is not loaded: no process can use the GPUs",
+        ev,
+        "`sudo modprobe nvidia`; if that says the module is not found, it was not built for "
+        "the running kernel (`uname -r`, e.g. after a kernel upgrade): `sudo dkms autoinstall` "
+        "or reinstall the driver package, then reboot.",
+    )
+
+
+def _lib_version(path: str | None, stem: str) -> str | None:
+    """ "/usr/lib/x86_64-linux-gnu/libnvidia-ml.so.550.54.14" -> "550.54.14"."""
+    if not path:
+        return None
+    m = re.fullmatch(rf"{re.escape(stem)}\.so\.(\d+\.\d+(?:\.\d+)?)", os.path.basename(path))
+    return m.group(1) if m else None
+
+
+def rule_driver_library_mismatch(s: Snapshot, c: Config) -> Iterable[Finding]:
+    if s.nvml is None:
+        return
+    module = s.pci.nvidia_module_version if s.pci is not None else None
+    library = _lib_version(s.nvml.library_path, "libnvidia-ml")
+    mismatch = s.nvml.error == "LIB_RM_VERSION_MISMATCH" or (
+        module is not None and library is not None and module != library
+    )
+    if not mismatch:
+        return
+    yield _find(
+        "driver-library-mismatch",
+        CRIT,
+        HOST,
+        f"Driver/library version mismatch: kernel module {module or '?'}, user-space "
+        f"library {library or '?'} (driver upgraded without a reboot)",
+        [
+            f"NVML: {s.nvml.error or 'up'}",
+            f"/sys/module/nvidia/version: {module or 'unknown'}",
+            f"libnvidia-ml: {s.nvml.library_path or 'default search'}",
+        ],
+        "Reboot; or stop every GPU user and reload the module: `sudo rmmod nvidia_uvm "
+        "nvidia_drm nvidia_modeset nvidia && sudo modprobe nvidia`.",
+    )
+
+
+def rule_nouveau_bound(s: Snapshot, c: Config) -> Iterable[Finding]:
+    if s.pci is None or not s.pci.gpus:
+        return
+    bound = [g for g in s.pci.gpus if g.driver == "nouveau"]
+    if not bound and not (s.pci.nouveau_loaded and all(g.driver != "nvidia" for g in s.pci.gpus)):
+        return
+    yield _find(
+        "nouveau-bound",
+        CRIT,
+        HOST,
+        "The open-source nouveau driver owns the GPU(s); CUDA needs the NVIDIA driver",
+        [*_pci_lines(s), f"nouveau module loaded: {'yes' if s.pci.nouveau_loaded else 'no'}"],
+        "Blacklist nouveau and install the NVIDIA driver: `printf 'blacklist nouveau\\noptions "
+        "nouveau modeset=0\\n' | sudo tee /etc/modprobe.d/blacklist-nouveau.conf && sudo "
+        "update-initramfs -u && sudo reboot`.",
+    )
+
+
+def rule_device_nodes_missing(s: Snapshot, c: Config) -> Iterable[Finding]:
+    pci = s.pci
+    if pci is None or not pci.gpus:
+        return
+    nvidia_bound = [g for g in pci.gpus if g.driver == "nvidia"]
+    module_loaded = bool(pci.nvidia_module_version or pci.proc_driver_version or nvidia_bound)
+    if not module_loaded:
+        return
+    numbered = [n for n in pci.device_nodes if re.fullmatch(r"nvidia\d+", n)]
+    missing = []
+    if "nvidiactl" not in pci.device_nodes:
+        missing.append("/dev/nvidiactl")
+    want = len(nvidia_bound) or 1
+    if len(numbered) < want:
+        missing.append(f"/dev/nvidia0..{want - 1} (found {len(numbered)})")
+    if not missing:
+        return
+    yield _find(
+        "device-nodes-missing",
+        CRIT,
+        HOST,
+        f"The NVIDIA module is loaded but device nodes are missing: {', '.join(missing)}",
+        [
+            *_pci_lines(s),
+            f"nvidia module version: {pci.nvidia_module_version or '?'}",
+            "/dev nodes present: " + (" ".join(pci.device_nodes) or "none"),
+        ],
+        "On the host: `sudo nvidia-modprobe -c 0 -u` (or run `sudo nvidia-smi` once) to create "
+        "them; in a container: start it with `--gpus all` (NVIDIA Container Toolkit).",
+    )
+
+
+def rule_nvml_no_permission(s: Snapshot, c: Config) -> Iterable[Finding]:
+    if s.nvml is None or s.nvml.error != "NO_PERMISSION":
+        return
+    nodes = " ".join(s.pci.device_nodes) if s.pci is not None else "?"
+    yield _find(
+        "nvml-no-permission",
+        CRIT,
+        HOST,
+        "NVML refused access to the driver (NO_PERMISSION): tfgpud's user cannot open the "
+        "/dev/nvidia* nodes",
+        ["NVML init: NO_PERMISSION", f"/dev nodes present: {nodes}"],
+        "`ls -l /dev/nvidia*` should show crw-rw-rw- (the driver default); if "
+        "NVreg_DeviceFileMode/NVreg_DeviceFileGID restrict them, add the daemon's user to that "
+        "group: `sudo usermod -aG <group> tfgpud`.",
+    )
+
+
+def rule_gpu_lost(s: Snapshot, c: Config) -> Iterable[Finding]:
+    for g in _nvml_gpus(s):
+        if not g.lost:
+            continue
+        yield _find(
+            "gpu-lost",
+            CRIT,
+            g.uuid,
+            f"{_gpu_label(g)} is lost (NVML GPU_IS_LOST): it has fallen off the bus",
+            [f"NVML: {g.error or 'GPU_IS_LOST'}", f"PCI bus id: {g.pci_bus_id or '?'}"],
+            "Check `journalctl -k | grep -i xid` (Xid 79); drain its jobs, then `sudo nvidia-smi "
+            f"-r -i {g.pci_bus_id or g.index}` or reboot; if it recurs check power, cooling and "
+            "seating.",
+        )
+
+
+def rule_gpu_vanished(s: Snapshot, c: Config) -> Iterable[Finding]:
+    if s.nvml is None or not s.nvml.up or not s.baseline:
+        return
+    seen = {g.uuid for g in s.nvml.gpus}
+    pci_addrs = {g.address.lower() for g in s.pci.gpus} if s.pci is not None else set()
+    for k in s.baseline:
+        if k.uuid in seen:
+            continue
+        on_bus = k.pci_bus_id is not None and _norm_bus(k.pci_bus_id) in {
+            _norm_bus(a) for a in pci_addrs
+        }
+        where = (
+            "still on the PCI bus but not visible to the driver"
+            if on_bus
+            else "gone from the PCI bus too"
+            if s.pci is not None
+            else "PCI bus not read"
+        )
+        yield _find(
+            "gpu-vanished",
+            CRIT,
+            k.uuid,
+            f"GPU {k.name or '?'} {k.uuid} ({k.pci_bus_id or 'PCI address unknown'}) was here "
+            f"before and is gone: {where}",
+            [
+                f"baseline: {k.uuid} {k.name or ''} at {k.pci_bus_id or '?'}",
+                f"NVML now reports {len(s.nvml.gpus)} GPU(s): "
+                + (", ".join(g.uuid for g in s.nvml.gpus) or "none"),
+                *_pci_lines(s),
+            ],
+            "Check `journalctl -k | grep -iE 'xid|nvrm'` and `lspci -d 10de:`; a GPU that fell "
+            "off the bus needs a reboot (and reseating/power checks if it recurs). If it was "
+            "removed on purpose, clear the baseline (delete the state file in [daemon] state_dir).",
+        )
+
+
+def _norm_bus(addr: str) -> str:
+    """NVML's "00000000:01:00.0" and sysfs's "0000:01:00.0" -> "01:00.0"."""
+    return addr.lower().split(":", 1)[-1] if addr.count(":") >= 2 else addr.lower()
+
+
+def rule_gpu_appeared(s: Snapshot, c: Config) -> Iterable[Finding]:
+    if not s.baseline:
+        return
+    known = {k.uuid for k in s.baseline}
+    for g in _nvml_gpus(s):
+        if g.uuid in known:
+            continue
+        yield _find(
+            "gpu-appeared",
+            INFO,
+            g.uuid,
+            f"New GPU: {_gpu_label(g)} was not in the baseline",
+            [f"baseline: {len(s.baseline)} GPU(s): " + ", ".join(k.uuid for k in s.baseline)],
+            "Nothing to do if it was installed on purpose; it joins the baseline.",
+        )
+
+
+def rule_gpu_xid_critical(s: Snapshot, c: Config) -> Iterable[Finding]:
+    recent = [
+        e
+        for e in s.xid_events
+        if e.xid in CRITICAL_XIDS and e.at >= s.taken_at - XID_WINDOW_SECONDS
+    ]
+    for uuid in sorted({e.uuid for e in recent}):
+        mine = [e for e in recent if e.uuid == uuid]
+        xids = sorted({e.xid for e in mine})
+        fixes = []
+        if 79 in xids:
+            fixes.append("Xid 79: reboot; check power, cooling and seating if it recurs")
+        if {48, 64, 95} & set(xids):
+            fixes.append(
+                "ECC: `nvidia-smi -q -d ECC,ROW_REMAPPER`; reset the GPU (`sudo nvidia-smi -r`) "
+                "to remap rows; RMA if uncorrectable errors recur"
+            )
+        if 74 in xids:
+            fixes.append("NVLink: `nvidia-smi nvlink -s`; reset, then check the bridge/board")
+        if {119, 120} & set(xids):
+            fixes.append("GSP: reset the GPU, update the driver")
+        if 62 in xids:
+            fixes.append("reset the GPU (`sudo nvidia-smi -r`) or reboot")
+        yield _find(
+            "gpu-xid-critical",
+            CRIT,
+            uuid,
+            f"GPU {uuid} reported critical Xid "
+            + ", ".join(f"{x} ({CRITICAL_XIDS[x]})" for x in xids)
+            + " in the last hour",
+            [f"Xid {e.xid} at unix time {e.at:.0f}: {CRITICAL_XIDS[e.xid]}" for e in mine[-10:]],
+            "; ".join(fixes) + ". Drain the GPU's jobs first.",
+        )
+
+
+def rule_gpu_memory_pressure(s: Snapshot, c: Config) -> Iterable[Finding]:
+    tf_by_pid = {p.pid: p for p in (s.tf_processes or ())}
+    for g in _nvml_gpus(s):
+        since = s.pressure_since.get(g.uuid)
+        if since is None or s.taken_at - since < c.memory.for_seconds:
+            continue
+        used, total = g.memory_used_bytes, g.memory_total_bytes
+        if not used or not total or used / total < c.memory.pressure_ratio:
+            continue
+        minutes = (s.taken_at - since) / 60
+        top = sorted(g.processes, key=lambda p: p.used_memory_bytes or 0, reverse=True)[:5]
+        ev = [
+            f"memory used {_gib(used)} of {_gib(total)} ({used / total:.0%}) for {minutes:.0f} min"
+        ]
+        ev += [f"pid {p.pid} ({p.name or '?'}): {_gib(p.used_memory_bytes)}" for p in top]
+        greedy = [
+            tf_by_pid[p.pid]
+            for p in g.processes
+            if p.pid in tf_by_pid and tf_by_pid[p.pid].allow_growth is False
+        ]
+        for t in greedy:
+            ev.append(
+                f"pid {t.pid} is TensorFlow without memory growth (TF_FORCE_GPU_ALLOW_GROWTH not "
+                "set): by default TF maps nearly all memory of every visible GPU"
+            )
+        if greedy:
+            fix = (
+                "Start TensorFlow jobs with TF_FORCE_GPU_ALLOW_GROWTH=true (or call "
+                "tf.config.experimental.set_memory_growth(gpu, True) before first use) and give "
+                "each job its GPUs with CUDA_VISIBLE_DEVICES; pids: "
+                + ", ".join(str(t.pid) for t in greedy)
+            )
+        else:
+            fix = (
+                "Free memory: stop or shrink the jobs listed (`nvidia-smi --query-compute-apps="
+                "pid,used_memory --format=csv`); TensorFlow jobs should use "
+                "TF_FORCE_GPU_ALLOW_GROWTH=true."
+            )
+        yield _find(
+            "gpu-memory-pressure",
+            WARN,
+            g.uuid,
+            f"{_gpu_label(g)} memory is {used / total:.0%} full for {minutes:.0f} min "
+            f"(threshold {c.memory.pressure_ratio:.0%} for {c.memory.for_seconds:g} s)",
+            ev,
+            fix,
+        )
+
+
+def rule_tf_job_on_cpu(s: Snapshot, c: Config) -> Iterable[Finding]:
+    if not c.workloads.enabled or not s.tf_processes or not _usable_gpus(s):
+        return
+    fallback_pythons = {
+        r.python for r in s.tf if r.ok and not r.gpus
+    }  # envs whose probe also sees no GPU
+    for p in s.tf_processes:
+        if p.placement != "cpu" or p.started_at is None:
+            continue
+        age = s.taken_at - p.started_at
+        if age < c.workloads.job_on_cpu_seconds:
+            continue
+        ev = [
+            f"pid {p.pid} user {p.user or '?'} running {age / 60:.0f} min on the CPU",
+            f"command: {p.cmdline[:200]}",
+            f"{len(_usable_gpus(s))} usable GPU(s) on this machine",
+        ]
+        if p.python in fallback_pythons:
+            ev.append(f"the probe of {p.python} also sees no GPU (see tf-cpu-fallback)")
+        py = p.python or "<its python>"
+        yield _find(
+            "tf-job-on-cpu",
+            WARN,
+            str(p.pid),
+            f"TensorFlow job pid {p.pid} has computed on the CPU for {age / 60:.0f} min while "
+            f"{len(_usable_gpus(s))} GPU(s) are usable",
+            ev,
+            f"Find out why its TensorFlow cannot use the GPU: `tfgpud doctor --python {py}`; "
+            "check the job's CUDA_VISIBLE_DEVICES.",
+        )
+
+
+# --- TensorFlow, per env --------------------------------------------------------------------------
+
+
+def _env_cfg(c: Config, name: str) -> TfEnvConfig | None:
+    return next((e for e in c.tensorflow.envs if e.name == name), None)
+
+
+def _tf_name(r: TfProbeResult) -> str:
+    return f"TensorFlow {r.tf_version or '?'} in env `{r.env}`"
+
+
+def _pip(r: TfProbeResult, spec: str) -> str:
+    return f"{r.python} -m pip install '{spec}'"
+
+
+def _and_cuda(r: TfProbeResult) -> str:
+    return _pip(r, f"tensorflow[and-cuda]=={r.tf_version or compat.LATEST_TF}")
+
+
+def _is_true(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("true", "1", "yes")
+
+
+def _cvd_entries(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",")] if value.strip() else []
+
+
+def _cvd_visible(value: str, s: Snapshot) -> int:
+    """How many GPUs CUDA_VISIBLE_DEVICES=value leaves visible (CUDA stops at the first bad one)."""
+    n = gpu_count_expected(s)
+    uuids = [g.uuid for g in _nvml_gpus(s)]
+    count = 0
+    for entry in _cvd_entries(value):
+        index_ok = entry.isdigit() and (int(entry) < n or not uuids)
+        uuid_ok = entry.startswith(("GPU-", "MIG-")) and (
+            not uuids or any(u.startswith(entry) for u in uuids)
+        )
+        if index_ok or uuid_ok:
+            count += 1
+        else:
+            break
+    return count
+
+
+def _expected_visible(r: TfProbeResult, s: Snapshot) -> int:
+    n = gpu_count_expected(s)
+    cvd = r.environment.get("CUDA_VISIBLE_DEVICES")
+    return n if cvd is None else min(n, _cvd_visible(cvd, s))
+
+
+def _searched(r: TfProbeResult) -> str:
+    parts = list(r.library_search_dirs) or [
+        "no site-packages/nvidia/*/lib dirs (no CUDA pip packages)"
+    ]
+    ld = r.environment.get("LD_LIBRARY_PATH")
+    parts.append(f"LD_LIBRARY_PATH={ld}" if ld else "LD_LIBRARY_PATH unset")
+    parts.append("the ld.so cache")
+    return "; ".join(parts)
+
+
+def _join_names(names: Sequence[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _logs(r: TfProbeResult, *needles: str) -> list[str]:
+    low = [n.lower() for n in needles]
+    return [line for line in r.log_lines if any(n in line.lower() for n in low)]
+
+
+def _cuda_libs(r: TfProbeResult) -> list[LibraryCheck]:
+    return [lib for lib in r.libraries if lib.name != "cuda"]
+
+
+def _libcuda(r: TfProbeResult) -> LibraryCheck | None:
+    return next((lib for lib in r.libraries if lib.name == "cuda"), None)
+
+
+def cause_cpu_only_build(r: TfProbeResult, s: Snapshot, c: Config) -> Finding | None:
+    b = r.build_info
+    if _is_true(b.get("is_cuda_build")) or _is_true(b.get("is_rocm_build")):
+        return None
+    pkg = next((p for p in ("tensorflow-cpu", "tensorflow-intel") if p in r.packages), None)
+    what = f"the CPU-only package {pkg} {r.packages[pkg]}" if pkg else "a CPU-only build"
+    fix = _and_cuda(r)
+    if pkg:
+        fix = f"{r.python} -m pip uninstall -y {pkg} && {fix}"
+    return _find(
+        "tf-cpu-only-build",
+        CRIT,
+        r.env,
+        f"{_tf_name(r)} is {what} (is_cuda_build={b.get('is_cuda_build', 'absent')}): it can "
+        "never use a GPU",
+        [
+            f"build info: {dict(b)}",
+            "packages: " + ", ".join(f"{k} {v}" for k, v in r.packages.items()),
+        ],
+        fix,
+    )
+
+
+def cause_gpus_hidden_by_env(r: TfProbeResult, s: Snapshot, c: Config) -> Finding | None:
+    cvd = r.environment.get("CUDA_VISIBLE_DEVICES")
+    if cvd is None or _cvd_visible(cvd, s) > 0:
+        return None
+    cfg = _env_cfg(c, r.env)
+    origin = (
+        f"set in the [[tensorflow.envs]] `{r.env}` environment table"
+        if cfg is not None and "CUDA_VISIBLE_DEVICES" in cfg.environment
+        else "set inside the interpreter (sitecustomize, a .pth file or the env's activation)"
+    )
+    return _find(
+        "tf-gpus-hidden-by-env",
+        CRIT,
+        r.env,
+        f"CUDA_VISIBLE_DEVICES={cvd!r} in env `{r.env}` hides all {gpu_count_expected(s)} "
+        "GPU(s) from TensorFlow",
+        [f"CUDA_VISIBLE_DEVICES={cvd!r}: {origin}", *_logs(r, "CUDA_VISIBLE_DEVICES", "NO_DEVICE")],
+        "Remove CUDA_VISIBLE_DEVICES from the env (or set it to the GPUs to use, e.g. "
+        "CUDA_VISIBLE_DEVICES=0,1 or GPU UUIDs); '' and -1 hide every GPU.",
+    )
+
+
+def cause_cuda_libs_missing(r: TfProbeResult, s: Snapshot, c: Config) -> Finding | None:
+    if not _is_true(r.build_info.get("is_cuda_build")):
+        return None
+    missing = [lib for lib in _cuda_libs(r) if not lib.loaded]
+    if not missing:
+        return None
+    cuda = r.build_info.get("cuda_version", "?")
+    cuda_mm = compat.cuda_major_minor(cuda)
+    cuda_s = f"{cuda_mm[0]}.{cuda_mm[1]}" if cuda_mm else cuda
+    names = [lib.soname for lib in missing]
+    cudnn = r.build_info.get("cudnn_version", "?")
+    nvidia_pkgs = [
+        f"{k} {v}" for k, v in r.packages.items() if k.startswith("nvidia-") and k != "nvidia-ml-py"
+    ]
+    return _find(
+        "tf-cuda-libs-missing",
+        CRIT,
+        r.env,
+        f"{_tf_name(r)} was built for CUDA {cuda_s} / cuDNN {cudnn}; "
+        f"{_join_names(names)} cannot be loaded (searched: {_searched(r)})",
+        [
+            *(f"{lib.soname}: {lib.error or 'not found'}" for lib in missing),
+            "CUDA pip packages installed: " + (", ".join(nvidia_pkgs) or "none"),
+            *_logs(r, "Cannot dlopen", "Could not load dynamic library", "Could not find cuda"),
+        ],
+        _and_cuda(r),
+    )
+
+
+def cause_libcuda_missing(r: TfProbeResult, s: Snapshot, c: Config) -> Finding | None:
+    lib = _libcuda(r)
+    if lib is None or lib.loaded:
+        return None
+    nvml_dir = (
+        os.path.dirname(s.nvml.library_path)
+        if s.nvml is not None and s.nvml.up and s.nvml.library_path
+        else None
+    )
+    if nvml_dir:
+        fix = (
+            f"The driver is installed (NVML loaded from {nvml_dir}) but libcuda.so.1 is not on "
+            f"this env's loader path: add LD_LIBRARY_PATH = \"{nvml_dir}\" to the env's "
+            "environment, or register it with ldconfig."
+        )
+    else:
+        fix = (
+            "Install the NVIDIA driver (it provides libcuda.so.1; pip cannot); in a container "
+            "start it with `--gpus all` (NVIDIA Container Toolkit)."
+        )
+    return _find(
+        "tf-libcuda-missing",
+        CRIT,
+        r.env,
+        f"The driver's libcuda.so.1 cannot be loaded in env `{r.env}`: {lib.error or 'not found'}",
+        [
+            f"libcuda.so.1: {lib.error or 'not found'}",
+            f"LD_LIBRARY_PATH={r.environment.get('LD_LIBRARY_PATH', '(unset)')}",
+            *_logs(r, "cuInit", "kernel driver does not appear"),
+        ],
+        fix,
+    )
+
+
+def cause_driver_too_old(r: TfProbeResult, s: Snapshot, c: Config) -> Finding | None:
+    nvml = s.nvml
+    tf_cuda = compat.cuda_major_minor(r.build_info.get("cuda_version"))
+    if nvml is None or nvml.cuda_driver_version is None or tf_cuda is None:
+        return None
+    drv = compat.driver_cuda(nvml.cuda_driver_version)
+    if drv >= tf_cuda:
+        return None
+    minor_min = compat.MINOR_COMPAT_DRIVERS.get(tf_cuda[0])
+    drv_version = compat.parse_version(nvml.driver_version)
+    below_minor_compat = (
+        minor_min is not None
+        and drv_version is not None
+        and drv_version < (compat.parse_version(minor_min) or ())
+    )
+    insufficient = _logs(r, "insufficient for CUDA runtime", "driver version is insufficient")
+    if drv[0] == tf_cuda[0] and not below_minor_compat and not insufficient:
+        return None  # minor-version compatibility covers it
+    ga = compat.min_driver_for(tf_cuda)
+    series = (nvml.driver_version or "?").split(".")[0] + ".x"
+    want = f"install driver ≥ {ga}" if ga else "install a newer driver"
+    if minor_min:
+        want += f" (or ≥ {minor_min} with minor-version compatibility)"
+    older_tf = next((b for b in compat.TESTED_BUILDS if int(b.cuda.split(".")[0]) == drv[0]), None)
+    branch = (ga or "?").split(".")[0]
+    fix = (
+        f"{want[0].upper()}{want[1:]}, then reboot "
+        f"(e.g. Ubuntu `sudo apt install nvidia-driver-{branch}`)."
+    )
+    if older_tf is not None:
+        fix += (
+            f" Or keep the driver and use a TensorFlow built for CUDA {drv[0]}.x: "
+            f"`{_pip(r, f'tensorflow[and-cuda]=={older_tf.tf}.*')}` (CUDA {older_tf.cuda})."
+        )
+    return _find(
+        "tf-driver-too-old",
+        CRIT,
+        r.env,
+        f"driver {series} supports CUDA ≤ {drv[0]}.{drv[1]}; TF {r.tf_version or '?'} needs "
+        f"CUDA {tf_cuda[0]}.{tf_cuda[1]}: {want}",
+        [
+            f"driver {nvml.driver_version}, "
+            f"nvmlSystemGetCudaDriverVersion {nvml.cuda_driver_version}",
+            f"TensorFlow build: cuda_version {r.build_info.get('cuda_version')}",
+            *insufficient,
+        ],
+        fix,
+    )
+
+
+def cause_driver_dso_mismatch(r: TfProbeResult, s: Snapshot, c: Config) -> Finding | None:
+    lines = _logs(r, "does not match DSO version", "COMPAT_NOT_SUPPORTED")
+    lib = _libcuda(r)
+    lib_ver = _lib_version(lib.path if lib is not None else None, "libcuda")
+    module = s.pci.nvidia_module_version if s.pci is not None else None
+    differs = lib_ver is not None and module is not None and lib_ver != module
+    rm_mismatch = s.nvml is not None and s.nvml.error == "LIB_RM_VERSION_MISMATCH"
+    if not (lines or differs or rm_mismatch):
+        return None
+    compat_pkg = any("COMPAT_NOT_SUPPORTED" in line for line in lines)
+    fix = (
+        "A forward-compatibility libcuda (cuda-compat) is on the loader path for a GPU/driver "
+        "that does not support it: remove it from LD_LIBRARY_PATH."
+        if compat_pkg
+        else "Reboot (the driver was upgraded but the old kernel module is still loaded), or "
+        "reload it: `sudo rmmod nvidia_uvm nvidia_drm nvidia_modeset nvidia && "
+        "sudo modprobe nvidia`."
+    )
+    return _find(
+        "tf-driver-dso-mismatch",
+        CRIT,
+        r.env,
+        f"In env `{r.env}` libcuda {lib_ver or '?'} does not match the loaded kernel module "
+        f"{module or '?'}",
+        [
+            f"libcuda.so.1: {lib.path if lib is not None and lib.path else '?'}",
+            f"/sys/module/nvidia/version: {module or '?'}",
+            *lines,
+        ],
+        fix,
+    )
+
+
+def _gpu_ccs(r: TfProbeResult, s: Snapshot) -> list[tuple[str, tuple[int, int]]]:
+    out: list[tuple[str, tuple[int, int]]] = [
+        (_gpu_label(g), g.compute_capability) for g in _nvml_gpus(s) if g.compute_capability
+    ]
+    if not out:
+        out = [
+            (g.device_name or g.name, g.compute_capability) for g in r.gpus if g.compute_capability
+        ]
+    return out
+
+
+def _runs_on(cc: tuple[int, int], sm: list[tuple[int, int]], ptx: list[tuple[int, int]]) -> str:
+    """ "binary", "ptx" (JIT from PTX) or "none" for a GPU of compute capability ``cc``."""
+    if any(m[0] == cc[0] and m[1] <= cc[1] for m in sm):
+        return "binary"
+    if any(p <= cc for p in ptx):
+        return "ptx"
+    return "none"
+
+
+def _targets(sm: list[tuple[int, int]], ptx: list[tuple[int, int]]) -> str:
+    t = ", ".join(f"{a}.{b}" for a, b in sm) or "none"
+    if ptx:
+        t += " + PTX " + ", ".join(f"{a}.{b}" for a, b in ptx)
+    return t
+
+
+def cause_compute_capability_unsupported(
+    r: TfProbeResult, s: Snapshot, c: Config
+) -> Finding | None:
+    sm, ptx = compat.compute_targets(r.build_info.get("cuda_compute_capabilities"))
+    if not sm and not ptx:
+        return None
+    bad = [(label, cc) for label, cc in _gpu_ccs(r, s) if _runs_on(cc, sm, ptx) == "none"]
+    if not bad:
+        return None
+    ccs = sorted({cc for _, cc in bad})
+    cc_s = ", ".join(f"{a}.{b}" for a, b in ccs)
+    return _find(
+        "tf-compute-capability-unsupported",
+        CRIT,
+        r.env,
+        f"{_tf_name(r)} has kernels for compute capability {_targets(sm, ptx)} only; "
+        f"{len(bad)} GPU(s) have {cc_s}",
+        [
+            *(f"{label}: compute capability {a}.{b}" for label, (a, b) in bad),
+            *_logs(r, "Ignoring visible gpu"),
+        ],
+        f"Use a TensorFlow build that includes sm_{ccs[0][0]}{ccs[0][1]} (CUDA 11 builds such as "
+        f"`{_pip(r, 'tensorflow[and-cuda]==2.14.*')}` support ≥ 3.5), or build TensorFlow from "
+        f"source with TF_CUDA_COMPUTE_CAPABILITIES={cc_s}.",
+    )
+
+
+def _cudnn_installed(r: TfProbeResult) -> str | None:
+    for name, version in r.packages.items():
+        if name.startswith("nvidia-cudnn"):
+            return version
+    lib = next((lib for lib in r.libraries if lib.name == "cudnn" and lib.loaded), None)
+    return _lib_version(lib.path if lib is not None else None, "libcudnn")
+
+
+def cause_cudnn_mismatch(r: TfProbeResult, s: Snapshot, c: Config) -> Finding | None:
+    lines = _logs(r, "Loaded runtime CuDNN library")
+    built = compat.parse_version(r.build_info.get("cudnn_version"))
+    tested = compat.tested_build(r.tf_version)
+    need = compat.parse_version(tested.cudnn) if tested is not None else built
+    have_s = _cudnn_installed(r)
+    have = compat.parse_version(have_s)
+    problem = bool(lines)
+    if built and have and have[0] != built[0]:
+        problem = True
+    if need and have and have[0] == need[0] and have[:2] < need[:2]:
+        problem = True
+    if not problem:
+        return None
+    need_s = ".".join(map(str, need[:2])) if need else "?"
+    return _find(
+        "tf-cudnn-mismatch",
+        CRIT,
+        r.env,
+        f"{_tf_name(r)} was built with cuDNN {r.build_info.get('cudnn_version', '?')} (tested "
+        f"with {need_s}) but cuDNN {have_s or '?'} is installed",
+        [f"cuDNN installed: {have_s or '?'}", *lines],
+        f"{_and_cuda(r)}  (installs the matching nvidia-cudnn wheel; or "
+        f"`{_pip(r, f'nvidia-cudnn-cu12>={need_s},<{(need or (9,))[0] + 1}')}`)",
+    )
+
+
+def cause_device_permission(r: TfProbeResult, s: Snapshot, c: Config) -> Finding | None:
+    denied = {node: why for node, why in r.device_access.items() if why != "ok"}
+    if not denied:
+        return None
+    cfg = _env_cfg(c, r.env)
+    who = cfg.run_as if cfg is not None and cfg.run_as else None
+    user = who or "the probe's user"
+    who = who or "<user>"
+    return _find(
+        "tf-device-permission",
+        CRIT,
+        r.env,
+        f"TensorFlow in env `{r.env}` cannot open {_join_names(sorted(denied))} as {user}",
+        [*(f"{node}: {why}" for node, why in sorted(denied.items())), *_logs(r, "cuInit")],
+        "`ls -l /dev/nvidia*` should show crw-rw-rw- (the driver default); if "
+        "NVreg_DeviceFileMode/NVreg_DeviceFileGID restrict them, add the user to that group "
+        f"(`sudo usermod -aG <group> {who}`).",
+    )
+
+
+CAUSES = (
+    cause_cpu_only_build,
+    cause_gpus_hidden_by_env,
+    cause_cuda_libs_missing,
+    cause_libcuda_missing,
+    cause_driver_too_old,
+    cause_driver_dso_mismatch,
+    cause_compute_capability_unsupported,
+    cause_cudnn_mismatch,
+    cause_device_permission,
+)
+
+
+def _tf_failed_probe(r: TfProbeResult, s: Snapshot, c: Config) -> Finding | None:
+    pkg_fix = _pip(
+        r,
+        f"tensorflow[and-cuda]=={compat.LATEST_TF}"
+        if gpus_exist(s)
+        else f"tensorflow=={compat.LATEST_TF}",
+    )
+    venv = os.path.dirname(os.path.dirname(r.python)) or "<dir>"
+    if r.status is ProbeStatus.MISSING_INTERPRETER:
+        return _find(
+            "tf-import-failed",
+            CRIT,
+            r.env,
+            f"The interpreter of env `{r.env}` does not exist: {r.python}",
+            [r.error or "", *r.log_lines],
+            f"Fix `python` in the [[tensorflow.envs]] entry `{r.env}`, or create the env: "
+            f"`python3 -m venv {venv} && {pkg_fix}`.",
+        )
+    if r.status is ProbeStatus.REFUSED:
+        return _find(
+            "tf-import-failed",
+            CRIT,
+            r.env,
+            f"Env `{r.env}` was not probed: {r.error}",
+            [*r.log_lines],
+            f"Fix `run_as` in the [[tensorflow.envs]] entry `{r.env}` (the user must exist).",
+        )
+    if r.status is ProbeStatus.IMPORT_FAILED:
+        missing = "No module named 'tensorflow'" in (r.error or "")
+        summary = (
+            f"TensorFlow is not installed in env `{r.env}` ({r.python})"
+            if missing
+            else f"TensorFlow cannot be imported in env `{r.env}` ({r.python}): {r.error}"
+        )
+        fix = pkg_fix
+        if not missing and "tensorflow" in r.packages:
+            fix = (
+                _pip(r, f"tensorflow[and-cuda]=={r.packages['tensorflow']}") + " --force-reinstall"
+            )
+        return _find(
+            "tf-import-failed",
+            CRIT,
+            r.env,
+            summary,
+            [r.error or "", f"python {r.python_version or '?'}", *r.traceback[-6:], *r.log_lines],
+            fix,
+        )
+    if r.status is ProbeStatus.TIMEOUT:
+        return _find(
+            "tf-probe-timeout",
+            WARN,
+            r.env,
+            f"The TensorFlow probe of env `{r.env}` did not answer in time ({r.error})",
+            [f"ran {r.duration_seconds:.1f} s", *r.log_lines],
+            "A hang in cuInit usually means a driver or GPU problem: check that `nvidia-smi` "
+            "answers and `journalctl -k | grep -i xid`; on a slow or busy machine raise "
+            "[tensorflow] timeout_seconds.",
+        )
+    if r.status in (ProbeStatus.CRASHED, ProbeStatus.ERROR, ProbeStatus.BAD_OUTPUT):
+        if r.signal_name == "SIGILL":
+            fix = (
+                "Use a TensorFlow build for this CPU: the pip wheels need AVX (check `grep -o -w "
+                "-e avx -e avx2 /proc/cpuinfo | sort -u`), or build TensorFlow from source."
+            )
+        elif r.signal_name == "SIGKILL":
+            fix = "Check `journalctl -k | grep -i oom`; importing TF needs ~600 MB of memory."
+        else:
+            fix = (
+                f"Run `tfgpud doctor --python {r.python}` to see the whole error; reinstall "
+                f"with `{_and_cuda(r)} --force-reinstall`."
+            )
+        what = "crashed" if r.status is ProbeStatus.CRASHED else "failed"
+        return _find(
+            "tf-import-crashed",
+            CRIT,
+            r.env,
+            f"The TensorFlow probe of env `{r.env}` {what}: {r.error}",
+            [f"exit status {r.returncode}", *r.log_lines],
+            fix,
+        )
+    return None
+
+
+def _tf_env_findings(r: TfProbeResult, s: Snapshot, c: Config) -> list[Finding]:
+    failed = _tf_failed_probe(r, s, c)
+    if failed is not None:
+        return [failed]
+    if not r.ok:
+        return []
+    out: list[Finding] = []
+    seen = len(r.gpus)
+    exist = gpus_exist(s)
+    expected = _expected_visible(r, s)
+    fallback = exist and seen == 0 and gpu_count_expected(s) > 0
+    partial = not fallback and s.nvml is not None and s.nvml.up and 0 < seen < expected
+    causes = (
+        [f for f in (rule(r, s, c) for rule in CAUSES) if f is not None]
+        if (fallback or partial)
+        else []
+    )
+    # A cuDNN mismatch breaks the first convolution even when GPUs are listed.
+    if not causes:
+        cudnn = cause_cudnn_mismatch(r, s, c)
+        if cudnn is not None:
+            out.append(cudnn)
+    if fallback:
+        total = gpu_count_expected(s)
+        named = ", ".join(f.code for f in causes)
+        ev = [
+            f"GPUs on this machine: {total} (PCI {len(s.pci.gpus) if s.pci else '?'}, NVML "
+            f"{len(_nvml_gpus(s)) if s.nvml and s.nvml.up else 'down'}, "
+            f"baseline {len(s.baseline)})",
+            f"TensorFlow lists {seen} GPU(s); "
+            f"is_cuda_build={r.build_info.get('is_cuda_build', '?')}",
+            *r.log_lines[:10],
+        ]
+        if not causes:
+            ev.append("no specific cause found by the probe")
+        out.append(
+            _find(
+                "tf-cpu-fallback",
+                CRIT,
+                r.env,
+                f"{_tf_name(r)} sees 0 of {total} GPU(s): its work runs on the CPU"
+                + (f" (cause: {named})" if named else ""),
+                ev,
+                f"See {named} for env `{r.env}`."
+                if named
+                else f'Run `TF_CPP_MAX_VLOG_LEVEL=1 {r.python} -c "import tensorflow as tf; '
+                "print(tf.config.list_physical_devices('GPU'))\"` and read which library fails.",
+            )
+        )
+    if partial:
+        nv = _usable_gpus(s)
+        out.append(
+            _find(
+                "tf-partial-visibility",
+                CRIT,
+                r.env,
+                f"{_tf_name(r)} sees {seen} of the {expected} GPU(s) NVML reports",
+                [
+                    *(f"NVML: {_gpu_label(g)} cc {g.compute_capability_str or '?'}" for g in nv),
+                    *(f"TF: {g.name} {g.device_name or ''}" for g in r.gpus),
+                    f"CUDA_VISIBLE_DEVICES={r.environment.get('CUDA_VISIBLE_DEVICES', '(unset)')}",
+                    *r.log_lines[:10],
+                ],
+                (f"See {', '.join(f.code for f in causes)}." if causes else "")
+                + " Check `nvidia-smi -q -d COMPUTE` (compute mode, MIG) and the log lines.",
+            )
+        )
+    out.extend(causes)
+    out.extend(_ptx_jit_only(r, s))
+    return out
+
+
+def _ptx_jit_only(r: TfProbeResult, s: Snapshot) -> list[Finding]:
+    sm, ptx = compat.compute_targets(r.build_info.get("cuda_compute_capabilities"))
+    if not ptx:
+        return []
+    jit = [(label, cc) for label, cc in _gpu_ccs(r, s) if _runs_on(cc, sm, ptx) == "ptx"]
+    if not jit:
+        return []
+    ccs = sorted({cc for _, cc in jit})
+    return [
+        _find(
+            "tf-ptx-jit-only",
+            WARN,
+            r.env,
+            f"{_tf_name(r)} has no binary kernels for compute capability "
+            + ", ".join(f"{a}.{b}" for a, b in ccs)
+            + f" (built for {_targets(sm, ptx)}): kernels are JIT-compiled from PTX",
+            [
+                *(f"{label}: compute capability {a}.{b}" for label, (a, b) in jit),
+                *_logs(r, "jit-compiled", "not built with CUDA kernel"),
+            ],
+            "Expect a slow first start (minutes) and possible CUDA_ERROR_INVALID_PTX; keep the JIT "
+            "cache warm with CUDA_CACHE_MAXSIZE=4294967296 in the job's environment, or use a "
+            f"TensorFlow build with sm_{ccs[-1][0]}{ccs[-1][1]} kernels.",
+        )
+    ]
+
+
+def rule_tensorflow(s: Snapshot, c: Config) -> Iterable[Finding]:
+    for r in s.tf:
+        yield from _tf_env_findings(r, s, c)
+
+
+RULES: tuple[Rule, ...] = (
+    rule_no_nvidia_gpu,
+    rule_nvml_library_missing,
+    rule_driver_not_loaded,
+    rule_driver_library_mismatch,
+    rule_nouveau_bound,
+    rule_device_nodes_missing,
+    rule_nvml_no_permission,
+    rule_gpu_lost,
+    rule_gpu_vanished,
+    rule_gpu_appeared,
+    rule_gpu_xid_critical,
+    rule_gpu_memory_pressure,
+    rule_tf_job_on_cpu,
+    rule_tensorflow,
+)
+
+
+def diagnose(snapshot: Snapshot, config: Config) -> tuple[Finding, ...]:
+    """All findings for ``snapshot``: most severe first, one per (code, subject). Pure."""
+    found: dict[tuple[str, str], Finding] = {}
+    for rule in RULES:
+        for f in rule(snapshot, config):
+            found.setdefault(f.key, f)
+    return tuple(sorted(found.values(), key=lambda f: (-f.severity.rank, f.code, f.subject)))
+
+
+def worst_severity(findings: Iterable[Finding]) -> Severity | None:
+    """The highest severity among ``findings``; None when there are none."""
+    return max((f.severity for f in findings), key=lambda sev: sev.rank, default=None)
+
+
+def cpu_fallback_envs(findings: Iterable[Finding]) -> frozenset[str]:
+    """Envs with an active ``tf-cpu-fallback`` (for the ``tfgpud_tf_cpu_fallback`` metric)."""
+    return frozenset(f.subject for f in findings if f.code == "tf-cpu-fallback")
