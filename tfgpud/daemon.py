@@ -25,7 +25,7 @@ from tfgpud.collectors.pci import collect_pci
 from tfgpud.collectors.tensorflow import TfProbeScheduler
 from tfgpud.config import Config, ConfigError, load_config, parse_listen
 from tfgpud.diagnosis import diagnose
-from tfgpud.exporter import make_registry
+from tfgpud.exporter import Exposition, make_registry
 from tfgpud.model import CollectorRun, KnownGpu, NvmlReading, Snapshot
 from tfgpud.server import Endpoints, HttpServer
 from tfgpud.systemd import Notifier
@@ -162,6 +162,7 @@ class Daemon:
         self._xids = XidWatcher(self._nvml)
         self._tf = TfProbeScheduler.from_config(config.tensorflow)
         self._registry = make_registry(lambda: self._snapshot)
+        self._exposition = Exposition(self._registry, lambda: self._snapshot)
         self._http: HttpServer | None = None
         self.polls = 0
 
@@ -201,6 +202,7 @@ class Daemon:
     def endpoints(self) -> Endpoints:
         return Endpoints(
             registry=self._registry,
+            exposition=self._exposition,
             health=self.health,
             status=lambda: status_document(self._snapshot, self.host),
         )

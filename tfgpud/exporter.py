@@ -7,8 +7,10 @@ are omitted, never exported as 0 or NaN.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterable, Iterator
 
+from prometheus_client import exposition
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
@@ -238,6 +240,36 @@ def _tf_families(snap: Snapshot) -> Iterator[Metric]:
             n = sum(1 for p in snap.tf_processes if p.placement == placement)
             procs.add_metric([placement], n)
         yield procs
+
+
+class Exposition:
+    """Renders the registry once per snapshot and format; scrapes in between get the bytes.
+
+    Everything exported derives from the snapshot, so the text cannot change until the next
+    poll publishes a new one; caching makes a scrape a dictionary lookup.
+    """
+
+    def __init__(self, registry: CollectorRegistry, source: Callable[[], Snapshot | None]) -> None:
+        self._registry = registry
+        self._source = source
+        self._lock = threading.Lock()
+        # content type -> (the snapshot it was rendered from, body)
+        self._cache: dict[str, tuple[Snapshot, bytes]] = {}
+
+    def __call__(self, accept: str) -> tuple[bytes, str]:
+        encoder, content_type = exposition.choose_encoder(accept)
+        snap = self._source()
+        if snap is None:
+            return encoder(self._registry), content_type
+        with self._lock:
+            hit = self._cache.get(content_type)
+        if hit is not None and hit[0] is snap:
+            return hit[1], content_type
+        body = encoder(self._registry)  # may see a newer snapshot: then it is simply not cached
+        if self._source() is snap:
+            with self._lock:
+                self._cache[content_type] = (snap, body)
+        return body, content_type
 
 
 def make_registry(source: Callable[[], Snapshot | None]) -> CollectorRegistry:

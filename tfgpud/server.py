@@ -31,6 +31,8 @@ class Endpoints:
     registry: CollectorRegistry
     health: Callable[[], tuple[bool, str]]
     status: Callable[[], dict[str, Any]]
+    # Optional cached renderer (Accept header -> body, content type); see exporter.Exposition.
+    exposition: Callable[[str], tuple[bytes, str]] | None = None
 
 
 class _Server(ThreadingHTTPServer):
@@ -75,8 +77,12 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if path == "/metrics":
                 accept = self.headers.get("Accept", "")
-                encoder, content_type = exposition.choose_encoder(accept)
-                self._send(200, encoder(ep.registry), content_type)
+                if ep.exposition is not None:
+                    body, content_type = ep.exposition(accept)
+                else:
+                    encoder, content_type = exposition.choose_encoder(accept)
+                    body = encoder(ep.registry)
+                self._send(200, body, content_type)
             elif path == "/healthz":
                 ok, why = ep.health()
                 self._send(200 if ok else 503, (why + "\n").encode(), "text/plain; charset=utf-8")

@@ -173,3 +173,27 @@ def test_promtool_check_metrics_accepts_the_exposition() -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()
+
+
+def test_exposition_cache_renders_once_per_snapshot() -> None:
+    from tfgpud.exporter import Exposition
+
+    current: list[Snapshot] = [fixture_snapshot()]
+    calls = {"n": 0}
+
+    def source() -> Snapshot:
+        calls["n"] += 1
+        return current[0]
+
+    registry = make_registry(source)
+    expo = Exposition(registry, source)
+    first, ctype = expo("")
+    assert ctype.startswith("text/plain")
+    n = calls["n"]
+    assert expo("")[0] is first  # cached: the registry was not walked again
+    assert calls["n"] == n + 1  # only the identity check
+    om, om_type = expo("application/openmetrics-text; version=1.0.0")
+    assert om_type.startswith("application/openmetrics-text") and om.endswith(b"# EOF\n")
+    current[0] = Snapshot(taken_at=1.0, nvml=NvmlReading(up=False, error="DRIVER_NOT_LOADED"))
+    fresh, _ = expo("")
+    assert fresh != first and b"tfgpud_nvml_up 0.0" in fresh
