@@ -332,7 +332,7 @@ def rule_gpu_appeared(s: Snapshot, c: Config) -> Iterable[Finding]:
         return
     known = {k.uuid for k in s.baseline}
     for g in _nvml_gpus(s):
-        if g.uuid in known:
+        if g.uuid in known or g.lost:  # a lost GPU may not even tell its UUID: not "new"
             continue
         yield _find(
             "gpu-appeared",

@@ -242,3 +242,42 @@ def test_status_command_reads_the_running_daemon(
     assert U0 in out
     assert main(["status", "--url", f"http://127.0.0.1:{free_port()}", "--timeout", "1"]) == 1
     assert "cannot read" in capsys.readouterr().err
+
+
+GOLDEN = Path(__file__).parent / "golden" / "two_gpus.prom"
+# Values that change from run to run: timings, timestamps, counts of polls.
+VOLATILE = ("_duration_seconds", "_timestamp_seconds", "tfgpud_polls_total", "tfgpud_build_info")
+
+
+def test_exposition_for_a_fixture_scenario_matches_golden(
+    tmp_path: Path, fakedriver: Path, scenario_path: Path
+) -> None:
+    import os
+
+    write_scenario(
+        scenario_path,
+        [
+            gpu(U0, 0, process_pids=[4194303], process_memory=[123456789], xids=[79]),
+            gpu(U1, 1, lost=True),
+        ],
+        driver_version="550.54.15",
+        cuda_driver_version=12040,
+    )
+    with DaemonProcess(tmp_path, scenario=scenario_path, interval=INTERVAL) as d:
+        d.start()
+        # The Xid arrives on its own thread; wait until it is counted.
+        d.wait_metric(
+            lambda m: m.get(f'tfgpud_gpu_xid_errors_total{{gpu="0",uuid="{U0}",xid="79"}}') == 1
+        )
+        _, text = d.get("/metrics")
+        assert d.stop() == 0
+    stable = "".join(
+        line + "\n"
+        for line in text.splitlines()
+        if not any(v in line.split("{")[0].split(" ")[0] for v in VOLATILE)
+        or line.startswith("#")
+    )
+    if os.environ.get("TFGPUD_UPDATE_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(stable)
+    assert stable == GOLDEN.read_text()
