@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -41,13 +43,21 @@ def _load(path: str | None) -> tuple[Config, str | None]:
     return Config(), None
 
 
+def _check_web_config(config: Config) -> None:
+    """Validate ``[http] web_config_file`` (and that its TLS files load); raise ConfigError."""
+    if config.http.web_config_file:
+        from tfgpud.webconfig import load_web_config
+
+        load_web_config(config.http.web_config_file)
+
+
 def _err(message: str) -> None:
     print(f"tfgpud: {message}", file=sys.stderr)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     try:
-        load_config(args.path)
+        _check_web_config(load_config(args.path))
     except ConfigError as exc:
         _err(exc.render())
         return EX_CONFIG
@@ -61,6 +71,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         config, path = _load(args.config)
+        _check_web_config(config)
     except ConfigError as exc:
         _err(exc.render())
         return EX_CONFIG
@@ -78,12 +89,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from tfgpud.doctor import run_doctor
 
+    # The report is the output; collectors' log lines would only interleave with it.
+    logging.basicConfig(level=logging.ERROR, format="tfgpud: %(message)s")
     try:
         config, _ = _load(args.config)
     except ConfigError as exc:
         _err(exc.render())
         return EX_CONFIG
-    return run_doctor(config, python=args.python, as_json=args.json, out=sys.stdout)
+    python = args.python
+    if python is not None and "/" in python:
+        python = os.path.abspath(python)  # not resolve(): a venv's python is a symlink
+    return run_doctor(config, python=python, as_json=args.json, out=sys.stdout)
 
 
 def _status_url(args: argparse.Namespace) -> str:
