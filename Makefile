@@ -7,8 +7,10 @@ PIP := $(PY) -m pip
 FAKEDRIVER := build/fakedriver
 CONFIG ?= config/local.toml
 APT_TEST_PKGS := prometheus prometheus-alertmanager libsystemd-dev pkg-config gcc make
+# packaging tests: the .deb is built with dpkg-deb and checked by lintian; TLS scrapes by curl
+APT_TEST_PKGS += curl openssl lintian shellcheck systemd
 
-.PHONY: run demo test lint fakedriver bench apt-test-deps venv clean
+.PHONY: run demo test lint fakedriver bench apt-test-deps venv clean deb
 
 # --- environments -----------------------------------------------------------------------------
 
@@ -64,6 +66,10 @@ lint: $(VENV)/.test-stamp
 test: apt-test-deps $(VENV)/.test-stamp fakedriver
 	$(MAKE) lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Debian package: /opt/tfgpud venv (no TensorFlow), unit, sysusers, tmpfiles, conffile.
+deb: $(VENV)/.run-stamp
+	PY=$(PY) bash packaging/debian/build.sh build/deb
 
 bench: $(VENV)/.test-stamp fakedriver
 	$(PY) -m benchmarks

@@ -1,4 +1,4 @@
-"""Command line: ``tfgpud run | doctor | status | check-config | version``.
+"""Command line: ``tfgpud run | doctor | status | check-config | baseline | version``.
 
 Exit codes: 0 ok; doctor 1 warnings / 2 critical; 1 runtime failure (e.g. port in use,
 daemon unreachable); 64 usage; 78 invalid configuration (EX_CONFIG). Errors are one paragraph
@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ from tfgpud.config import (
     load_config,
     parse_listen,
 )
+from tfgpud.model import to_jsonable
 
 EX_OK = 0
 EX_FAILURE = 1
@@ -152,6 +154,75 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def _when(ts: float | None) -> str:
+    return "?" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def cmd_baseline(args: argparse.Namespace) -> int:
+    """show | reset | forget UUID on the baseline in the configuration's [daemon] state_dir."""
+    from tfgpud.state import Baseline, StateFileError, forget_gpu, reset_baseline
+
+    try:
+        config, _ = _load(args.config)
+    except ConfigError as exc:
+        _err(exc.render())
+        return EX_CONFIG
+    state_dir = config.daemon.state_dir
+    reread = "a running daemon re-reads it at its next poll"
+    try:
+        if args.action == "show":
+            b = Baseline.read(state_dir, config.expect.gpus)
+            if args.json:
+                doc = {
+                    "path": str(b.path),
+                    "expect": config.expect.gpus,
+                    "expected_gpus": b.expected,
+                    "gpus": [to_jsonable(g) for g in b.gpus],
+                    "problems": list(b.problems()),
+                }
+                json.dump(doc, sys.stdout, indent=2, sort_keys=True)
+                print()
+                return EX_OK
+            exists = b.path.exists()
+            print(
+                f"baseline {b.path}{'' if exists else ' (not written yet)'}: "
+                f"{b.expected} GPU(s) expected ([expect] gpus = {config.expect.gpus})"
+            )
+            for g in b.gpus:
+                print(
+                    f"  {g.uuid}  {g.name or '?':<28} {g.pci_bus_id or '?':<16} "
+                    f"first seen {_when(g.first_seen)}, last seen {_when(g.last_seen)}"
+                )
+            for problem in b.problems():
+                print(f"  problem: {problem}")
+            return EX_OK
+        if args.action == "reset":
+            removed, moved = reset_baseline(state_dir)
+            if moved is not None:
+                print(f"moved the unreadable baseline aside to {moved}")
+            print(
+                f"baseline reset: {len(removed)} GPU(s) forgotten; {reread}, re-learning the GPUs"
+            )
+            return EX_OK
+        gone = forget_gpu(state_dir, args.uuid)
+        print(f"forgot {gone.uuid} ({gone.name or '?'} at {gone.pci_bus_id or '?'}); {reread}")
+        return EX_OK
+    except StateFileError as exc:
+        _err(f"{exc}. `tfgpud baseline reset` moves it aside and starts a new baseline.")
+    except KeyError:
+        known = ", ".join(g.uuid for g in Baseline.read(state_dir).gpus) or "none"
+        _err(
+            f"{args.uuid} is not in the baseline {Path(state_dir) / 'baseline.json'} "
+            f"(known: {known}); see `tfgpud baseline show`."
+        )
+    except OSError as exc:
+        _err(
+            f"cannot write the baseline in {state_dir}: {exc.strerror or exc}. Run it as root "
+            "or as the user the daemon runs as."
+        )
+    return EX_FAILURE
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:
         self.print_usage(sys.stderr)
@@ -188,6 +259,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="validate a configuration file (exit 78 if invalid)")
     p.add_argument("path", type=Path)
     p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("baseline", help="show or change the GPUs this machine is expected to have")
+    p.add_argument("--config", metavar="PATH")
+    bsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    show = bsub.add_parser("show", help="list the expected GPUs (exit 1 if the file is unusable)")
+    show.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS)
+    show.add_argument("--json", action="store_true")
+    reset = bsub.add_parser("reset", help="forget all; the daemon re-learns the GPUs it sees")
+    reset.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS)
+    forget = bsub.add_parser("forget", help="accept that one GPU is gone for good")
+    forget.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS)
+    forget.add_argument("uuid", metavar="UUID")
+    p.set_defaults(func=cmd_baseline)
     return parser
 
 

@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 DEFAULT_CONFIG_PATH = Path("/etc/tfgpud/tfgpud.toml")
 DEFAULT_LISTEN = "127.0.0.1:10041"
+# Process names (globs) the workloads collector inspects for TensorFlow.
+DEFAULT_PROCESS_NAMES = ("python*", "ipython*", "jupyter*", "*.py")
 
 
 class ConfigError(Exception):
@@ -104,6 +106,12 @@ class WorkloadsConfig(_Section):
     enabled: bool = True
     # A TF process computing on the CPU this long while usable GPUs exist is `tf-job-on-cpu`.
     job_on_cpu_seconds: Annotated[float, Field(ge=0)] = 300.0
+    # Only processes whose name (/proc/PID/comm, at most 15 characters) matches one of these
+    # globs have their memory maps read; ["*"] inspects every process (costs more when cold).
+    # Processes in NVML's compute process list are always inspected.
+    process_names: tuple[Annotated[str, Field(min_length=1, max_length=64)], ...] = (
+        DEFAULT_PROCESS_NAMES
+    )
 
 
 class ExpectConfig(_Section):
@@ -132,6 +140,16 @@ class AlertsConfig(_Section):
     alertmanager: list[AlertmanagerConfig] = Field(default_factory=list)
     webhook: list[WebhookConfig] = Field(default_factory=list)
     instance: str | None = None  # the `instance` label; default: the host name
+    # A finding fires after it has held this long, and resolves after it has been gone this long.
+    for_seconds: Annotated[float, Field(ge=0, le=86400)] = 30.0
+    # Findings below this severity are logged on transition but not pushed to the sinks.
+    min_severity: Literal["info", "warning", "critical"] = "warning"
+    # Firing alerts are re-sent to Alertmanager this often (it expires alerts not refreshed).
+    resend_seconds: Annotated[float, Field(ge=1, le=3600)] = 60.0
+    # Undelivered messages per sink; beyond this the oldest is dropped (and counted).
+    queue_size: Annotated[int, Field(ge=1, le=100000)] = 1000
+    # An undeliverable message is retried (backoff 1 s doubling to 60 s) this long, then dropped.
+    max_retry_seconds: Annotated[float, Field(gt=0, le=7 * 86400)] = 3600.0
 
 
 class Config(_Section):
@@ -220,6 +238,10 @@ def _resolve(base: Path, value: str | None) -> str | None:
     return os.path.normpath(base / value)
 
 
+def _as_path(value: str | None) -> str | None:
+    return value if not value or "/" in value else f"./{value}"
+
+
 def _resolve_paths(config: Config, base: Path) -> Config:
     state = config.daemon.state_dir
     if not Path(state).is_absolute():
@@ -232,7 +254,8 @@ def _resolve_paths(config: Config, base: Path) -> Config:
             "daemon": config.daemon.model_copy(update={"state_dir": state}),
             "nvml": config.nvml.model_copy(update={"library": _resolve(base, config.nvml.library)}),
             "http": config.http.model_copy(
-                update={"web_config_file": _resolve(base, config.http.web_config_file)}
+                # A file, never a command: "web-config.yml" is next to this file too.
+                update={"web_config_file": _resolve(base, _as_path(config.http.web_config_file))}
             ),
             "tensorflow": config.tensorflow.model_copy(update={"envs": envs}),
         }

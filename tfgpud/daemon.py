@@ -19,16 +19,20 @@ from types import FrameType, MappingProxyType
 from typing import Any
 
 from tfgpud import __version__
+from tfgpud.alerts import AlertDispatcher
 from tfgpud.collectors.base import timed
 from tfgpud.collectors.nvml import NvmlSession, XidWatcher
 from tfgpud.collectors.pci import collect_pci
 from tfgpud.collectors.tensorflow import TfProbeScheduler
+from tfgpud.collectors.workloads import WorkloadScanner
 from tfgpud.config import Config, ConfigError, load_config, parse_listen
 from tfgpud.diagnosis import diagnose
 from tfgpud.exporter import Exposition, make_registry
 from tfgpud.model import CollectorRun, KnownGpu, NvmlReading, Snapshot
 from tfgpud.server import Endpoints, HttpServer
+from tfgpud.state import Baseline
 from tfgpud.systemd import Notifier
+from tfgpud.webconfig import WebConfigError, WebSecurity
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +120,16 @@ def status_document(snap: Snapshot | None, host: str) -> dict[str, Any]:
             }
             for r in snap.tf
         ],
+        "tf_processes": [
+            {
+                "pid": p.pid,
+                "placement": p.placement,
+                "user": p.user,
+                "cmdline": p.cmdline,
+                "started_at": p.started_at,
+            }
+            for p in snap.tf_processes or ()
+        ],
         "collectors": [
             {"name": c.name, "success": c.success, "duration_seconds": c.duration_seconds}
             for c in snap.collectors
@@ -154,13 +168,17 @@ class Daemon:
         self._wake = threading.Event()
         self._stop_requested = False
         self._reload_requested = False
+        self._probe_landed = False
         self._last_poll_end = 0.0
         self._last_status = ""
         self._pressure_since: dict[str, float] = {}
-        self._known: dict[str, KnownGpu] = {}
+        # The persisted baseline (state.py) and alert delivery (alerts.py); issue 5.
+        self._state = Baseline.open(config.daemon.state_dir, config.expect.gpus)
+        self._alerts = AlertDispatcher(config.alerts, Path(config.daemon.state_dir), self.host)
         self._nvml = NvmlSession(config.nvml.library, proc_root=self.paths.proc)
+        self._workloads = WorkloadScanner(self.paths.proc)
         self._xids = XidWatcher(self._nvml)
-        self._tf = TfProbeScheduler.from_config(config.tensorflow)
+        self._tf = TfProbeScheduler.from_config(config.tensorflow, on_result=self._on_probe_result)
         self._registry = make_registry(lambda: self._snapshot)
         self._exposition = Exposition(self._registry, lambda: self._snapshot)
         self._http: HttpServer | None = None
@@ -170,6 +188,11 @@ class Daemon:
 
     def _on_stop(self, signum: int, frame: FrameType | None) -> None:
         self._stop_requested = True
+        self._wake.set()
+
+    def _on_probe_result(self) -> None:
+        # A TensorFlow probe finished on its thread: diagnose it now, not at the next tick.
+        self._probe_landed = True
         self._wake.set()
 
     def _on_hup(self, signum: int, frame: FrameType | None) -> None:
@@ -210,23 +233,16 @@ class Daemon:
     # -- polling -------------------------------------------------------------------------------
 
     def _baseline(self, nvml: NvmlReading | None, now: float) -> tuple[tuple[KnownGpu, ...], int]:
-        """The GPUs expected: learned as the union of GPUs seen (persisted in state.py later)."""
-        if nvml is not None and nvml.up:
-            for g in nvml.gpus:
-                if g.uuid.startswith("GPU-unknown"):
-                    continue
-                prev = self._known.get(g.uuid)
-                self._known[g.uuid] = KnownGpu(
-                    uuid=g.uuid,
-                    name=g.name or (prev.name if prev else None),
-                    pci_bus_id=g.pci_bus_id or (prev.pci_bus_id if prev else None),
-                    first_seen=prev.first_seen if prev and prev.first_seen else now,
-                    last_seen=now,
-                )
-        known = tuple(sorted(self._known.values(), key=lambda k: k.uuid))
-        expect = self.config.expect.gpus
-        expected = expect if isinstance(expect, int) else len(known)
-        return known, expected
+        """The GPUs expected: the persisted baseline (re-read when `tfgpud baseline` changed it)
+        plus the GPUs seen now, written back atomically when its membership changed."""
+        self._state.expect = self.config.expect.gpus
+        self._state.refresh()
+        if self._state.learn(nvml, now):
+            with self._state.lock():
+                self._state.refresh()  # a CLI change since the line above wins, then re-learn
+                self._state.learn(nvml, now)
+                self._state.save_quietly(now)
+        return self._state.gpus, self._state.expected
 
     def _pressure(self, nvml: NvmlReading | None, now: float) -> Mapping[str, float]:
         ratio = self.config.memory.pressure_ratio
@@ -252,6 +268,11 @@ class Daemon:
             self._xids.watch(g.uuid for g in nvml.gpus if not g.lost)
         _, run = timed("tensorflow", lambda: self._tf.maybe_start(nvml, now))
         runs.append(run)
+        workloads = None
+        if self.config.workloads.enabled:
+            names = self.config.workloads.process_names
+            workloads, run = timed("workloads", lambda: self._workloads.scan(nvml, now, names))
+            runs.append(run)
         known, expected = self._baseline(nvml, now)
         snap = Snapshot(
             taken_at=now,
@@ -264,7 +285,10 @@ class Daemon:
             collectors=tuple(runs),
             baseline=known,
             expected_gpus=expected,
+            baseline_problems=self._state.problems(),
             pressure_since=self._pressure(nvml, now),
+            tf_processes=workloads.processes if workloads is not None else None,
+            workloads=workloads.scan if workloads is not None else None,
         )
         try:
             findings = diagnose(snap, self.config)
@@ -272,6 +296,7 @@ class Daemon:
             log.exception("diagnosis failed")
             findings = ()
         snap = replace(snap, findings=findings)
+        snap = replace(snap, alert_stats=self._alerts.process(findings, now))
         self._snapshot = snap
         self._last_poll_end = time.monotonic()
         self.polls += 1
@@ -282,8 +307,14 @@ class Daemon:
     def startup(self) -> None:
         """Bind the port, do the first poll, start serving, then READY=1."""
         host, port = parse_listen(self.config.http.listen)
+        security: WebSecurity | None = None
+        if self.config.http.web_config_file:
+            try:
+                security = WebSecurity.from_file(self.config.http.web_config_file)
+            except WebConfigError as exc:  # `tfgpud run` checked it; it changed since
+                raise StartupError(exc.render()) from None
         try:
-            self._http = HttpServer(host, port, self.endpoints())
+            self._http = HttpServer(host, port, self.endpoints(), security=security)
         except OSError as exc:
             raise StartupError(
                 f"cannot listen on {self.config.http.listen}: {exc.strerror or exc}. "
@@ -291,10 +322,14 @@ class Daemon:
                 "on this host; set [http] listen in the configuration to a free HOST:PORT."
             ) from None
         self._xids.start()
+        self._alerts.start()
         snap = self.poll_once()
         self._http.start()
         addr = self._http.address
-        log.info("tfgpud %s serving on http://%s:%d/ — %s", __version__, *addr, summarize(snap))
+        scheme = self._http.scheme
+        log.info(
+            "tfgpud %s serving on %s://%s:%d/ — %s", __version__, scheme, *addr, summarize(snap)
+        )
         self._last_status = summarize(snap)
         self.notifier.ready(self._last_status)
 
@@ -320,7 +355,7 @@ class Daemon:
             log.warning("[nvml] changed: takes effect on restart")
         if new.tensorflow != old.tensorflow:
             self._tf.close()
-            self._tf = TfProbeScheduler.from_config(new.tensorflow)
+            self._tf = TfProbeScheduler.from_config(new.tensorflow, on_result=self._on_probe_result)
         self.config = new
         log.info("configuration reloaded from %s", self.config_path)
 
@@ -342,14 +377,16 @@ class Daemon:
             if self._reload_requested:
                 self._reload()
                 interval = self.config.daemon.interval_seconds
-            now = time.monotonic()
-            if now >= next_poll:
+            due = time.monotonic() >= next_poll
+            if due or self._probe_landed:
+                self._probe_landed = False
                 snap = self.poll_once()
                 line = summarize(snap)
                 if line != self._last_status:
                     self._last_status = line
                     self.notifier.status(line)
-                next_poll = max(next_poll + interval, time.monotonic() if interval else 0.0)
+                if due:  # an extra poll for a landed probe keeps the regular cadence
+                    next_poll = max(next_poll + interval, time.monotonic() if interval else 0.0)
             if wd and time.monotonic() >= next_ping:
                 # Only this loop pings: if a poll hangs, pings stop and systemd steps in.
                 self.notifier.watchdog()
@@ -363,6 +400,8 @@ class Daemon:
         self._tf.close()
         self._xids.stop(1.0)
         self._nvml.close()
+        self._alerts.stop(0.3)
+        self._state.close()
         self.notifier.close()
 
     def run(self) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Callable, Iterable, Sequence
 
 from tfgpud import compat
@@ -21,6 +22,7 @@ from tfgpud.model import (
     Severity,
     Snapshot,
     TfProbeResult,
+    TfProcess,
 )
 
 HOST = "host"
@@ -287,22 +289,39 @@ def rule_gpu_lost(s: Snapshot, c: Config) -> Iterable[Finding]:
 
 
 def rule_gpu_vanished(s: Snapshot, c: Config) -> Iterable[Finding]:
-    if s.nvml is None or not s.nvml.up or not s.baseline:
+    """Baseline GPUs NVML does not list now. With NVML down none is listed: each is reported
+    too (beside the driver finding), so "GPUs are gone" holds after a reboot whose driver
+    failed to load. ``[expect] gpus`` beyond what is seen and known is one finding on ``host``."""
+    if s.nvml is None:
         return
-    seen = {g.uuid for g in s.nvml.gpus}
-    pci_addrs = {g.address.lower() for g in s.pci.gpus} if s.pci is not None else set()
-    for k in s.baseline:
-        if k.uuid in seen:
-            continue
-        on_bus = k.pci_bus_id is not None and _norm_bus(k.pci_bus_id) in {
-            _norm_bus(a) for a in pci_addrs
-        }
+    up = s.nvml.up
+    seen = {g.uuid for g in s.nvml.gpus} if up else set()
+    pci_addrs = {_norm_bus(g.address) for g in s.pci.gpus} if s.pci is not None else set()
+    nvml_now = (
+        f"NVML now reports {len(s.nvml.gpus)} GPU(s): "
+        + (", ".join(g.uuid for g in s.nvml.gpus) or "none")
+        if up
+        else f"NVML is down ({s.nvml.error or 'unknown error'}): the driver lists no GPU"
+    )
+    fix = (
+        "Check `journalctl -k | grep -iE 'xid|nvrm'` and `lspci -d 10de:`; a GPU that fell "
+        "off the bus needs a reboot (and reseating/power checks if it recurs). If it was "
+        "removed on purpose, accept that with `tfgpud baseline forget UUID` (all GPUs: "
+        "`tfgpud baseline reset`)."
+    )
+    if not up:
+        fix = "Bring the driver back first (see the driver finding beside this one). " + fix
+    missing = [k for k in s.baseline if k.uuid not in seen]
+    for k in missing:
+        on_bus = k.pci_bus_id is not None and _norm_bus(k.pci_bus_id) in pci_addrs
         where = (
-            "still on the PCI bus but not visible to the driver"
-            if on_bus
-            else "gone from the PCI bus too"
-            if s.pci is not None
+            "gone from the PCI bus too"
+            if s.pci is not None and not on_bus
             else "PCI bus not read"
+            if s.pci is None
+            else "still on the PCI bus but not visible to the driver"
+            if up
+            else "still on the PCI bus, but the driver is not answering"
         )
         yield _find(
             "gpu-vanished",
@@ -312,14 +331,40 @@ def rule_gpu_vanished(s: Snapshot, c: Config) -> Iterable[Finding]:
             f"before and is gone: {where}",
             [
                 f"baseline: {k.uuid} {k.name or ''} at {k.pci_bus_id or '?'}",
-                f"NVML now reports {len(s.nvml.gpus)} GPU(s): "
-                + (", ".join(g.uuid for g in s.nvml.gpus) or "none"),
+                nvml_now,
                 *_pci_lines(s),
             ],
-            "Check `journalctl -k | grep -iE 'xid|nvrm'` and `lspci -d 10de:`; a GPU that fell "
-            "off the bus needs a reboot (and reseating/power checks if it recurs). If it was "
-            "removed on purpose, clear the baseline (delete the state file in [daemon] state_dir).",
+            fix,
         )
+    expected = s.expected_gpus or 0
+    unnamed = expected - len(s.nvml.gpus if up else ()) - len(missing)
+    if isinstance(c.expect.gpus, int) and unnamed > 0:
+        yield _find(
+            "gpu-vanished",
+            CRIT,
+            HOST,
+            f"{unnamed} of the {expected} GPU(s) this machine should have ([expect] gpus) "
+            "are not visible",
+            [f"[expect] gpus = {c.expect.gpus}", nvml_now, *_pci_lines(s)],
+            fix,
+        )
+
+
+def rule_baseline_state_error(s: Snapshot, c: Config) -> Iterable[Finding]:
+    if not s.baseline_problems:
+        return
+    yield _find(
+        "baseline-state-error",
+        WARN,
+        HOST,
+        "The GPU baseline could not be read or written; GPUs that vanished before it was "
+        "rebuilt are not reported",
+        s.baseline_problems,
+        "Compare `tfgpud baseline show` with the GPUs this machine should have and `tfgpud "
+        "baseline forget` any it should not; then delete the `*.corrupt` file named above (it "
+        "is kept for inspection). For a write error, check space and permissions of "
+        "[daemon] state_dir.",
+    )
 
 
 def _norm_bus(addr: str) -> str:
@@ -327,20 +372,43 @@ def _norm_bus(addr: str) -> str:
     return addr.lower().split(":", 1)[-1] if addr.count(":") >= 2 else addr.lower()
 
 
+# A GPU that joined an existing baseline is reported (info) for this long after it joined.
+APPEARED_WINDOW_SECONDS = 3600.0
+# GPUs first seen within this much of the baseline's oldest GPU were part of the initial learning.
+INITIAL_LEARNING_SECONDS = 60.0
+
+
 def rule_gpu_appeared(s: Snapshot, c: Config) -> Iterable[Finding]:
     if not s.baseline:
         return
-    known = {k.uuid for k in s.baseline}
+    known = {k.uuid: k for k in s.baseline}
+    firsts = [k.first_seen for k in s.baseline if k.first_seen is not None]
+    oldest = min(firsts) if firsts else None
     for g in _nvml_gpus(s):
-        if g.uuid in known or g.lost:  # a lost GPU may not even tell its UUID: not "new"
+        if g.lost:  # a lost GPU may not even tell its UUID: not "new"
             continue
+        k = known.get(g.uuid)
+        if k is None:
+            joined = "is not in the baseline yet"
+        elif (
+            k.first_seen is not None
+            and oldest is not None
+            and k.first_seen - oldest > INITIAL_LEARNING_SECONDS
+            and s.taken_at - k.first_seen <= APPEARED_WINDOW_SECONDS
+        ):
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(k.first_seen))
+            joined = f"joined the baseline at {since}"
+        else:
+            continue
+        others = [b.uuid for b in s.baseline if b.uuid != g.uuid]
         yield _find(
             "gpu-appeared",
             INFO,
             g.uuid,
-            f"New GPU: {_gpu_label(g)} was not in the baseline",
-            [f"baseline: {len(s.baseline)} GPU(s): " + ", ".join(k.uuid for k in s.baseline)],
-            "Nothing to do if it was installed on purpose; it joins the baseline.",
+            f"New GPU: {_gpu_label(g)} {joined}",
+            [f"baseline before it: {len(others)} GPU(s): " + ", ".join(others)],
+            "Nothing to do if it was installed on purpose: it is now expected on this machine "
+            "(`tfgpud baseline forget UUID` removes it again).",
         )
 
 
@@ -379,37 +447,79 @@ def rule_gpu_xid_critical(s: Snapshot, c: Config) -> Iterable[Finding]:
         )
 
 
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 120 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _process_users(s: Snapshot) -> dict[int, str]:
+    users = dict(s.workloads.gpu_process_users) if s.workloads is not None else {}
+    for p in s.tf_processes or ():
+        if p.user:
+            users.setdefault(p.pid, p.user)
+    return users
+
+
+def _without_growth(t: TfProcess) -> bool:
+    """TensorFlow that will map nearly all GPU memory (as far as its environment tells)."""
+    async_alloc = t.environment.get("TF_GPU_ALLOCATOR", "").strip() == "cuda_malloc_async"
+    return t.allow_growth is False and not async_alloc
+
+
 def rule_gpu_memory_pressure(s: Snapshot, c: Config) -> Iterable[Finding]:
     tf_by_pid = {p.pid: p for p in (s.tf_processes or ())}
+    users = _process_users(s)
+    ratio = c.memory.pressure_ratio
     for g in _nvml_gpus(s):
         since = s.pressure_since.get(g.uuid)
         if since is None or s.taken_at - since < c.memory.for_seconds:
             continue
         used, total = g.memory_used_bytes, g.memory_total_bytes
-        if not used or not total or used / total < c.memory.pressure_ratio:
+        if not used or not total or used / total < ratio:
             continue
-        minutes = (s.taken_at - since) / 60
-        top = sorted(g.processes, key=lambda p: p.used_memory_bytes or 0, reverse=True)[:5]
-        ev = [
-            f"memory used {_gib(used)} of {_gib(total)} ({used / total:.0%}) for {minutes:.0f} min"
-        ]
-        ev += [f"pid {p.pid} ({p.name or '?'}): {_gib(p.used_memory_bytes)}" for p in top]
-        greedy = [
-            tf_by_pid[p.pid]
-            for p in g.processes
-            if p.pid in tf_by_pid and tf_by_pid[p.pid].allow_growth is False
-        ]
-        for t in greedy:
+        held = _duration(s.taken_at - since)
+        ranked = sorted(g.processes, key=lambda p: (-(p.used_memory_bytes or 0), p.pid))
+        ev = [f"memory used {_gib(used)} of {_gib(total)} ({used / total:.0%}) for {held}"]
+        if not ranked:
             ev.append(
-                f"pid {t.pid} is TensorFlow without memory growth (TF_FORCE_GPU_ALLOW_GROWTH not "
-                "set): by default TF maps nearly all memory of every visible GPU"
+                "NVML lists no compute process on this GPU (they may run in another PID "
+                "namespace, e.g. a container: `nvidia-smi` on the host shows them)"
             )
+        for p in ranked[:5]:
+            tags = [p.name or "?"]
+            if p.pid in users:
+                tags.append(f"user {users[p.pid]}")
+            if p.pid in tf_by_pid:
+                tags.append("TensorFlow")
+            ev.append(f"pid {p.pid} ({', '.join(tags)}): {_gib(p.used_memory_bytes)}")
+        if len(ranked) > 5:
+            rest = sum(p.used_memory_bytes or 0 for p in ranked[5:])
+            ev.append(f"{len(ranked) - 5} more process(es): {_gib(rest)}")
+        here = [(tf_by_pid[p.pid], p.used_memory_bytes) for p in ranked if p.pid in tf_by_pid]
+        greedy = [t for t, _ in here if _without_growth(t)]
+        for t, mem in here:
+            share = f"; it holds {mem / total:.0%} of this GPU" if mem else ""
+            if _without_growth(t):
+                ev.append(
+                    f"pid {t.pid} is TensorFlow without memory growth (TF_FORCE_GPU_ALLOW_GROWTH "
+                    f"is not true in its environment){share}: unless its code calls "
+                    "set_memory_growth, TensorFlow maps nearly all memory of every visible GPU"
+                )
+            elif t.allow_growth is None:
+                ev.append(
+                    f"pid {t.pid} is TensorFlow; whether it uses memory growth is unknown "
+                    f"(tfgpud may not read its environment){share}"
+                )
         if greedy:
+            pids = ", ".join(str(t.pid) for t in greedy)
             fix = (
-                "Start TensorFlow jobs with TF_FORCE_GPU_ALLOW_GROWTH=true (or call "
-                "tf.config.experimental.set_memory_growth(gpu, True) before first use) and give "
-                "each job its GPUs with CUDA_VISIBLE_DEVICES; pids: "
-                + ", ".join(str(t.pid) for t in greedy)
+                f"Restart TensorFlow pid(s) {pids} with TF_FORCE_GPU_ALLOW_GROWTH=true in their "
+                "environment (or call tf.config.experimental.set_memory_growth(gpu, True) for "
+                "each GPU before first use), and give each job only its GPUs with "
+                "CUDA_VISIBLE_DEVICES."
             )
         else:
             fix = (
@@ -421,42 +531,121 @@ def rule_gpu_memory_pressure(s: Snapshot, c: Config) -> Iterable[Finding]:
             "gpu-memory-pressure",
             WARN,
             g.uuid,
-            f"{_gpu_label(g)} memory is {used / total:.0%} full for {minutes:.0f} min "
-            f"(threshold {c.memory.pressure_ratio:.0%} for {c.memory.for_seconds:g} s)",
+            f"{_gpu_label(g)} memory is {used / total:.0%} full for {held} "
+            f"(threshold {ratio:.0%} for {c.memory.for_seconds:g} s)",
             ev,
             fix,
         )
 
 
+_SITE_PACKAGES = re.compile(r"^(.*)/lib(?:64)?/python3[^/]*/(?:site|dist)-packages/")
+
+
+def _python_of(p: TfProcess) -> str | None:
+    """The interpreter to probe the job's env with: its argv[0] when absolute, else the
+    ``bin/python3`` of the prefix its TensorFlow was loaded from, else its executable."""
+    argv0 = p.cmdline.split(" ", 1)[0]
+    if argv0.startswith("/"):
+        return argv0
+    m = _SITE_PACKAGES.match(p.tensorflow_library or "")
+    if m:
+        return f"{m.group(1)}/bin/python3"
+    return p.python
+
+
+def _env_of(p: TfProcess, s: Snapshot) -> TfProbeResult | None:
+    """The configured env whose TensorFlow this process loaded (by site dir, then python)."""
+    lib = p.tensorflow_library or ""
+    for r in s.tf:
+        if lib and any(lib.startswith(d.rstrip("/") + "/") for d in r.package_dirs):
+            return r
+    argv0 = p.cmdline.split(" ", 1)[0]
+    return next((r for r in s.tf if r.python in (p.python, argv0)), None)
+
+
+def _why_on_cpu(p: TfProcess, s: Snapshot, c: Config) -> tuple[list[str], str]:
+    """Evidence on why the job computes on the CPU, and the fix."""
+    py = _python_of(p) or "<its python>"
+    doctor = f"`tfgpud doctor --python {py}`"
+    ev: list[str] = []
+    cvd = p.environment.get("CUDA_VISIBLE_DEVICES")
+    if cvd is not None:
+        visible = _cvd_visible(cvd, s)
+        ev.append(f"its environment has CUDA_VISIBLE_DEVICES={cvd!r}: {visible} GPU(s) visible")
+        if visible == 0:
+            return ev, (
+                f"Its CUDA_VISIBLE_DEVICES={cvd!r} hides every GPU: restart pid {p.pid} with "
+                "CUDA_VISIBLE_DEVICES unset or naming GPUs (e.g. 0 or a GPU UUID); check the "
+                "launcher or scheduler that sets it."
+            )
+    r = _env_of(p, s)
+    if r is None:
+        names = ", ".join(f"`{x.env}`" for x in s.tf) or "none"
+        ev.append(
+            f"no [[tensorflow.envs]] entry matches its TensorFlow (configured: {names}), so "
+            "no probe tells why"
+        )
+        return ev, (
+            f"Run {doctor} to see why its TensorFlow cannot use the GPU, and add that env to "
+            "[[tensorflow.envs]] so tfgpud watches it."
+        )
+    if not r.ok or not r.gpus:
+        found = _tf_env_findings(r, s, c)
+        codes = ", ".join(f.code for f in found) or "none"
+        seen = f"sees {len(r.gpus)} GPU(s)" if r.ok else f"failed ({r.status.value})"
+        ev.append(f"its env `{r.env}` ({r.python}): the probe {seen}; findings: {codes}")
+        ev += [f"{f.code}: {f.summary}" for f in found[:3]]
+        return ev, (
+            f"Fix env `{r.env}` first (see {codes} for `{r.env}`; {doctor} explains), then "
+            f"restart pid {p.pid}."
+        )
+    ev.append(
+        f"its env `{r.env}` ({r.python}): the probe sees {len(r.gpus)} GPU(s), so the install "
+        "can use them; the job itself keeps off the GPU (tf.device('/CPU:0') or "
+        "tf.config.set_visible_devices in its code, CUDA_VISIBLE_DEVICES from its launcher), "
+        "or it has not reached its GPU work yet"
+    )
+    return ev, (
+        f"Check the job's code and launcher: `tr '\\0' '\\n' < /proc/{p.pid}/environ | grep "
+        f"CUDA`; {doctor} shows what TensorFlow in that env sees."
+    )
+
+
 def rule_tf_job_on_cpu(s: Snapshot, c: Config) -> Iterable[Finding]:
-    if not c.workloads.enabled or not s.tf_processes or not _usable_gpus(s):
+    if not c.workloads.enabled or not s.tf_processes:
         return
-    fallback_pythons = {
-        r.python for r in s.tf if r.ok and not r.gpus
-    }  # envs whose probe also sees no GPU
+    usable = _usable_gpus(s)
+    if not usable:
+        return
     for p in s.tf_processes:
-        if p.placement != "cpu" or p.started_at is None:
+        if p.placement != "cpu":
             continue
-        age = s.taken_at - p.started_at
-        if age < c.workloads.job_on_cpu_seconds:
+        # Seen on the CPU since; a record without it (older collectors) falls back to its start.
+        since = p.cpu_since if p.cpu_since is not None else p.started_at
+        if since is None or s.taken_at - since < c.workloads.job_on_cpu_seconds:
             continue
-        ev = [
-            f"pid {p.pid} user {p.user or '?'} running {age / 60:.0f} min on the CPU",
-            f"command: {p.cmdline[:200]}",
-            f"{len(_usable_gpus(s))} usable GPU(s) on this machine",
-        ]
-        if p.python in fallback_pythons:
-            ev.append(f"the probe of {p.python} also sees no GPU (see tf-cpu-fallback)")
-        py = p.python or "<its python>"
+        on_cpu = _duration(s.taken_at - since)
+        running = (
+            f" (running for {_duration(s.taken_at - p.started_at)})"
+            if p.started_at is not None
+            else ""
+        )
+        why, fix = _why_on_cpu(p, s, c)
         yield _find(
             "tf-job-on-cpu",
             WARN,
             str(p.pid),
-            f"TensorFlow job pid {p.pid} has computed on the CPU for {age / 60:.0f} min while "
-            f"{len(_usable_gpus(s))} GPU(s) are usable",
-            ev,
-            f"Find out why its TensorFlow cannot use the GPU: `tfgpud doctor --python {py}`; "
-            "check the job's CUDA_VISIBLE_DEVICES.",
+            f"TensorFlow job pid {p.pid} (user {p.user or '?'}) has computed on the CPU for "
+            f"{on_cpu} while {len(usable)} GPU(s) are usable",
+            [
+                f"pid {p.pid}, user {p.user or '?'}: on the CPU for {on_cpu}{running}",
+                f"command: {p.cmdline[:200] or '?'}",
+                f"TensorFlow: {p.tensorflow_library or '?'} (executable {p.python or '?'})",
+                f"{len(usable)} usable GPU(s), none held by this process: "
+                + ", ".join(_gpu_label(g) for g in usable[:4]),
+                *why,
+            ],
+            fix,
         )
 
 
@@ -850,6 +1039,39 @@ CAUSES = (
 )
 
 
+def _probe_refused(r: TfProbeResult, c: Config) -> Finding:
+    """``tf-probe-refused``: the env was not probed, for safety or because run_as is wrong."""
+    cfg = _env_cfg(c, r.env)
+    run_as = cfg.run_as if cfg is not None else None
+    users = [w for w in r.refused_writers if w != "everyone" and not w.startswith("group:")]
+    prefix = os.path.dirname(os.path.dirname(r.python)) or r.python
+    if not r.refused_writers:  # the runner could not switch to run_as
+        fix = (
+            f"Fix `run_as` in the [[tensorflow.envs]] entry `{r.env}`: the user must exist "
+            f"(`getent passwd {run_as or '<user>'}`)."
+        )
+    elif len(users) == 1 and set(r.refused_writers) - {users[0], f"group:{users[0]}"} == set():
+        fix = (
+            f'Add `run_as = "{users[0]}"` to the [[tensorflow.envs]] entry `{r.env}` so the '
+            f"probe runs as the env's owner, or make the env root's: `sudo chown -R root: "
+            f"{prefix} && sudo chmod -R go-w {prefix}`."
+        )
+    else:
+        fix = (
+            f"Only root and one user may write the env's code: remove the other writers "
+            f"(`sudo chmod -R go-w {prefix}`; `sudo chown -R <owner>: {prefix}`), then set "
+            f'`run_as = "<owner>"` in the [[tensorflow.envs]] entry `{r.env}`.'
+        )
+    return _find(
+        "tf-probe-refused",
+        WARN,
+        r.env,
+        f"Env `{r.env}` was not probed: {r.error}",
+        [*r.log_lines],
+        fix,
+    )
+
+
 def _tf_failed_probe(r: TfProbeResult, s: Snapshot, c: Config) -> Finding | None:
     pkg_fix = _pip(
         r,
@@ -869,14 +1091,7 @@ def _tf_failed_probe(r: TfProbeResult, s: Snapshot, c: Config) -> Finding | None
             f"`python3 -m venv {venv} && {pkg_fix}`.",
         )
     if r.status is ProbeStatus.REFUSED:
-        return _find(
-            "tf-import-failed",
-            CRIT,
-            r.env,
-            f"Env `{r.env}` was not probed: {r.error}",
-            [*r.log_lines],
-            f"Fix `run_as` in the [[tensorflow.envs]] entry `{r.env}` (the user must exist).",
-        )
+        return _probe_refused(r, c)
     if r.status is ProbeStatus.IMPORT_FAILED:
         missing = "No module named 'tensorflow'" in (r.error or "")
         summary = (
@@ -1048,6 +1263,7 @@ RULES: tuple[Rule, ...] = (
     rule_gpu_lost,
     rule_gpu_vanished,
     rule_gpu_appeared,
+    rule_baseline_state_error,
     rule_gpu_xid_critical,
     rule_gpu_memory_pressure,
     rule_tf_job_on_cpu,

@@ -110,6 +110,44 @@ def _families(snap: Snapshot) -> Iterator[Metric]:
     for f in snap.findings:
         finding.add_metric([f.code, f.severity.value, f.subject], 1)
     yield finding
+    yield from _alert_families(snap)
+
+
+def _alert_families(snap: Snapshot) -> Iterator[Metric]:
+    if snap.baseline:
+        # Identity of the expected GPUs, so an alert on a vanished one can name it.
+        known = _gauge(
+            "tfgpud_baseline_gpu_info",
+            "A GPU this machine is expected to have (baseline); value is 1.",
+            ["uuid", "name", "pci_bus_id"],
+        )
+        for k in snap.baseline:
+            known.add_metric([k.uuid, k.name or "", k.pci_bus_id or ""], 1)
+        yield known
+    """Alert delivery (alerts.py): what fires, and per sink what was sent, failed, dropped."""
+    stats = snap.alert_stats
+    if stats is None:
+        return
+    firing = _gauge("tfgpud_alerts_firing", "Findings firing after [alerts] for_seconds damping.")
+    firing.add_metric([], stats.firing)
+    yield firing
+    sink = ["sink"]
+    sent = CounterMetricFamily("tfgpud_alerts_sent", "Alert messages delivered.", labels=sink)
+    failed = CounterMetricFamily(
+        "tfgpud_alerts_failed", "Alert message delivery attempts that failed.", labels=sink
+    )
+    dropped = CounterMetricFamily(
+        "tfgpud_alerts_dropped",
+        "Alert messages given up on (retry bound reached or queue full).",
+        labels=sink,
+    )
+    queued = _gauge("tfgpud_alert_queue_length", "Alert messages waiting for delivery.", sink)
+    for s in stats.sinks:
+        sent.add_metric([s.sink], s.sent)
+        failed.add_metric([s.sink], s.failed)
+        dropped.add_metric([s.sink], s.dropped)
+        queued.add_metric([s.sink], s.queued)
+    yield from (sent, failed, dropped, queued)
 
 
 def _gpu_families(gpus: tuple[GpuReading, ...], snap: Snapshot) -> Iterator[Metric]:
@@ -160,6 +198,7 @@ def _gpu_families(gpus: tuple[GpuReading, ...], snap: Snapshot) -> Iterator[Metr
         "GPU memory used by a process (top processes per GPU; the rest as pid=other).",
         ["gpu", "uuid", "pid", "process"],
     )
+    nprocs = _gauge("tfgpud_gpu_processes", "Compute processes NVML lists on the GPU.", ids)
     xid = CounterMetricFamily(
         "tfgpud_gpu_xid_errors", "Xid error events received.", labels=["gpu", "uuid", "xid"]
     )
@@ -182,10 +221,12 @@ def _gpu_families(gpus: tuple[GpuReading, ...], snap: Snapshot) -> Iterator[Metr
             procs.add_metric([*labels, str(p.pid), p.name or ""], float(p.used_memory_bytes or 0))
         rest = ranked[MAX_PROCESS_SERIES:]
         if rest:
+            # Constant labels: a count in a label would make a new series whenever it changes.
             procs.add_metric(
-                [*labels, "other", f"{len(rest)} processes"],
-                float(sum(p.used_memory_bytes or 0 for p in rest)),
+                [*labels, "other", "other"], float(sum(p.used_memory_bytes or 0 for p in rest))
             )
+        if not g.lost:
+            nprocs.add_metric(labels, len(g.processes))
         seen = {x for (u, x) in counts if u == g.uuid}
         for x in sorted(seen | set(WATCHED_XIDS)):
             xid.add_metric([*labels, str(x)], float(counts.get((g.uuid, x), 0)))
@@ -194,6 +235,7 @@ def _gpu_families(gpus: tuple[GpuReading, ...], snap: Snapshot) -> Iterator[Metr
     for family, _ in fields:
         yield family
     yield procs
+    yield nprocs
     yield xid
 
 
@@ -240,6 +282,24 @@ def _tf_families(snap: Snapshot) -> Iterator[Metric]:
             n = sum(1 for p in snap.tf_processes if p.placement == placement)
             procs.add_metric([placement], n)
         yield procs
+    scan = snap.workloads
+    if scan is not None:
+        for name, doc, value in (
+            ("scanned", "Processes the last workloads scan saw under /proc.", scan.processes),
+            (
+                "candidate",
+                "Processes it inspected for TensorFlow (by name or NVML).",
+                scan.candidates,
+            ),
+            (
+                "unreadable",
+                "Candidates whose memory maps tfgpud may not read (other users' processes).",
+                scan.unreadable,
+            ),
+        ):
+            family = _gauge(f"tfgpud_workloads_{name}_processes", doc)
+            family.add_metric([], value)
+            yield family
 
 
 class Exposition:

@@ -162,6 +162,9 @@ class TfProbeResult:
     smoke_error: str | None = None
     cpu_seconds: float | None = None  # the probe child's user+system CPU time
     max_rss_bytes: int | None = None
+    # REFUSED for safety: who besides root can write the env's code (user names, "group:x",
+    # "everyone"); see tfgpud.probe_safety.
+    refused_writers: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -208,6 +211,30 @@ class TfProcess:
     started_at: float | None = None  # unix time
     python: str | None = None  # the executable, to match against configured envs
     allow_growth: bool | None = None  # TF_FORCE_GPU_ALLOW_GROWTH=true in its environment
+    # Added by the workloads collector (issue 7); optional so older records still build.
+    cpu_since: float | None = None  # unix time since which it has been seen computing on the CPU
+    tensorflow_library: str | None = None  # the libtensorflow_framework.so it mapped (its env)
+    # CUDA_VISIBLE_DEVICES, TF_FORCE_GPU_ALLOW_GROWTH, TF_GPU_ALLOCATOR when set and readable
+    environment: Mapping[str, str] = field(default_factory=frozen_map)
+
+
+@dataclass(frozen=True)
+class WorkloadScan:
+    """What one workloads scan looked at (its cost) and what it could not see."""
+
+    processes: int = 0  # entries under /proc
+    candidates: int = 0  # inspected: a python-like name, or in NVML's process list
+    unreadable: int = 0  # candidates whose maps the daemon may not read (other users')
+    maps_read: int = 0  # maps files read by this scan (0 once every candidate is cached)
+    gpu_process_users: Mapping[int, str] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True)
+class WorkloadsReading:
+    """The workloads collector's result: TensorFlow processes and the scan's own numbers."""
+
+    processes: tuple[TfProcess, ...] = ()
+    scan: WorkloadScan = field(default_factory=WorkloadScan)
 
 
 @dataclass(frozen=True)
@@ -219,6 +246,23 @@ class KnownGpu:
     pci_bus_id: str | None = None
     first_seen: float | None = None
     last_seen: float | None = None
+
+
+@dataclass(frozen=True)
+class SinkStats:
+    """Delivery counters of one ``[[alerts.alertmanager]]`` or ``[[alerts.webhook]]`` sink."""
+
+    sink: str  # e.g. "alertmanager[0]"
+    sent: int = 0  # messages accepted by the receiver
+    failed: int = 0  # delivery attempts that failed (each retry counts)
+    dropped: int = 0  # messages given up on (retry bound reached, or queue overflow)
+    queued: int = 0  # messages waiting now
+
+
+@dataclass(frozen=True)
+class AlertStats:
+    firing: int = 0  # findings firing after for_seconds damping
+    sinks: tuple[SinkStats, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -238,8 +282,12 @@ class Snapshot:
     expected_gpus: int | None = None
     xid_events: tuple[XidEvent, ...] = ()  # recent events, newest last, bounded
     tf_processes: tuple[TfProcess, ...] | None = None  # None = workloads not collected
+    workloads: WorkloadScan | None = None  # the scan behind tf_processes
     # uuid -> unix time since which memory used/total has stayed >= [memory] pressure_ratio
     pressure_since: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+    # State-file problems to report (baseline-state-error); empty when all is well.
+    baseline_problems: tuple[str, ...] = ()
+    alert_stats: AlertStats | None = None  # None = alert delivery not running (e.g. doctor)
 
 
 def to_jsonable(obj: object) -> object:

@@ -2,7 +2,10 @@
 
 Every handler reads state the daemon already computed; none of them touches NVML or starts
 a process. Each connection gets its own thread and a socket timeout, so a client that connects
-and never speaks cannot stall other scrapes.
+and never speaks cannot stall other scrapes. With a web config (:mod:`tfgpud.webconfig`) the
+TLS handshake also happens on that connection's thread, under its own timeout — never on the
+listening socket, where one silent client would block every other scrape — and every request
+must carry good basic-auth credentials when users are configured.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import html
 import json
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +24,8 @@ from typing import Any
 
 from prometheus_client import exposition
 from prometheus_client.registry import CollectorRegistry
+
+from tfgpud.webconfig import WebSecurity
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +46,40 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 64
     endpoints: Endpoints
+    security: WebSecurity | None = None
+    handshake_timeout = 5.0
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6:
             # Listen on exactly what was asked for, not dual-stack by surprise.
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         super().server_bind()
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        # Runs on the connection's own thread (ThreadingMixIn), so a slow handshake stalls
+        # nobody else.
+        ctx = self.security.context() if self.security is not None else None
+        if ctx is None:
+            super().finish_request(request, client_address)
+            return
+        request.settimeout(self.handshake_timeout)
+        try:
+            conn = ctx.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
+        except (OSError, ValueError) as exc:
+            log.debug("TLS setup with %s failed: %s", client_address, exc)
+            return
+        try:
+            conn.do_handshake()
+            if self.security is not None and not self.security.san_allowed(conn.getpeercert()):
+                log.info(
+                    "TLS client %s: certificate SAN not in client_allowed_sans", client_address
+                )
+                return
+            _Handler(conn, client_address, self)
+        except (OSError, ssl.SSLError) as exc:  # timeouts, resets, bad handshakes
+            log.debug("TLS connection from %s: %s", client_address, exc)
+        finally:
+            conn.close()  # wrap_socket detached `request`; this closes the descriptor
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -59,11 +93,17 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
-    def _send(self, code: int, body: bytes, content_type: str) -> None:
+    def _send(
+        self, code: int, body: bytes, content_type: str, extra: dict[str, str] | None = None
+    ) -> None:
         self.send_response(code)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
+        sec = self.server.security
+        headers = {**(sec.headers if sec is not None else {}), **(extra or {})}
+        for name, value in headers.items():
+            self.send_header(name, value)
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
@@ -74,8 +114,16 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         ep = self.server.endpoints
+        sec = self.server.security
         try:
-            if path == "/metrics":
+            if sec is not None and not sec.authenticate(self.headers.get("Authorization")):
+                self._send(
+                    401,
+                    b"Unauthorized\n",
+                    "text/plain; charset=utf-8",
+                    {"WWW-Authenticate": 'Basic realm="tfgpud"'},
+                )
+            elif path == "/metrics":
                 accept = self.headers.get("Accept", "")
                 if ep.exposition is not None:
                     body, content_type = ep.exposition(accept)
@@ -156,14 +204,28 @@ padding-left:.6em;margin:.6em 0}} .critical{{border-color:#b00}} .warning{{borde
 class HttpServer:
     """Binds at construction (so a busy port fails early), serves on a thread after start()."""
 
-    def __init__(self, host: str, port: int, endpoints: Endpoints) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        endpoints: Endpoints,
+        security: WebSecurity | None = None,
+        handshake_timeout: float = 5.0,
+    ) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         server_cls = type("_BoundServer", (_Server,), {"address_family": family})
         self._server = server_cls((host, port), _Handler, bind_and_activate=True)
         self._server.endpoints = endpoints
+        self._server.security = security
+        self._server.handshake_timeout = handshake_timeout
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, name="tfgpud-http"
         )
+
+    @property
+    def scheme(self) -> str:
+        sec = self._server.security
+        return "https" if sec is not None and sec.tls_enabled else "http"
 
     @property
     def address(self) -> tuple[str, int]:

@@ -246,7 +246,15 @@ def test_status_command_reads_the_running_daemon(
 
 GOLDEN = Path(__file__).parent / "golden" / "two_gpus.prom"
 # Values that change from run to run: timings, timestamps, counts of polls.
-VOLATILE = ("_duration_seconds", "_timestamp_seconds", "tfgpud_polls_total", "tfgpud_build_info")
+# The workloads collector reads this host's real /proc: its counts depend on what else runs.
+VOLATILE = (
+    "_duration_seconds",
+    "_timestamp_seconds",
+    "tfgpud_polls_total",
+    "tfgpud_build_info",
+    "tfgpud_tf_processes",
+    "tfgpud_workloads_",
+)
 
 
 def test_exposition_for_a_fixture_scenario_matches_golden(
@@ -274,10 +282,26 @@ def test_exposition_for_a_fixture_scenario_matches_golden(
     stable = "".join(
         line + "\n"
         for line in text.splitlines()
-        if not any(v in line.split("{")[0].split(" ")[0] for v in VOLATILE)
-        or line.startswith("#")
+        if not any(v in line.split("{")[0].split(" ")[0] for v in VOLATILE) or line.startswith("#")
     )
     if os.environ.get("TFGPUD_UPDATE_GOLDEN"):
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(stable)
     assert stable == GOLDEN.read_text()
+
+
+def test_a_landed_probe_is_diagnosed_at_once_not_at_the_next_tick(
+    tmp_path: Path, fakedriver: Path, scenario_path: Path
+) -> None:
+    two_gpus(scenario_path)
+    fake_python = tmp_path / "python"
+    fake_python.write_text("#!/bin/sh\nsleep 1\necho 'not json'\n")
+    fake_python.chmod(0o755)
+    env = f'[[tensorflow.envs]]\nname = "slow"\npython = "{fake_python}"\n'
+    with DaemonProcess(tmp_path, config_body=env, scenario=scenario_path, interval=60) as d:
+        d.start()
+        assert 'tfgpud_tf_probe_success{env="slow"}' not in d.metrics()  # still probing
+        took, m = d.wait_metric(lambda m: 'tfgpud_tf_probe_success{env="slow"}' in m, timeout=10)
+        assert m['tfgpud_tf_probe_success{env="slow"}'] == 0
+        assert took < 5, took  # the poll interval is 60 s
+        assert d.stop() == 0

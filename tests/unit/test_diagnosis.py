@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -26,6 +27,7 @@ from tfgpud.model import (
     TfGpu,
     TfProbeResult,
     TfProcess,
+    WorkloadScan,
     XidEvent,
     frozen_map,
 )
@@ -284,6 +286,22 @@ def test_gpu_appeared_only_with_a_baseline() -> None:
     assert "gpu-appeared" not in codes(diagnose(snap(baseline=(), tf=()), CONFIG))
 
 
+def test_gpu_appeared_after_joining_an_existing_baseline_for_an_hour() -> None:
+    def baseline(joined: float) -> tuple[KnownGpu, ...]:
+        return (
+            KnownGpu(UUID0, first_seen=NOW - 86400),
+            KnownGpu(UUID1, first_seen=joined),
+        )
+
+    f = one(diagnose(snap(baseline=baseline(NOW - 600), tf=()), CONFIG), "gpu-appeared", UUID1)
+    assert "joined the baseline at" in f.summary and UUID0 in f.evidence[0]
+    # Joined more than an hour ago: old news.
+    assert "gpu-appeared" not in codes(diagnose(snap(baseline=baseline(NOW - 7200), tf=()), CONFIG))
+    # Learned together with the others on the first start: not "new".
+    together = (KnownGpu(UUID0, first_seen=NOW - 5), KnownGpu(UUID1, first_seen=NOW - 5))
+    assert "gpu-appeared" not in codes(diagnose(snap(baseline=together, tf=()), CONFIG))
+
+
 def test_gpu_xid_critical_within_the_hour_only() -> None:
     events = (
         XidEvent(UUID0, 79, NOW - 60),
@@ -307,18 +325,71 @@ def test_gpu_memory_pressure_names_tf_without_allow_growth() -> None:
     )
     nvml = replace(NVML2, gpus=(g, gpu(1, UUID1)))
     tfp = (TfProcess(4242, "gpu", user="ana", allow_growth=False, started_at=NOW - 999),)
-    s = snap(nvml=nvml, pressure_since={UUID0: NOW - 600}, tf_processes=tfp, tf=())
+    scan = WorkloadScan(gpu_process_users=MappingProxyType({4242: "ana", 7: "root"}))
+    s = snap(nvml=nvml, pressure_since={UUID0: NOW - 600}, tf_processes=tfp, workloads=scan, tf=())
     f = one(diagnose(s, CONFIG), "gpu-memory-pressure", UUID0)
     assert f.severity is Severity.WARNING
-    assert "99%" in f.summary
-    assert "pid 4242 (python): 78.0 GiB" in f.evidence
+    assert "99%" in f.summary and "10 min" in f.summary
+    assert f.evidence[1:3] == (
+        "pid 4242 (python, user ana, TensorFlow): 78.0 GiB",
+        "pid 7 (Xorg, user root): 1.0 GiB",
+    )
+    assert "pid 4242 is TensorFlow without memory growth" in text(f)
+    assert "it holds 98% of this GPU" in text(f)
     assert "TF_FORCE_GPU_ALLOW_GROWTH=true" in f.fix and "4242" in f.fix
+    assert "set_memory_growth" in f.fix
+    assert [x.subject for x in diagnose(s, CONFIG) if x.code == "gpu-memory-pressure"] == [UUID0]
+
+
+def test_gpu_memory_pressure_growth_unknown_or_async_is_not_blamed() -> None:
+    procs = tuple(GpuProcess(100 + i, (10 - i) * 1024**3, "python") for i in range(8))
+    g = gpu(0, UUID0, memory_used_bytes=78 * 1024**3, processes=procs)
+    tfp = (
+        TfProcess(100, "gpu", allow_growth=None),  # environ not readable
+        TfProcess(
+            101,
+            "gpu",
+            allow_growth=False,
+            environment=frozen_map({"TF_GPU_ALLOCATOR": "cuda_malloc_async"}),
+        ),
+        TfProcess(102, "gpu", allow_growth=True),
+    )
+    s = snap(nvml=replace(NVML2, gpus=(g,)), pressure_since={UUID0: NOW - 600}, tf_processes=tfp)
+    f = one(diagnose(s, CONFIG), "gpu-memory-pressure", UUID0)
+    assert "pid 100 is TensorFlow; whether it uses memory growth is unknown" in text(f)
+    assert "without memory growth" not in text(f)
+    assert "3 more process(es): 12.0 GiB" in f.evidence  # 5 + 4 + 3 GiB beyond the top 5
+    assert f.fix.startswith("Free memory")
+
+
+def test_gpu_memory_pressure_without_process_list_and_clearing() -> None:
+    g = gpu(0, UUID0, memory_used_bytes=78 * 1024**3)
+    s = snap(nvml=replace(NVML2, gpus=(g,)), pressure_since={UUID0: NOW - 600}, tf=())
+    f = one(diagnose(s, CONFIG), "gpu-memory-pressure", UUID0)
+    assert "NVML lists no compute process" in text(f)
+    # Below the ratio it clears, whatever pressure_since still says.
+    low = replace(s, nvml=replace(NVML2, gpus=(gpu(0, UUID0, memory_used_bytes=40 * 1024**3),)))
+    assert "gpu-memory-pressure" not in codes(diagnose(low, CONFIG))
+    # for_seconds and pressure_ratio come from [memory].
+    strict = parse_config("[memory]\npressure_ratio = 0.99\nfor_seconds = 30\n")
+    assert "gpu-memory-pressure" not in codes(diagnose(s, strict))  # 97.5% < 99%
+    quick = parse_config("[memory]\nfor_seconds = 30\n")
+    young = replace(s, pressure_since={UUID0: NOW - 40})
+    assert "gpu-memory-pressure" in codes(diagnose(young, quick))
+    assert "gpu-memory-pressure" not in codes(diagnose(young, CONFIG))
 
 
 def test_gpu_memory_pressure_needs_duration() -> None:
     g = gpu(0, UUID0, memory_used_bytes=79 * 1024**3)
     s = snap(nvml=replace(NVML2, gpus=(g,)), pressure_since={UUID0: NOW - 60}, tf=())
     assert "gpu-memory-pressure" not in codes(diagnose(s, CONFIG))
+
+
+TF_LIB = "/opt/research/lib/python3.11/site-packages/tensorflow/libtensorflow_framework.so.2"
+RESEARCH_DIRS = (
+    "/opt/research/lib/python3.11/site-packages/tensorflow-2.21.0.dist-info",
+    "/opt/research/lib/python3.11/site-packages",
+)
 
 
 def test_tf_job_on_cpu() -> None:
@@ -328,20 +399,84 @@ def test_tf_job_on_cpu() -> None:
         ),
         TfProcess(101, "cpu", started_at=NOW - 10),  # too young
         TfProcess(102, "gpu", started_at=NOW - 9000),
+        TfProcess(103, "cpu", started_at=NOW - 9000, cpu_since=NOW - 60),  # just lost its GPU
     )
     found = diagnose(snap(tf_processes=procs), CONFIG)
     f = one(found, "tf-job-on-cpu", "100")
-    assert f.severity is Severity.WARNING and "15 min" in f.summary
+    assert f.severity is Severity.WARNING and "15 min" in f.summary and "bob" in f.summary
+    assert f.evidence[:2] == (
+        "pid 100, user bob: on the CPU for 15 min (running for 15 min)",
+        "command: python train.py",
+    )
+    # The env probe sees the GPUs: the install is fine, the job keeps off them.
+    assert "its env `research` (/opt/research/bin/python): the probe sees 2 GPU(s)" in text(f)
     assert f"tfgpud doctor --python {PY}" in f.fix
     assert {x.subject for x in found if x.code == "tf-job-on-cpu"} == {"100"}
     off = parse_config("[workloads]\nenabled = false\n")
     assert "tf-job-on-cpu" not in codes(diagnose(snap(tf_processes=procs), off))
+    quick = parse_config("[workloads]\njob_on_cpu_seconds = 30\n")
+    subjects = {x.subject for x in diagnose(snap(tf_processes=procs), quick)}
+    assert {"100", "103"} <= subjects and "101" not in subjects
+
+
+def test_tf_job_on_cpu_cites_the_env_probe_by_tensorflow_path() -> None:
+    p = TfProcess(
+        100,
+        "cpu",
+        user="bob",
+        cmdline="python -m trainer --epochs 3",
+        cpu_since=NOW - 3 * 3600,
+        python="/usr/bin/python3.11",  # a venv's python resolves to the base interpreter
+        tensorflow_library=TF_LIB,
+    )
+    broken = probe(
+        gpus=(),
+        libraries=libs({"cudnn"}),
+        package_dirs=RESEARCH_DIRS,
+        python="/opt/research/bin/python",
+    )
+    f = one(diagnose(snap(tf_processes=(p,), tf=(broken,)), CONFIG), "tf-job-on-cpu", "100")
+    assert "3.0 h" in f.summary
+    assert "its env `research` (/opt/research/bin/python): the probe sees 0 GPU(s)" in text(f)
+    assert "tf-cpu-fallback" in text(f) and "tf-cuda-libs-missing" in text(f)
+    assert "Fix env `research` first" in f.fix
+    assert "tfgpud doctor --python /opt/research/bin/python3" in f.fix
+
+
+def test_tf_job_on_cpu_hidden_by_its_cuda_visible_devices() -> None:
+    p = TfProcess(
+        100,
+        "cpu",
+        cmdline="/opt/research/bin/python train.py",
+        cpu_since=NOW - 900,
+        environment=frozen_map({"CUDA_VISIBLE_DEVICES": "-1"}),
+    )
+    f = one(diagnose(snap(tf_processes=(p,)), CONFIG), "tf-job-on-cpu", "100")
+    assert "CUDA_VISIBLE_DEVICES='-1': 0 GPU(s) visible" in text(f)
+    assert "hides every GPU" in f.fix
+
+
+def test_tf_job_on_cpu_without_a_matching_env() -> None:
+    p = TfProcess(
+        100,
+        "cpu",
+        cmdline="python train.py",
+        cpu_since=NOW - 900,
+        tensorflow_library="/home/z/.venv/lib/python3.12/site-packages/tensorflow/"
+        "libtensorflow_framework.so.2",
+    )
+    f = one(diagnose(snap(tf_processes=(p,)), CONFIG), "tf-job-on-cpu", "100")
+    assert "no [[tensorflow.envs]] entry matches its TensorFlow (configured: `research`)" in text(f)
+    assert "tfgpud doctor --python /home/z/.venv/bin/python3" in f.fix
+    assert "[[tensorflow.envs]]" in f.fix
 
 
 def test_tf_job_on_cpu_not_without_gpus() -> None:
     procs = (TfProcess(100, "cpu", started_at=NOW - 900),)
     s = snap(pci=PciReading(), nvml=NO_NVML, tf=(), tf_processes=procs)
     assert "tf-job-on-cpu" not in codes(diagnose(s, CONFIG))
+    lost = replace(NVML2, gpus=(gpu(0, UUID0, lost=True),))
+    assert "tf-job-on-cpu" not in codes(diagnose(snap(nvml=lost, tf_processes=procs), CONFIG))
 
 
 # --- TensorFlow per env ------------------------------------------------------------------------

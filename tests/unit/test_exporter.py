@@ -24,6 +24,8 @@ from tfgpud.model import (
     Snapshot,
     TfGpu,
     TfProbeResult,
+    TfProcess,
+    WorkloadScan,
     frozen_map,
 )
 
@@ -87,13 +89,19 @@ def fixture_snapshot() -> Snapshot:
         ),
         tf=(probe, broken),
         xid_counts=MappingProxyType({(UUID1, 79): 1, (UUID0, 13): 2}),
-        collectors=(CollectorRun("pci", True, 0.001), CollectorRun("nvml", True, 0.002)),
+        collectors=(
+            CollectorRun("pci", True, 0.001),
+            CollectorRun("nvml", True, 0.002),
+            CollectorRun("workloads", True, 0.003),
+        ),
         findings=(
             Finding("gpu-lost", Severity.CRITICAL, UUID1, "GPU 1 fell off the bus"),
             Finding("tf-partial-visibility", Severity.CRITICAL, "research", "TF sees 1 of 2"),
             Finding("tf-import-failed", Severity.CRITICAL, "old", "no TF"),
         ),
         expected_gpus=2,
+        tf_processes=(TfProcess(4242, "gpu"), TfProcess(5151, "cpu"), TfProcess(5252, "cpu")),
+        workloads=WorkloadScan(processes=812, candidates=9, unreadable=1),
     )
 
 
@@ -138,9 +146,10 @@ def test_process_series_are_capped() -> None:
     assert len(lines) == MAX_PROCESS_SERIES + 1
     other = [x for x in lines if 'pid="other"' in x]
     assert other == [
-        f'tfgpud_gpu_process_memory_bytes{{gpu="0",pid="other",process="24 processes",'
+        f'tfgpud_gpu_process_memory_bytes{{gpu="0",pid="other",process="other",'
         f'uuid="{UUID0}"}} {float(sum(range(1, 25)))}'
     ]
+    assert f'tfgpud_gpu_processes{{gpu="0",uuid="{UUID0}"}} 40.0' in render(snap)
 
 
 def test_before_first_poll_only_build_info() -> None:

@@ -16,7 +16,7 @@ import pwd
 import re
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,6 +30,7 @@ from tfgpud.model import (
     TfProbeResult,
     frozen_map,
 )
+from tfgpud.probe_safety import decide_probe_user
 from tfgpud.runner import MIB, RunResult, run_bounded
 
 log = logging.getLogger(__name__)
@@ -305,20 +306,41 @@ def probe_env(
     runner: Runner = run_bounded,
     script: Path = PROBE_SCRIPT,
     cancel: threading.Event | None = None,
+    euid: int | None = None,
 ) -> TfProbeResult:
-    """Probe one env now (blocks up to ~``timeout`` s). Every failure is a status, not a raise."""
+    """Probe one env now (blocks up to ~``timeout`` s). Every failure is a status, not a raise.
+
+    As root, an env another user can write is refused (status REFUSED, ``refused_writers``)
+    unless ``run_as`` names that user, and then the child runs as that user; not as root, the
+    child runs as tfgpud's own user (see :mod:`tfgpud.probe_safety`).
+    """
     started_at = time.time()
+    decision = decide_probe_user(env, euid=euid)
+    if decision.refused is not None:
+        log.warning("not probing TensorFlow env %s: %s", env.name, decision.refused)
+        return TfProbeResult(
+            env=env.name,
+            python=env.python,
+            status=ProbeStatus.REFUSED,
+            started_at=started_at,
+            duration_seconds=time.time() - started_at,
+            error=decision.refused,
+            log_lines=decision.evidence,
+            refused_writers=decision.writers,
+        )
+    if env.run_as and decision.user is None:
+        log.debug("env %s: run_as ignored, tfgpud is not root (probing as itself)", env.name)
     argv = [env.python, str(script)]
     if env.smoke_test:
         argv.append("--smoke")
     try:
         run = runner(
             argv,
-            env=probe_environment(env, home=_home_of(env.run_as)),
+            env=probe_environment(env, home=_home_of(decision.user)),
             timeout=timeout,
             max_output=MAX_OUTPUT,
             cwd="/",
-            user=env.run_as,
+            user=decision.user,
             cancel=cancel,
         )
     except Exception as exc:  # an injected or future runner must not break polls
@@ -366,8 +388,15 @@ def driver_fingerprint(nvml: NvmlReading) -> tuple[str | None, frozenset[str]]:
     return (nvml.driver_version, frozenset(g.uuid for g in nvml.gpus))
 
 
+# REFUSED costs only a few stat() calls to re-check, and chown/chmod fixes change no mtime.
 _RETRY_STATUSES = frozenset(
-    {ProbeStatus.TIMEOUT, ProbeStatus.CRASHED, ProbeStatus.ERROR, ProbeStatus.BAD_OUTPUT}
+    {
+        ProbeStatus.TIMEOUT,
+        ProbeStatus.CRASHED,
+        ProbeStatus.ERROR,
+        ProbeStatus.BAD_OUTPUT,
+        ProbeStatus.REFUSED,
+    }
 )
 
 
@@ -400,7 +429,9 @@ class TfProbeScheduler:
         timeout: float,
         probe: ProbeFn = _default_probe,
         retry_seconds: float = 900.0,
+        on_result: Callable[[], None] | None = None,
     ) -> None:
+        self._on_result = on_result  # called on the probe's thread after each result lands
         self._states = {e.name: _EnvState(e) for e in envs}
         self._interval = interval
         self._timeout = timeout
@@ -412,13 +443,18 @@ class TfProbeScheduler:
 
     @classmethod
     def from_config(
-        cls, config: TensorflowConfig, *, probe: ProbeFn = _default_probe
+        cls,
+        config: TensorflowConfig,
+        *,
+        probe: ProbeFn = _default_probe,
+        on_result: Callable[[], None] | None = None,
     ) -> TfProbeScheduler:
         return cls(
             config.envs,
             interval=config.interval_seconds,
             timeout=config.timeout_seconds,
             probe=probe,
+            on_result=on_result,
         )
 
     def _due(self, st: _EnvState, nvml: NvmlReading | None, now: float) -> str | None:
@@ -497,6 +533,8 @@ class TfProbeScheduler:
             len(result.gpus),
             result.duration_seconds,
         )
+        if self._on_result is not None:
+            self._on_result()
 
     def results(self) -> tuple[TfProbeResult, ...]:
         """The latest finished result of each env (envs never probed yet are absent)."""

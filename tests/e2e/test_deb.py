@@ -1,0 +1,273 @@
+"""`make deb`: the package builds, lintian finds no errors, files land where the README says,
+the maintainer scripts enable nothing, and the daemon runs from the packaged venv.
+
+The package is built once per module (~10 s) into a temp dir and unpacked with ``dpkg -x``
+into a scratch root; nothing is installed on this machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import fakedriver_env, write_scenario
+from packaging_helpers import ANALYZE, verify
+
+ROOT = Path(__file__).resolve().parents[2]
+SYS_PYTHON = Path("/usr/bin/python3")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="dpkg-deb not installed"),
+    pytest.mark.skipif(not SYS_PYTHON.exists(), reason="no /usr/bin/python3"),
+]
+
+
+def _minor(python: str) -> str:
+    out = subprocess.run(
+        [python, "-c", "import sys; print(sys.version_info[:2])"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    return out.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if _minor(str(SYS_PYTHON)) != _minor(sys.executable):
+        pytest.skip("the dev venv's Python differs from Debian's python3")
+    out = tmp_path_factory.mktemp("deb")
+    proc = subprocess.run(
+        ["bash", "packaging/debian/build.sh", str(out)],
+        cwd=ROOT,
+        env={**os.environ, "PY": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def unpacked(deb: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("root")
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True, timeout=60)
+    ctl = root / "DEBIAN"
+    subprocess.run(["dpkg-deb", "-e", str(deb), str(ctl)], check=True, timeout=60)
+    return root
+
+
+def _field(root: Path, name: str) -> str:
+    for line in (root / "DEBIAN" / "control").read_text().splitlines():
+        if line.startswith(f"{name}:"):
+            return line.split(":", 1)[1].strip()
+    raise AssertionError(f"no {name} in control")
+
+
+@pytest.mark.skipif(shutil.which("lintian") is None, reason="lintian not installed")
+def test_lintian_reports_no_errors(deb: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    proc = subprocess.run(
+        ["lintian", "--tag-display-limit", "0", str(deb)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    tags = [line for line in proc.stdout.splitlines() if line[:2] in ("E:", "W:", "I:", "O:")]
+    errors = [t for t in tags if t.startswith("E:")]
+    with capsys.disabled():
+        print(f"\n[deb] {deb.name}: {deb.stat().st_size / 1e6:.1f} MB; lintian: {len(errors)} E, "
+              f"{sum(t.startswith('W:') for t in tags)} W")  # fmt: skip
+    assert not errors, proc.stdout + proc.stderr
+
+
+def test_files_land_where_the_readme_says(unpacked: Path, deb: Path) -> None:
+    r = unpacked
+    same = {
+        "usr/lib/systemd/system/tfgpud.service": "packaging/systemd/tfgpud.service",
+        "usr/lib/sysusers.d/tfgpud.conf": "packaging/systemd/tfgpud.sysusers",
+        "usr/lib/tmpfiles.d/tfgpud.conf": "packaging/systemd/tfgpud.tmpfiles",
+        "etc/tfgpud/tfgpud.toml": "config/tfgpud.toml",
+    }
+    for installed, source in same.items():
+        assert (r / installed).read_bytes() == (ROOT / source).read_bytes(), installed
+    readme = (ROOT / "README.md").read_text()
+    for path in (
+        "/opt/tfgpud",
+        "/etc/tfgpud/tfgpud.toml",
+        "/usr/lib/systemd/system/tfgpud.service",
+    ):
+        assert path in readme
+    assert (r / "DEBIAN" / "conffiles").read_text().split() == ["/etc/tfgpud/tfgpud.toml"]
+    launcher = r / "opt" / "tfgpud" / "bin" / "tfgpud"
+    assert os.access(launcher, os.X_OK)
+    assert os.readlink(r / "usr" / "bin" / "tfgpud") == "/opt/tfgpud/bin/tfgpud"
+    assert os.readlink(r / "opt" / "tfgpud" / "bin" / "python3") == str(SYS_PYTHON)
+    site = next((r / "opt" / "tfgpud" / "lib").glob("python3*/site-packages"))
+    names = {re.split(r"[-.]", p.name)[0].lower() for p in site.iterdir()}
+    assert {"tfgpud", "pydantic", "prometheus_client", "yaml", "bcrypt", "pynvml"} <= names
+    assert "tensorflow" not in names  # the daemon never imports it
+    assert not list(r.rglob("__pycache__")) and not list(r.rglob("*.pyc"))
+    assert (r / "usr/share/doc/tfgpud/copyright").exists()
+    assert (r / "usr/share/tfgpud/grafana/tfgpud.json").exists()
+    assert "python3 (<< " in _field(r, "Depends")
+    # md5sums match the payload.
+    for line in (r / "DEBIAN" / "md5sums").read_text().splitlines():
+        digest, path = line.split(maxsplit=1)
+        assert hashlib.md5((r / path).read_bytes()).hexdigest() == digest, path
+    size_kib = int(_field(r, "Installed-Size"))
+    assert 2_000 < size_kib < 60_000
+    assert deb.stat().st_size < 15e6
+
+
+@pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze not installed")
+def test_installed_unit_verifies_against_the_installed_launcher(
+    unpacked: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "root"
+    shutil.copytree(unpacked, root, symlinks=True, ignore=shutil.ignore_patterns("DEBIAN"))
+    shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True,
+                    dirs_exist_ok=True)  # fmt: skip
+    shutil.copy2("/usr/bin/kill", root / "usr" / "bin" / "kill")
+    (root / "bin").symlink_to("usr/bin")
+    assert verify(root) == ""
+
+
+def test_maintainer_scripts_are_valid_sh(unpacked: Path) -> None:
+    for name in ("postinst", "prerm", "postrm"):
+        script = unpacked / "DEBIAN" / name
+        assert os.access(script, os.X_OK)
+        subprocess.run(["sh", "-n", str(script)], check=True, timeout=10)
+        if shutil.which("shellcheck"):
+            proc = subprocess.run(
+                ["shellcheck", "-s", "sh", str(script)], capture_output=True, text=True, timeout=60
+            )
+            assert proc.returncode == 0, proc.stdout
+
+
+def _stubs(d: Path) -> Path:
+    """Commands the scripts may call, each logging its argv to d/calls."""
+    d.mkdir()
+    for cmd in ("systemctl", "deb-systemd-invoke", "systemd-sysusers", "systemd-tmpfiles",
+                "adduser", "python3"):  # fmt: skip
+        stub = d / cmd
+        stub.write_text(f'#!/bin/sh\necho "{cmd} $*" >> {d}/calls\n')
+        stub.chmod(0o755)
+    return d
+
+
+def _as_if_systemd(script: Path, stubs: Path, *args: str) -> tuple[str, list[str]]:
+    """Run a maintainer script where /run/systemd/system exists (a private mount namespace)."""
+    cmd = (
+        "mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/system && "
+        f'PATH="{stubs}:$PATH" sh "$0" "$@"'
+    )
+    proc = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", cmd, str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    calls = stubs / "calls"
+    lines = calls.read_text().splitlines() if calls.exists() else []
+    calls.unlink(missing_ok=True)
+    return proc.stdout, lines
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare"
+)
+def test_install_and_upgrade_enable_and_start_nothing(unpacked: Path, tmp_path: Path) -> None:
+    stubs = _stubs(tmp_path / "stubs")
+    ctl = unpacked / "DEBIAN"
+    out, calls = _as_if_systemd(ctl / "postinst", stubs, "configure")
+    assert calls == [
+        "systemd-sysusers tfgpud.conf",
+        "systemd-tmpfiles --create tfgpud.conf",
+        "python3 -m compileall -q /opt/tfgpud/lib",
+        "systemctl --system daemon-reload",
+    ]
+    assert "sudo systemctl enable --now tfgpud" in out  # says how, does not do it
+    _, calls = _as_if_systemd(ctl / "postinst", stubs, "configure", "0.0.9")
+    assert "deb-systemd-invoke try-restart tfgpud.service" in calls  # only if already running
+    assert not any(" enable" in c or c.endswith(" start tfgpud.service") for c in calls)
+    _, calls = _as_if_systemd(ctl / "prerm", stubs, "remove")
+    assert calls == ["deb-systemd-invoke stop tfgpud.service"]
+    _, calls = _as_if_systemd(ctl / "postrm", stubs, "remove")
+    assert calls == ["systemctl --system daemon-reload"]
+
+
+@pytest.mark.skipif(shutil.which("systemd-sysusers") is None, reason="no systemd-sysusers")
+def test_postinst_and_purge_in_a_scratch_root(unpacked: Path, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    shutil.copytree(unpacked, root, symlinks=True)
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DPKG_ROOT": str(root)}
+    ctl = root / "DEBIAN"
+
+    def run(script: str, *args: str) -> str:
+        proc = subprocess.run(
+            ["sh", str(ctl / script), *args], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
+
+    run("postinst", "configure")
+    passwd = (root / "etc" / "passwd").read_text()
+    assert any(line.startswith("tfgpud:") for line in passwd.splitlines())
+    state = root / "var" / "lib" / "tfgpud"
+    assert state.is_dir() and oct(state.stat().st_mode & 0o777) == "0o750"
+    assert list((root / "opt" / "tfgpud").rglob("cli.cpython-*.pyc"))  # byte-compiled
+    run("prerm", "remove")
+    assert not list((root / "opt" / "tfgpud").rglob("__pycache__"))
+    run("postrm", "purge")
+    assert not state.exists()
+
+
+def test_the_packaged_venv_runs_the_daemon(
+    unpacked: Path, tmp_path: Path, fakedriver: Path, scenario_path: Path
+) -> None:
+    python = unpacked / "opt" / "tfgpud" / "bin" / "python3"
+    check = subprocess.run(
+        [str(python), "-c", "import yaml, tfgpud.webconfig, tfgpud.daemon; "
+         "print(yaml.__with_libyaml__); import tensorflow"],
+        capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert check.stdout.strip() == "False"  # pure-Python YAML (no embedded libyaml)
+    assert "No module named 'tensorflow'" in check.stderr
+    etc = unpacked / "etc" / "tfgpud" / "tfgpud.toml"
+    ok = subprocess.run(
+        [str(python), "-m", "tfgpud", "check-config", str(etc)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ok.returncode == 0, ok.stderr
+    write_scenario(scenario_path, gpus=[{"name": "NVIDIA A100-SXM4-80GB"}])
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(
+        f'[daemon]\nstate_dir = "{tmp_path}"\n[nvml]\nlibrary = "{fakedriver}/libnvidia-ml.so.1"\n'
+    )
+    doctor = subprocess.run(
+        [str(python), "-m", "tfgpud", "doctor", "--json", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**fakedriver_env(scenario_path), "PYTHONPATH": ""},
+    )
+    assert doctor.returncode in (0, 1, 2), doctor.stderr
+    doc = json.loads(doctor.stdout)
+    assert "findings" in doc

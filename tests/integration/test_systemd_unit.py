@@ -1,0 +1,91 @@
+"""packaging/systemd: the unit parses cleanly, scores ≤ 1.5 exposure, and agrees with the code.
+
+systemd is not PID 1 here, so the unit is checked with systemd-analyze against a scratch root
+that holds the host's unit directory, /bin/kill and the binary the unit names; sysusers and
+tmpfiles are applied to a scratch root with ``--root``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from packaging_helpers import ANALYZE, exposure, parse_unit, scratch_root, verify
+
+from tfgpud.config import DEFAULT_CONFIG_PATH, Config
+
+ROOT = Path(__file__).resolve().parents[2]
+UNIT = ROOT / "packaging" / "systemd" / "tfgpud.service"
+SYSUSERS = ROOT / "packaging" / "systemd" / "tfgpud.sysusers"
+TMPFILES = ROOT / "packaging" / "systemd" / "tfgpud.tmpfiles"
+needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze not installed")
+MAX_EXPOSURE = 1.5
+
+
+@needs_analyze
+def test_systemd_analyze_verify_prints_nothing(tmp_path: Path) -> None:
+    assert verify(scratch_root(tmp_path, UNIT)) == ""
+
+
+@needs_analyze
+def test_verify_does_complain_about_a_broken_unit(tmp_path: Path) -> None:
+    broken = tmp_path / "src" / "tfgpud.service"
+    broken.parent.mkdir()
+    broken.write_text(UNIT.read_text().replace("LockPersonality=yes", "LockPersonalty=yes"))
+    assert "Unknown key 'LockPersonalty'" in verify(scratch_root(tmp_path / "root", broken))
+
+
+@needs_analyze
+def test_security_exposure_is_at_most_1_5(capsys: pytest.CaptureFixture[str]) -> None:
+    score, report = exposure(UNIT)
+    with capsys.disabled():
+        print(f"\n[systemd] systemd-analyze security --offline=true exposure: {score}")
+    assert score <= MAX_EXPOSURE, report
+
+
+def test_unit_matches_the_daemon_and_the_package() -> None:
+    unit = parse_unit(UNIT)
+    svc = unit["Service"]
+    assert svc["Type"] == ["notify"] and svc["NotifyAccess"] == ["main"]
+    assert svc["ExecStart"] == [f"/opt/tfgpud/bin/tfgpud run --config {DEFAULT_CONFIG_PATH}"]
+    assert svc["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert svc["Restart"] == ["on-failure"] and svc["RestartPreventExitStatus"] == ["78"]
+    assert svc["WatchdogSec"] and svc["User"] == ["tfgpud"]
+    assert f"/var/lib/{svc['StateDirectory'][0]}" == Config().daemon.state_dir
+    assert svc["DevicePolicy"] == ["closed"]
+    allowed = {v.split()[0] for v in svc["DeviceAllow"]}
+    assert {"char-nvidia-frontend", "char-nvidia-uvm"} <= allowed
+    assert "PrivateDevices" not in svc  # it would hide /dev/nvidia*
+    # The probe runs TensorFlow (JIT) and reads envs in /home.
+    assert svc.get("MemoryDenyWriteExecute", ["no"]) == ["no"]
+    assert svc["ProtectHome"] == ["read-only"]
+    assert svc["CapabilityBoundingSet"] == [""] and svc["NoNewPrivileges"] == ["yes"]
+    assert unit["Install"]["WantedBy"] == ["multi-user.target"]
+
+
+@pytest.mark.skipif(shutil.which("systemd-sysusers") is None, reason="no systemd-sysusers")
+def test_sysusers_and_tmpfiles_create_the_user_and_state_dir(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    subprocess.run(
+        ["systemd-sysusers", f"--root={tmp_path}", str(SYSUSERS)],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    passwd = (tmp_path / "etc" / "passwd").read_text()
+    entry = next(line for line in passwd.splitlines() if line.startswith("tfgpud:"))
+    fields = entry.split(":")
+    assert int(fields[2]) < 1000  # a system user
+    assert fields[5] == "/var/lib/tfgpud" and fields[6] in ("/usr/sbin/nologin", "/sbin/nologin")
+    subprocess.run(
+        ["systemd-tmpfiles", f"--root={tmp_path}", "--create", str(TMPFILES)],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    state = tmp_path / "var" / "lib" / "tfgpud"
+    st = state.stat()
+    assert oct(st.st_mode & 0o777) == "0o750"
+    assert st.st_uid == int(fields[2])

@@ -1,0 +1,402 @@
+"""Transitions, journal fields, payloads and delivery (tfgpud/alerts.py), without a network."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tfgpud import diagnosis
+from tfgpud.alerts import (
+    MESSAGE_IDS,
+    Alert,
+    AlertDispatcher,
+    AlertmanagerSink,
+    Delivery,
+    Request,
+    SinkWorker,
+    Transitions,
+    WebhookSink,
+    alertname,
+    am_alert,
+    log_transition,
+    message_id,
+    webhook_event,
+)
+from tfgpud.config import AlertmanagerConfig, AlertsConfig, WebhookConfig
+from tfgpud.model import Finding, Severity
+
+DESIGN_CODES = [
+    "no-nvidia-gpu",
+    "nvml-library-missing",
+    "driver-not-loaded",
+    "driver-library-mismatch",
+    "nouveau-bound",
+    "device-nodes-missing",
+    "nvml-no-permission",
+    "gpu-lost",
+    "gpu-vanished",
+    "gpu-appeared",
+    "gpu-xid-critical",
+    "gpu-memory-pressure",
+    "tf-cpu-fallback",
+    "tf-cpu-only-build",
+    "tf-gpus-hidden-by-env",
+    "tf-cuda-libs-missing",
+    "tf-libcuda-missing",
+    "tf-driver-too-old",
+    "tf-driver-dso-mismatch",
+    "tf-compute-capability-unsupported",
+    "tf-cudnn-mismatch",
+    "tf-device-permission",
+    "tf-partial-visibility",
+    "tf-ptx-jit-only",
+    "tf-import-failed",
+    "tf-import-crashed",
+    "tf-probe-timeout",
+    "tf-job-on-cpu",
+    "baseline-state-error",
+]
+U1 = "GPU-aaaaaaaa-0000-4000-8000-000000000001"
+VANISHED = Finding(
+    "gpu-vanished",
+    Severity.CRITICAL,
+    U1,
+    f"GPU NVIDIA RTX A6000 {U1} (00000000:02:00.0) was here before and is gone",
+    ("baseline: ...", "NVML now reports 1 GPU(s)"),
+    "Check `lspci -d 10de:`.",
+)
+LOST = Finding("gpu-lost", Severity.CRITICAL, U1, "GPU 1 is lost", (), "reboot")
+INFO = Finding("gpu-appeared", Severity.INFO, U1, "new GPU", (), "")
+
+
+# --- names and ids ------------------------------------------------------------------------------
+
+
+def test_every_finding_code_has_its_own_journal_message_id() -> None:
+    source = Path(diagnosis.__file__).read_text()
+    emitted = set(re.findall(r'^\s+"([a-z]+(?:-[a-z0-9]+)+)",$', source, re.M))
+    assert len(emitted) >= 25  # the pattern still finds the codes in diagnosis.py
+    for code in set(DESIGN_CODES) | emitted:
+        assert code in MESSAGE_IDS, f"{code} has no MESSAGE_ID"
+    ids = list(MESSAGE_IDS.values())
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+    assert re.fullmatch(r"[0-9a-f]{32}", message_id("some-future-code"))
+    assert message_id("some-future-code") == message_id("some-future-code")
+
+
+@pytest.mark.parametrize(
+    ("code", "name"),
+    [
+        ("gpu-vanished", "TfgpudGpuVanished"),
+        ("gpu-lost", "TfgpudGpuLost"),
+        ("tf-cpu-fallback", "TfgpudTensorflowCpuFallback"),
+        ("tf-job-on-cpu", "TfgpudTensorflowJobOnCpu"),
+        ("gpu-memory-pressure", "TfgpudGpuMemoryPressure"),
+    ],
+)
+def test_alertnames_match_the_prometheus_rules(code: str, name: str) -> None:
+    assert alertname(code) == name
+    rules = Path(__file__).parents[2] / "packaging" / "prometheus" / "tfgpud.rules.yml"
+    assert f"alert: {name}\n" in rules.read_text()
+
+
+# --- transitions --------------------------------------------------------------------------------
+
+
+def states(ts: list[Any]) -> list[tuple[str, str]]:
+    return [(t.state, t.alert.finding.code) for t in ts]
+
+
+def test_without_damping_fires_and_resolves_at_once() -> None:
+    tr = Transitions(for_seconds=0)
+    assert states(tr.update([VANISHED], 10.0)) == [("firing", "gpu-vanished")]
+    assert tr.update([VANISHED], 20.0) == []
+    [resolved] = tr.update([], 30.0)
+    assert resolved.state == "resolved"
+    assert resolved.alert.starts_at == 10.0 and resolved.alert.ends_at == 30.0
+
+
+def test_for_seconds_damps_flapping_both_ways() -> None:
+    tr = Transitions(for_seconds=30)
+    # Flickering: present 20 s, gone, present again: never fires.
+    assert tr.update([VANISHED], 0.0) == []
+    assert tr.update([VANISHED], 20.0) == []
+    assert tr.update([], 25.0) == []
+    assert tr.update([VANISHED], 30.0) == []
+    assert tr.update([VANISHED], 50.0) == []
+    [fired] = tr.update([VANISHED], 60.0)
+    assert fired.state == "firing" and fired.alert.starts_at == 30.0
+    # Gone briefly: stays firing, no transition.
+    assert tr.update([], 70.0) == []
+    assert tr.update([VANISHED], 80.0) == []
+    assert [a.key for a in tr.firing] == [VANISHED.key]
+    # Gone for for_seconds: resolves, ending when it was first seen gone.
+    assert tr.update([], 90.0) == []
+    [resolved] = tr.update([], 120.0)
+    assert resolved.state == "resolved" and resolved.alert.ends_at == 90.0
+    assert tr.firing == ()
+
+
+def test_firing_alert_keeps_its_start_and_takes_the_newest_text() -> None:
+    tr = Transitions(for_seconds=0)
+    tr.update([VANISHED], 1.0)
+    newer = Finding(VANISHED.code, VANISHED.severity, VANISHED.subject, "newer text")
+    tr.update([newer], 2.0)
+    [a] = tr.firing
+    assert a.starts_at == 1.0 and a.finding.summary == "newer text"
+
+
+def test_transition_is_logged_with_journal_fields(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="tfgpud.alerts")
+    [t] = Transitions(0).update([VANISHED], 1.0)
+    log_transition(t)
+    [rec] = caplog.records
+    assert rec.levelno == logging.ERROR
+    assert vars(rec)["MESSAGE_ID"] == MESSAGE_IDS["gpu-vanished"]
+    assert vars(rec)["FINDING_CODE"] == "gpu-vanished"
+    assert vars(rec)["SEVERITY"] == "critical"
+    assert vars(rec)["SUBJECT"] == U1
+    assert vars(rec)["ALERT_STATE"] == "firing"
+    assert rec.getMessage().startswith("FIRING [critical] gpu-vanished")
+
+
+# --- payloads -----------------------------------------------------------------------------------
+
+
+def test_alertmanager_payload_firing_and_resolved() -> None:
+    alert = Alert(VANISHED, starts_at=1_700_000_000.0)
+    firing = am_alert(Delivery("firing", alert, 0.0), "gpu1", 1_700_000_100.0, 240.0)
+    assert firing["labels"] == {
+        "alertname": "TfgpudGpuVanished",
+        "severity": "critical",
+        "instance": "gpu1",
+        "code": "gpu-vanished",
+        "subject": U1,
+        "origin": "tfgpud",
+    }
+    assert firing["annotations"]["summary"] == VANISHED.summary
+    assert firing["annotations"]["fix"] == VANISHED.fix
+    assert "NVML now reports 1 GPU(s)" in firing["annotations"]["description"]
+    assert firing["startsAt"] == "2023-11-14T22:13:20.000Z"
+    assert firing["endsAt"] == "2023-11-14T22:19:00.000Z"  # now + 4 resend intervals
+    done = Alert(VANISHED, starts_at=1_700_000_000.0, ends_at=1_700_000_050.0)
+    resolved = am_alert(Delivery("resolved", done, 0.0), "gpu1", 1_700_000_100.0, 240.0)
+    assert resolved["endsAt"] == "2023-11-14T22:14:10.000Z"
+
+
+def test_webhook_payload() -> None:
+    done = Alert(VANISHED, starts_at=1_700_000_000.0, ends_at=1_700_000_050.0)
+    body = webhook_event(Delivery("resolved", done, 0.0), "gpu1")
+    assert body["status"] == "resolved" and body["code"] == "gpu-vanished"
+    assert body["alertname"] == "TfgpudGpuVanished" and body["subject"] == U1
+    assert body["evidence"] == list(VANISHED.evidence) and body["fix"] == VANISHED.fix
+    assert body["ends_at"] == "2023-11-14T22:14:10.000Z"
+    assert body["message_id"] == MESSAGE_IDS["gpu-vanished"]
+    json.dumps(body)
+
+
+# --- delivery -----------------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Receiver:
+    """Stands in for the HTTP POST: records bodies, or fails while ``down``."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.bodies: list[Any] = []
+        self.attempts = 0
+
+    def __call__(self, req: Request, timeout: float) -> None:
+        self.attempts += 1
+        if self.down:
+            raise OSError("connection refused")
+        self.bodies.append(json.loads(req.body))
+
+
+def am_worker(clock: Clock, rx: Receiver, size: int = 10, max_retry: float = 300.0) -> SinkWorker:
+    sink = AlertmanagerSink("alertmanager[0]", AlertmanagerConfig(url="http://am"), "h", 60.0)
+    return SinkWorker(sink, size, max_retry, rx, clock, wall=lambda: 1_700_000_000.0)
+
+
+def drain(w: SinkWorker) -> list[bool]:
+    """What the worker thread would do once: take due messages and try them."""
+    out = []
+    with w._cond:
+        batch = []
+        while w._queue and len(batch) < w.sink.batch:
+            batch.append(w._queue.popitem(last=False)[1])
+    if batch:
+        out.append(w.deliver(batch))
+    return out
+
+
+def test_failed_delivery_is_retried_with_backoff_then_delivered() -> None:
+    clock, rx = Clock(), Receiver()
+    w = am_worker(clock, rx)
+    rx.down = True
+    w.put(Delivery("firing", Alert(VANISHED, 1.0), clock()))
+    assert drain(w) == [False]
+    assert w._next_try == clock() + 1.0
+    assert drain(w) == [False]
+    assert w._next_try == clock() + 2.0  # doubling
+    assert w.stats().queued == 1 and w.stats().failed == 2
+    rx.down = False
+    assert drain(w) == [True]
+    assert rx.bodies[0][0]["labels"]["code"] == "gpu-vanished"
+    s = w.stats()
+    assert (s.sent, s.failed, s.dropped, s.queued) == (1, 2, 0, 0)
+
+
+def test_backoff_is_capped() -> None:
+    clock, rx = Clock(), Receiver()
+    w = am_worker(clock, rx, max_retry=1e9)
+    rx.down = True
+    w.put(Delivery("firing", Alert(VANISHED, 1.0), clock()))
+    for _ in range(12):
+        drain(w)
+    assert w._next_try - clock() == 60.0
+
+
+def test_undeliverable_message_is_dropped_after_the_retry_bound() -> None:
+    clock, rx = Clock(), Receiver()
+    w = am_worker(clock, rx, max_retry=300.0)
+    rx.down = True
+    w.put(Delivery("firing", Alert(VANISHED, 1.0), clock()))
+    drain(w)
+    clock.t += 299.0
+    drain(w)
+    assert w.stats().queued == 1 and w.stats().dropped == 0
+    clock.t += 1.0
+    drain(w)
+    s = w.stats()
+    assert (s.queued, s.dropped, s.sent) == (0, 1, 0)
+
+
+def test_alertmanager_queue_keeps_only_the_newest_state_per_alert() -> None:
+    clock, rx = Clock(), Receiver()
+    w = am_worker(clock, rx)
+    a = Alert(VANISHED, 1.0)
+    w.put(Delivery("firing", a, clock()))
+    w.put(Delivery("resolved", Alert(VANISHED, 1.0, ends_at=5.0), clock()))
+    w.put(Delivery("firing", Alert(LOST, 1.0), clock()))
+    assert w.stats().queued == 2 and w.stats().dropped == 0
+    drain(w)
+    [batch] = rx.bodies
+    assert [(x["labels"]["code"], x["endsAt"]) for x in batch] == [
+        ("gpu-vanished", "1970-01-01T00:00:05.000Z"),
+        ("gpu-lost", "2023-11-14T22:17:20.000Z"),  # wall clock + 4 x 60 s
+    ]
+
+
+def test_full_queue_drops_the_oldest_and_counts_it() -> None:
+    clock, rx = Clock(), Receiver()
+    sink = WebhookSink("webhook[0]", WebhookConfig(url="http://hook"), "h")
+    w = SinkWorker(sink, 2, 300.0, rx, clock)
+    for i in range(3):
+        f = Finding("gpu-lost", Severity.CRITICAL, f"GPU-{i}", "lost")
+        w.put(Delivery("firing", Alert(f, 1.0), clock()))
+    assert w.stats().queued == 2 and w.stats().dropped == 1
+    drain(w)
+    drain(w)
+    assert [b["subject"] for b in rx.bodies] == ["GPU-1", "GPU-2"]
+
+
+def test_webhook_gets_every_transition_in_order() -> None:
+    clock, rx = Clock(), Receiver()
+    sink = WebhookSink("webhook[0]", WebhookConfig(url="http://hook"), "h")
+    w = SinkWorker(sink, 10, 300.0, rx, clock)
+    rx.down = True
+    w.put(Delivery("firing", Alert(VANISHED, 1.0), clock()))
+    drain(w)  # fails; goes back to the front
+    w.put(Delivery("resolved", Alert(VANISHED, 1.0, ends_at=2.0), clock()))
+    rx.down = False
+    drain(w)
+    drain(w)
+    assert [b["status"] for b in rx.bodies] == ["firing", "resolved"]
+
+
+def dispatcher(tmp: Path, rx: Receiver, clock: Clock, **alerts: Any) -> AlertDispatcher:
+    cfg = AlertsConfig.model_validate(
+        {
+            "alertmanager": [{"url": "http://am"}],
+            "webhook": [{"url": "http://hook"}],
+            "for_seconds": 0,
+            "resend_seconds": 60,
+            **alerts,
+        }
+    )
+    return AlertDispatcher(cfg, tmp, "host1", post=rx, clock=clock)
+
+
+def test_dispatcher_routes_resends_to_alertmanager_only_and_filters_severity(
+    tmp_path: Path,
+) -> None:
+    clock, rx = Clock(), Receiver()
+    d = dispatcher(tmp_path, rx, clock)
+    am, hook = d.workers
+    stats = d.process([VANISHED, INFO], 1.0)
+    assert stats.firing == 2  # both fire (and are logged) ...
+    assert am.stats().queued == 1 and hook.stats().queued == 1  # ... info is not pushed
+    drain(am)
+    drain(hook)
+    clock.t += 30
+    d.process([VANISHED, INFO], 31.0)
+    assert am.stats().queued == 0  # not yet: resend_seconds is 60
+    clock.t += 30
+    d.process([VANISHED, INFO], 61.0)
+    assert am.stats().queued == 1 and hook.stats().queued == 0
+
+
+def test_firing_set_survives_a_restart_without_refiring(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock, rx = Clock(), Receiver()
+    dispatcher(tmp_path, rx, clock).process([VANISHED], 1.0)
+    caplog.set_level(logging.INFO, logger="tfgpud.alerts")
+    caplog.clear()
+    again = dispatcher(tmp_path, rx, clock)
+    am, hook = again.workers
+    assert [a.starts_at for a in again.transitions.firing] == [1.0]
+    again.process([VANISHED], 100.0)
+    assert not [r for r in caplog.records if "FIRING" in r.getMessage()]
+    assert am.stats().queued == 1 and hook.stats().queued == 0  # refreshed, not re-announced
+    again.process([], 200.0)  # it cleared while we were down: resolved now
+    assert [r.getMessage().split()[0] for r in caplog.records] == ["RESOLVED"]
+    assert dispatcher(tmp_path, rx, clock).transitions.firing == ()
+
+
+def test_unreadable_alert_state_starts_empty(tmp_path: Path) -> None:
+    (tmp_path / "alerts.json").write_text("{broken")
+    assert dispatcher(tmp_path, Receiver(), Clock()).transitions.firing == ()
+
+
+def test_worker_thread_delivers_and_stops(tmp_path: Path) -> None:
+    rx = Receiver()
+    cfg = AlertsConfig.model_validate({"webhook": [{"url": "http://hook"}], "for_seconds": 0})
+    d = AlertDispatcher(cfg, None, "h", post=rx)
+    d.start()
+    try:
+        d.process([VANISHED], 1.0)
+        for _ in range(200):
+            if rx.bodies:
+                break
+            time.sleep(0.01)
+    finally:
+        d.stop(1.0)
+    assert rx.bodies and rx.bodies[0]["code"] == "gpu-vanished"
+    assert not any(w._thread and w._thread.is_alive() for w in d.workers)

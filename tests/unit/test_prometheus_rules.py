@@ -1,0 +1,100 @@
+"""packaging/prometheus: rules parse, their promtool unit tests pass, each is documented."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+PROM = ROOT / "packaging" / "prometheus"
+RULES = PROM / "tfgpud.rules.yml"
+RUNBOOK = ROOT / "docs" / "runbook.md"
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(
+    PROMTOOL is None, reason="promtool not installed (apt install prometheus)"
+)
+REQUIRED = {
+    "TfgpudDown",
+    "TfgpudCollectorFailing",
+    "TfgpudNvidiaDriverUnavailable",
+    "TfgpudGpuVanished",
+    "TfgpudGpuLost",
+    "TfgpudGpuXidCritical",
+    "TfgpudTensorflowCpuFallback",
+    "TfgpudTensorflowProbeFailing",
+    "TfgpudGpuMemoryPressure",
+    "TfgpudTensorflowJobOnCpu",
+}
+
+
+def promtool(*args: str, cwd: Path = PROM) -> subprocess.CompletedProcess[str]:
+    assert PROMTOOL is not None
+    return subprocess.run(
+        [PROMTOOL, *args], cwd=cwd, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def rules() -> list[dict[str, object]]:
+    doc = yaml.safe_load(RULES.read_text())
+    return [r for g in doc["groups"] for r in g["rules"]]
+
+
+@needs_promtool
+def test_promtool_check_rules() -> None:
+    out = promtool("check", "rules", str(RULES))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"SUCCESS: {len(rules())} rules found" in out.stdout
+
+
+@needs_promtool
+def test_promtool_test_rules() -> None:
+    out = promtool("test", "rules", "tfgpud.rules.test.yml")
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@needs_promtool
+def test_promtool_test_rules_fails_when_a_rule_is_broken(tmp_path: Path) -> None:
+    """The unit tests can fail: a fallback rule that also fires on CPU-only machines is caught."""
+    broken = RULES.read_text().replace(
+        'tfgpud_tf_cpu_fallback{job="tfgpud"} == 1', 'tfgpud_tf_cpu_fallback{job="tfgpud"} >= 0'
+    )
+    assert broken != RULES.read_text()
+    (tmp_path / "tfgpud.rules.yml").write_text(broken)
+    shutil.copy(PROM / "tfgpud.rules.test.yml", tmp_path)
+    out = promtool("test", "rules", "tfgpud.rules.test.yml", cwd=tmp_path)
+    assert out.returncode == 1 and "TfgpudTensorflowCpuFallback" in out.stdout + out.stderr
+
+
+@needs_promtool
+def test_example_scrape_config_is_valid(tmp_path: Path) -> None:
+    text = (PROM / "scrape-config.example.yml").read_text()
+    text = text.replace("/etc/prometheus/rules/tfgpud.rules.yml", str(RULES))
+    text = text.replace(
+        "/etc/prometheus/file_sd/tfgpud/*.yml", str(PROM / "file_sd.tfgpud.example.yml")
+    )
+    (tmp_path / "prometheus.yml").write_text(text)
+    out = promtool("check", "config", str(tmp_path / "prometheus.yml"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    targets = yaml.safe_load((PROM / "file_sd.tfgpud.example.yml").read_text())
+    assert all(t["targets"] for t in targets)
+
+
+def test_required_alerts_have_severity_summary_description_and_a_runbook_section() -> None:
+    by_name = {str(r["alert"]): r for r in rules()}
+    assert set(by_name) >= REQUIRED
+    runbook = RUNBOOK.read_text()
+    for name, rule in by_name.items():
+        labels = rule.get("labels")
+        annotations = rule.get("annotations")
+        assert isinstance(labels, dict) and labels.get("severity") in {"warning", "critical"}
+        assert isinstance(annotations, dict)
+        assert annotations.get("summary") and annotations.get("description"), name
+        assert f"docs/runbook.md#{name.lower()}" in str(annotations["description"]), name
+        assert f"\n## {name}\n" in runbook, f"docs/runbook.md has no section for {name}"
+        section = runbook.split(f"\n## {name}\n", 1)[1].split("\n## ", 1)[0]
+        for part in ("**Means**", "**Confirm**", "**Do**"):
+            assert part in section, f"runbook section {name} lacks {part}"

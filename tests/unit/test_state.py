@@ -1,0 +1,300 @@
+"""The persisted baseline (tfgpud/state.py) and `tfgpud baseline show|reset|forget`."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tfgpud import state
+from tfgpud.cli import EX_CONFIG, EX_FAILURE, EX_OK, main
+from tfgpud.config import Config
+from tfgpud.diagnosis import diagnose
+from tfgpud.model import GpuReading, NvmlReading, PciReading, Snapshot
+from tfgpud.state import Baseline, StateFileError, forget_gpu, reset_baseline, write_atomically
+
+U0 = "GPU-aaaaaaaa-0000-4000-8000-000000000000"
+U1 = "GPU-aaaaaaaa-0000-4000-8000-000000000001"
+A6000 = "NVIDIA RTX A6000"
+
+
+def nvml(*uuids: str, up: bool = True) -> NvmlReading:
+    gpus = tuple(
+        GpuReading(index=i, uuid=u, name=A6000, pci_bus_id=f"00000000:{i + 1:02X}:00.0")
+        for i, u in enumerate(uuids)
+    )
+    return NvmlReading(up=up, gpus=gpus if up else (), error=None if up else "DRIVER_NOT_LOADED")
+
+
+def learned(tmp: Path, *uuids: str) -> Baseline:
+    b = Baseline.open(tmp)
+    assert b.learn(nvml(*uuids), 100.0)
+    b.save(100.0)
+    return b
+
+
+# --- atomic writes ------------------------------------------------------------------------------
+
+
+def test_write_atomically_replaces_fsyncs_file_and_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "f.json"
+    target.write_text("old")
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(state.os, "fsync", fsync)
+    old_inode = target.stat().st_ino
+    write_atomically(target, b"new")
+    assert target.read_bytes() == b"new"
+    assert target.stat().st_ino != old_inode  # renamed over, not rewritten in place
+    assert synced[0].startswith(str(tmp_path / ".f.json."))  # the temp file, before the rename
+    assert synced[1] == str(tmp_path)  # then the directory, so the rename is durable
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.json"]
+
+
+def test_write_atomically_failure_keeps_the_old_file_and_no_temp(tmp_path: Path) -> None:
+    target = tmp_path / "f.json"
+    target.mkdir()  # rename of a file over a directory fails
+    with pytest.raises(IsADirectoryError):
+        write_atomically(target, b"new")
+    assert target.is_dir()
+    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+# --- learning and persistence -------------------------------------------------------------------
+
+
+def test_learns_persists_and_reloads_across_processes(tmp_path: Path) -> None:
+    learned(tmp_path, U0, U1)
+    again = Baseline.open(tmp_path)
+    assert [(g.uuid, g.name, g.pci_bus_id) for g in again.gpus] == [
+        (U0, A6000, "00000000:01:00.0"),
+        (U1, A6000, "00000000:02:00.0"),
+    ]
+    assert again.expected == 2
+    assert again.problems() == ()
+    # Seeing the same GPUs again changes nothing worth a write.
+    mtime = again.path.stat().st_mtime_ns
+    assert not again.learn(nvml(U0, U1), 200.0)
+    assert again.path.stat().st_mtime_ns == mtime
+    # A GPU that is not seen stays expected; NVML down learns nothing.
+    assert not again.learn(nvml(U0), 300.0)
+    assert not again.learn(nvml(up=False), 300.0)
+    assert {g.uuid for g in again.gpus} == {U0, U1}
+
+
+def test_last_seen_is_written_at_close_unless_the_cli_changed_the_file(tmp_path: Path) -> None:
+    b = learned(tmp_path, U0)
+    b.learn(nvml(U0), 500.0)
+    b.close()
+    assert json.loads(b.path.read_text())["gpus"][0]["last_seen"] == 500.0
+    b.learn(nvml(U0), 600.0)
+    reset_baseline(tmp_path)
+    b.close()
+    assert json.loads(b.path.read_text())["gpus"] == []
+
+
+def test_expect_count_overrides_the_learned_count(tmp_path: Path) -> None:
+    b = Baseline.open(tmp_path, expect=4)
+    b.learn(nvml(U0), 1.0)
+    assert b.expected == 4
+
+
+def test_lost_gpu_without_a_uuid_is_not_learned(tmp_path: Path) -> None:
+    b = Baseline.open(tmp_path)
+    reading = NvmlReading(up=True, gpus=(GpuReading(index=0, uuid="GPU-unknown-index-0"),))
+    assert not b.learn(reading, 1.0)
+    assert b.gpus == ()
+
+
+# --- corrupt, unreadable, unwritable ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"{not json",
+        b"\xff\xfe",
+        b"[]",
+        b'{"version": 2, "gpus": []}',
+        b'{"version": 1}',
+        b'{"version": 1, "gpus": [{"name": "x"}]}',
+        b'{"version": 1, "gpus": [{"uuid": "GPU-1", "first_seen": "yesterday"}]}',
+        b"",
+    ],
+)
+def test_corrupt_file_is_moved_aside_reported_and_rebuilt(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "baseline.json").write_bytes(content)
+    b = Baseline.open(tmp_path)  # never raises
+    assert b.gpus == ()
+    corrupt = list(tmp_path.glob("baseline.json.*.corrupt"))
+    assert len(corrupt) == 1 and corrupt[0].read_bytes() == content
+    assert not b.path.exists()
+    assert len(b.problems()) == 1 and str(corrupt[0]) in b.problems()[0]
+    # Rebuilt from what is seen now, and written back as a valid file.
+    assert b.learn(nvml(U0), 1.0)
+    b.save_quietly()
+    assert [g.uuid for g in Baseline.read(tmp_path).gpus] == [U0]
+    # Reported as a finding until the person deletes the .corrupt file.
+    snap = Snapshot(taken_at=1.0, nvml=nvml(U0), baseline=b.gpus, baseline_problems=b.problems())
+    finding = next(f for f in diagnose(snap, Config()) if f.code == "baseline-state-error")
+    assert str(corrupt[0]) in finding.evidence[0]
+    corrupt[0].unlink()
+    assert b.problems() == ()
+
+
+def test_a_second_corruption_keeps_the_first_corrupt_file(tmp_path: Path) -> None:
+    for text in (b"one", b"two"):
+        (tmp_path / "baseline.json").write_bytes(text)
+        Baseline.open(tmp_path)
+    kept = sorted(p.read_bytes() for p in tmp_path.glob("*.corrupt"))
+    assert kept == [b"one", b"two"]
+
+
+def test_unreadable_file_is_moved_aside(tmp_path: Path) -> None:
+    (tmp_path / "baseline.json").mkdir()  # EISDIR on read, like an I/O error
+    b = Baseline.open(tmp_path)
+    assert len(list(tmp_path.glob("baseline.json.*.corrupt"))) == 1
+    assert b.problems()
+
+
+def test_unwritable_state_dir_is_reported_not_raised(tmp_path: Path) -> None:
+    blocker = tmp_path / "state"
+    blocker.write_text("a file where the directory should be")
+    b = Baseline.open(blocker)
+    assert b.learn(nvml(U0), 1.0)
+    assert b.save_quietly() is False
+    assert any("cannot write" in p for p in b.problems())
+    with pytest.raises(StateFileError):
+        Baseline.read(tmp_path / "state" / "x")  # NotADirectory: unreadable, not "no file"
+
+
+_DIRS = itertools.count()
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=st.binary(max_size=200))
+def test_any_file_content_loads_or_is_moved_aside(tmp_path: Path, content: bytes) -> None:
+    d = tmp_path / f"s{next(_DIRS)}"
+    d.mkdir()
+    (d / "baseline.json").write_bytes(content)
+    b = Baseline.open(d)
+    moved = list(d.glob("*.corrupt"))
+    assert (b.path.exists() and not moved) or (not b.path.exists() and len(moved) == 1)
+
+
+# --- changes from the CLI, seen by the daemon --------------------------------------------------
+
+
+def test_daemon_rereads_the_file_after_forget_and_reset(tmp_path: Path) -> None:
+    daemon = learned(tmp_path, U0, U1)
+    assert not daemon.refresh()
+    forget_gpu(tmp_path, U1)
+    assert daemon.refresh()
+    assert [g.uuid for g in daemon.gpus] == [U0]
+    removed, moved = reset_baseline(tmp_path)
+    assert [g.uuid for g in removed] == [U0] and moved is None
+    assert daemon.refresh()
+    assert daemon.gpus == ()
+    with pytest.raises(KeyError):
+        forget_gpu(tmp_path, U0)
+
+
+def test_forget_refuses_a_corrupt_file_and_reset_moves_it_aside(tmp_path: Path) -> None:
+    (tmp_path / "baseline.json").write_text("{")
+    with pytest.raises(StateFileError):
+        forget_gpu(tmp_path, U0)
+    removed, moved = reset_baseline(tmp_path)
+    assert removed == () and moved is not None and moved.read_text() == "{"
+    assert Baseline.read(tmp_path).gpus == ()
+
+
+def cli(tmp_path: Path, *args: str) -> int:
+    cfg = tmp_path / "tfgpud.toml"
+    cfg.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n')
+    return main(["baseline", *args[:1], "--config", str(cfg), *args[1:]])
+
+
+def test_cli_show_forget_reset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(tmp_path, "show") == EX_OK
+    assert "(not written yet): 0 GPU(s) expected" in capsys.readouterr().out
+    learned(tmp_path / "state", U0, U1)
+    assert cli(tmp_path, "show") == EX_OK
+    out = capsys.readouterr().out
+    assert U0 in out and A6000 in out and "00000000:02:00.0" in out
+    assert cli(tmp_path, "show", "--json") == EX_OK
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["expected_gpus"] == 2 and doc["gpus"][1]["uuid"] == U1
+    assert cli(tmp_path, "forget", "GPU-nope") == EX_FAILURE
+    assert f"known: {U0}, {U1}" in capsys.readouterr().err
+    assert cli(tmp_path, "forget", U1) == EX_OK
+    assert [g.uuid for g in Baseline.read(tmp_path / "state").gpus] == [U0]
+    assert cli(tmp_path, "reset") == EX_OK
+    assert Baseline.read(tmp_path / "state").gpus == ()
+
+
+def test_cli_reports_a_corrupt_file_and_a_bad_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "baseline.json").write_text("garbage")
+    assert cli(tmp_path, "show") == EX_FAILURE
+    err = capsys.readouterr().err
+    assert "is corrupt" in err and "tfgpud baseline reset" in err and "Traceback" not in err
+    assert (tmp_path / "state" / "baseline.json").read_text() == "garbage"  # show changes nothing
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[daemon]\nnope = 1\n")
+    assert main(["baseline", "show", "--config", str(bad)]) == EX_CONFIG
+
+
+def test_cli_cannot_write(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "state").write_text("not a directory")
+    assert cli(tmp_path, "reset") == EX_FAILURE
+    assert "cannot write the baseline" in capsys.readouterr().err
+
+
+# --- diagnosis from the baseline ----------------------------------------------------------------
+
+
+def test_vanished_names_uuid_name_and_pci_address(tmp_path: Path) -> None:
+    b = learned(tmp_path, U0, U1)
+    snap = Snapshot(
+        taken_at=1.0, pci=PciReading(), nvml=nvml(U0), baseline=b.gpus, expected_gpus=b.expected
+    )
+    [f] = [f for f in diagnose(snap, Config()) if f.code == "gpu-vanished"]
+    assert f.subject == U1 and f.severity.value == "critical"
+    assert U1 in f.summary and A6000 in f.summary and "00000000:02:00.0" in f.summary
+    assert "tfgpud baseline forget" in f.fix
+
+
+def test_nvml_down_reports_every_baseline_gpu_beside_the_driver_finding(tmp_path: Path) -> None:
+    b = learned(tmp_path, U0, U1)
+    snap = Snapshot(
+        taken_at=1.0,
+        pci=PciReading(),
+        nvml=nvml(up=False),
+        baseline=b.gpus,
+        expected_gpus=b.expected,
+    )
+    codes = {(f.code, f.subject) for f in diagnose(snap, Config())}
+    assert {("gpu-vanished", U0), ("gpu-vanished", U1), ("driver-not-loaded", "host")} <= codes
+
+
+def test_expect_count_without_a_baseline_reports_the_shortfall() -> None:
+    cfg = Config.model_validate({"expect": {"gpus": 2}})
+    snap = Snapshot(taken_at=1.0, pci=PciReading(), nvml=nvml(U0), expected_gpus=2)
+    [f] = [f for f in diagnose(snap, cfg) if f.code == "gpu-vanished"]
+    assert f.subject == "host" and "1 of the 2" in f.summary
+    ok = Snapshot(taken_at=1.0, pci=PciReading(), nvml=nvml(U0, U1), expected_gpus=2)
+    assert not [f for f in diagnose(ok, cfg) if f.code == "gpu-vanished"]

@@ -1,0 +1,381 @@
+"""TensorFlow jobs running now, and whether each computes on a GPU or on the CPU.
+
+A process "has TensorFlow" when ``libtensorflow_framework.so`` is in its ``/proc/PID/maps``; it
+is on the ``gpu`` when it holds a GPU context (its pid is in NVML's compute process list, or it
+holds ``/dev/nvidiaN`` open), on the ``cpu`` otherwise.
+
+Cost on a machine with thousands of processes: every scan reads ``/proc/PID/stat`` of each pid
+(one small read: name, state, start time, virtual size). Only *candidates* — a name matching
+``[workloads] process_names``, or a pid NVML lists — go further, and their maps are read once per
+(pid, start time): again only when the name changed (``exec``) or the virtual size grew by
+``REMAP_GROWTH_BYTES`` since (a process that imports TensorFlow late maps ~1 GB at once).
+TensorFlow never unloads, so a positive answer is kept for the life of the process.
+
+``cpu_since`` is when this scanner first saw the process on the CPU (in its current CPU stretch),
+not its start: TensorFlow jobs often compute on the CPU a while before making a GPU context, and a
+daemon restart should not turn every long-running job into an instant ``tf-job-on-cpu``.
+
+Processes exiting mid-scan and entries the daemon may not read (other users' maps without
+CAP_SYS_PTRACE) are normal input: skipped, and counted in ``WorkloadScan.unreadable``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+import os
+import pwd
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+from tfgpud.config import DEFAULT_PROCESS_NAMES
+from tfgpud.model import (
+    NvmlReading,
+    TfProcess,
+    WorkloadScan,
+    WorkloadsReading,
+    frozen_map,
+)
+
+log = logging.getLogger(__name__)
+
+TF_LIBRARY = b"libtensorflow_framework.so"
+GPU_DEVICE = re.compile(r"/dev/nvidia[0-9]+")
+# Re-read the maps of a candidate without TensorFlow when its virtual size grew this much.
+REMAP_GROWTH_BYTES = 32 * 2**20
+# How long a "holds no /dev/nvidiaN open" answer is trusted (NVML's list is re-checked each poll).
+FD_RECHECK_SECONDS = 30.0
+CMDLINE_MAX = 200
+ENV_KEYS = (b"CUDA_VISIBLE_DEVICES", b"TF_FORCE_GPU_ALLOW_GROWTH", b"TF_GPU_ALLOCATOR")
+ALLOW_GROWTH = "TF_FORCE_GPU_ALLOW_GROWTH"
+
+
+@dataclass
+class _Entry:
+    """What the scanner remembers about one process (one pid + start time)."""
+
+    start: int  # /proc/PID/stat field 22, clock ticks after boot
+    comm: bytes
+    candidate: bool
+    vsize: int = 0  # virtual size at the latest scan
+    vsize_at_read: int = -1  # virtual size when the maps were last read; -1 = never read
+    tf_library: str | None = None
+    unreadable: bool = False
+    user: str | None = None
+    uid_read: bool = False
+    tf: TfProcess | None = None  # the static facts, read once when TensorFlow is found
+    gpu_fds: bool = False
+    fds_checked_at: float = -math.inf
+    cpu_since: float | None = None
+
+
+@dataclass
+class _Counts:
+    processes: int = 0
+    candidates: int = 0
+    unreadable: int = 0
+    maps_read: int = 0
+    users: dict[int, str] = field(default_factory=dict)
+
+
+def _read(path: str, limit: int = -1) -> bytes:
+    """The file's bytes (at most ``limit``, or all). Raises OSError (incl. vanished processes)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if limit > 0:
+            return os.read(fd, limit)
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def parse_stat(data: bytes) -> tuple[bytes, bytes, int, int] | None:
+    """(comm, state, starttime, vsize) from a /proc/PID/stat line; None when malformed.
+
+    The name is inside parentheses and may itself contain spaces and ')', hence the rfind.
+    """
+    open_, close = data.find(b"("), data.rfind(b")")
+    if open_ < 0 or close < open_:
+        return None
+    rest = data[close + 2 :].split(b" ", 21)  # rest[0] is field 3 (state)
+    if len(rest) < 21:
+        return None
+    try:
+        return data[open_ + 1 : close], rest[0], int(rest[19]), int(rest[20])
+    except ValueError:
+        return None
+
+
+def find_tf_library(maps: bytes) -> str | None:
+    """Path of the libtensorflow_framework.so mapped in ``maps`` (a /proc/PID/maps text)."""
+    at = maps.find(TF_LIBRARY)
+    if at < 0:
+        return None
+    start = maps.rfind(b"\n", 0, at) + 1
+    end = maps.find(b"\n", at)
+    line = maps[start : end if end >= 0 else len(maps)]
+    parts = line.split(None, 5)  # address perms offset dev inode path
+    path = parts[5] if len(parts) == 6 else TF_LIBRARY
+    return path.decode("utf-8", "replace")
+
+
+def _names_matcher(patterns: Iterable[str]) -> Callable[[str], bool]:
+    pats = tuple(patterns)
+    if not pats:
+        return lambda name: False
+    rx = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in pats))
+    return lambda name: rx.match(name) is not None
+
+
+def _user(uid: int, cache: dict[int, str]) -> str:
+    name = cache.get(uid)
+    if name is None:
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            name = str(uid)  # a uid without a passwd entry (containers): show the number
+        cache[uid] = name
+    return name
+
+
+def _cmdline(raw: bytes) -> str:
+    text = raw.rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "replace")
+    return text if len(text) <= CMDLINE_MAX else text[: CMDLINE_MAX - 1] + "…"
+
+
+def _environment(raw: bytes) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in raw.split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if sep and key in ENV_KEYS:
+            out[key.decode()] = value.decode("utf-8", "replace")
+    return out
+
+
+class WorkloadScanner:
+    """Finds TensorFlow processes under ``proc_root``; keeps a per-process cache between scans.
+
+    ``clock`` (monotonic seconds) times the /dev/nvidia* fd re-checks; tests inject one.
+    """
+
+    def __init__(
+        self,
+        proc_root: Path = Path("/proc"),
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        fd_recheck_seconds: float = FD_RECHECK_SECONDS,
+    ) -> None:
+        # Plain strings, not pathlib: this runs for every process on every poll.
+        self._root = str(proc_root)
+        self._clock = clock
+        self._fd_recheck = fd_recheck_seconds
+        self._entries: dict[int, _Entry] = {}
+        self._users: dict[int, str] = {}
+        self._patterns: tuple[str, ...] | None = None
+        self._match: Callable[[str], bool] = lambda name: False
+        self._btime: float | None = None
+        self._btime_read = False
+        self._ticks = float(os.sysconf("SC_CLK_TCK"))
+        self._warned_unreadable = False
+
+    def _boot_time(self) -> float | None:
+        if not self._btime_read:
+            self._btime_read = True
+            try:
+                for line in _read(f"{self._root}/stat").splitlines():
+                    if line.startswith(b"btime "):
+                        self._btime = float(line.split()[1])
+            except (OSError, ValueError, IndexError):
+                self._btime = None
+        return self._btime
+
+    def scan(
+        self,
+        nvml: NvmlReading | None,
+        now: float,
+        process_names: Iterable[str] = DEFAULT_PROCESS_NAMES,
+    ) -> WorkloadsReading:
+        """One pass over ``proc_root``. ``now`` (unix time) stamps ``cpu_since``.
+
+        Raises OSError only when ``proc_root`` itself cannot be listed.
+        """
+        names = tuple(process_names)
+        if names != self._patterns:
+            self._patterns, self._match = names, _names_matcher(names)
+            for e in self._entries.values():
+                e.candidate = self._match(e.comm.decode("utf-8", "replace"))
+        gpu_pids = frozenset(
+            p.pid for g in (nvml.gpus if nvml is not None and nvml.up else ()) for p in g.processes
+        )
+        counts = _Counts()
+        live: dict[int, _Entry] = {}
+        found: list[TfProcess] = []
+        for name in os.listdir(self._root):
+            if not name.isdigit():
+                continue
+            pid = int(name)
+            entry = self._entry(pid)
+            if entry is None:
+                continue  # exited between listdir and the read
+            live[pid] = entry
+            counts.processes += 1
+            if pid in gpu_pids:
+                user = self._entry_user(pid, entry)
+                if user is not None:
+                    counts.users[pid] = user
+            if not (entry.candidate or pid in gpu_pids):
+                continue
+            counts.candidates += 1
+            tf = self._inspect(pid, entry, counts, gpu_pids, now)
+            if tf is not None:
+                found.append(tf)
+        self._entries = live
+        if counts.unreadable and not self._warned_unreadable:
+            self._warned_unreadable = True
+            log.warning(
+                "cannot read the memory maps of %d candidate process(es), e.g. pid %d: "
+                "TensorFlow jobs among them are not seen. Reading other users' processes needs "
+                "root or CAP_SYS_PTRACE (systemd: AmbientCapabilities=CAP_SYS_PTRACE)",
+                counts.unreadable,
+                min(pid for pid, e in live.items() if e.unreadable),
+            )
+        scan = WorkloadScan(
+            processes=counts.processes,
+            candidates=counts.candidates,
+            unreadable=counts.unreadable,
+            maps_read=counts.maps_read,
+            gpu_process_users=MappingProxyType(counts.users),
+        )
+        return WorkloadsReading(tuple(sorted(found, key=lambda p: p.pid)), scan)
+
+    def _entry(self, pid: int) -> _Entry | None:
+        """The cache entry for ``pid``, new when the pid was reused or exec'd; None if gone."""
+        try:
+            stat = parse_stat(_read(f"{self._root}/{pid}/stat", 4096))
+        except OSError:
+            return None
+        if stat is None:
+            return None
+        comm, state, start, vsize = stat
+        if state in (b"Z", b"X"):
+            return None  # a zombie has no memory map and computes nothing
+        entry = self._entries.get(pid)
+        if entry is None or entry.start != start or entry.comm != comm:
+            entry = _Entry(start, comm, self._match(comm.decode("utf-8", "replace")))
+        entry.vsize = vsize
+        return entry
+
+    def _entry_user(self, pid: int, entry: _Entry) -> str | None:
+        if not entry.uid_read:
+            entry.uid_read = True
+            try:
+                for line in _read(f"{self._root}/{pid}/status").splitlines():
+                    if line.startswith(b"Uid:"):
+                        entry.user = _user(int(line.split()[1]), self._users)
+                        break
+            except (OSError, ValueError, IndexError):
+                entry.user = None
+        return entry.user
+
+    def _inspect(
+        self, pid: int, entry: _Entry, counts: _Counts, gpu_pids: frozenset[int], now: float
+    ) -> TfProcess | None:
+        if entry.tf_library is None:
+            if entry.unreadable:
+                counts.unreadable += 1
+                return None
+            vsize = entry.vsize
+            if entry.vsize_at_read >= 0 and vsize - entry.vsize_at_read < REMAP_GROWTH_BYTES:
+                return None  # maps read before, nothing big mapped since: still no TensorFlow
+            try:
+                maps = _read(f"{self._root}/{pid}/maps")
+            except (FileNotFoundError, ProcessLookupError):
+                return None  # exited mid-scan
+            except OSError:
+                # EACCES: another user's process and no CAP_SYS_PTRACE. Not retried.
+                entry.unreadable = True
+                counts.unreadable += 1
+                return None
+            counts.maps_read += 1
+            entry.vsize_at_read = vsize
+            entry.tf_library = find_tf_library(maps)
+            if entry.tf_library is None:
+                return None
+        if entry.tf is None:
+            entry.tf = self._facts(pid, entry)
+        on_gpu = pid in gpu_pids or self._holds_gpu(pid, entry)
+        if on_gpu:
+            entry.cpu_since = None
+        elif entry.cpu_since is None:
+            entry.cpu_since = now
+        return TfProcess(
+            pid=entry.tf.pid,
+            placement="gpu" if on_gpu else "cpu",
+            user=entry.tf.user,
+            cmdline=entry.tf.cmdline,
+            started_at=entry.tf.started_at,
+            python=entry.tf.python,
+            allow_growth=entry.tf.allow_growth,
+            cpu_since=entry.cpu_since,
+            tensorflow_library=entry.tf.tensorflow_library,
+            environment=entry.tf.environment,
+        )
+
+    def _facts(self, pid: int, entry: _Entry) -> TfProcess:
+        """What does not change while the process lives; every piece may be unreadable."""
+        base = f"{self._root}/{pid}"
+        try:
+            cmdline = _cmdline(_read(f"{base}/cmdline", 1 << 16))
+        except OSError:
+            cmdline = ""
+        try:
+            python: str | None = os.readlink(f"{base}/exe")
+        except OSError:
+            python = None
+        env: dict[str, str] | None
+        try:
+            env = _environment(_read(f"{base}/environ"))
+        except OSError:
+            env = None  # other users' environ needs CAP_SYS_PTRACE
+        allow = None if env is None else env.get(ALLOW_GROWTH, "").strip().lower() == "true"
+        btime = self._boot_time()
+        return TfProcess(
+            pid=pid,
+            placement="cpu",
+            user=self._entry_user(pid, entry),
+            cmdline=cmdline,
+            started_at=None if btime is None else btime + entry.start / self._ticks,
+            python=python,
+            allow_growth=allow,
+            tensorflow_library=entry.tf_library,
+            environment=frozen_map(env),
+        )
+
+    def _holds_gpu(self, pid: int, entry: _Entry) -> bool:
+        """True when the process has /dev/nvidiaN open (a CUDA context). Re-checked on a TTL."""
+        now = self._clock()
+        if entry.gpu_fds or now - entry.fds_checked_at < self._fd_recheck:
+            return entry.gpu_fds  # a context, once made, lives as long as the process
+        entry.fds_checked_at = now
+        fd_dir = f"{self._root}/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            return False
+        for fd in fds:
+            try:
+                target = os.readlink(f"{fd_dir}/{fd}")
+            except OSError:
+                continue
+            if GPU_DEVICE.fullmatch(target):
+                entry.gpu_fds = True
+                break
+        return entry.gpu_fds

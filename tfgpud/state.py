@@ -1,0 +1,405 @@
+"""The persisted baseline: the GPUs this machine is expected to have, keyed by UUID.
+
+The baseline lives in ``<[daemon] state_dir>/baseline.json`` and is learned as the set of GPUs
+NVML has ever listed here (until ``tfgpud baseline forget|reset``), or sized by ``[expect] gpus``.
+It is what makes "a GPU is gone" visible after a restart or a reboot. Every write is atomic
+(temp file, fsync, rename, fsync of the directory); writers (the daemon, the CLI) hold an
+advisory lock so a CLI change is never overwritten by the daemon. The daemon re-reads the file
+when its identity (inode, mtime, size) changes, so a CLI change takes effect at its next poll.
+
+A corrupt or unreadable file is moved aside as ``baseline.json.<time>.corrupt`` and the baseline
+is rebuilt from what is seen now; the problem is reported in :meth:`Baseline.problems` (the
+``baseline-state-error`` finding) for as long as the ``*.corrupt`` file is kept.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+from tfgpud.model import KnownGpu, NvmlReading
+
+log = logging.getLogger(__name__)
+
+BASELINE_FILE = "baseline.json"
+LOCK_FILE = ".baseline.lock"
+FORMAT_VERSION = 1
+# journald MESSAGE_IDs of the state file's own log entries.
+MSG_STATE_UNUSABLE = "8d1a5e0c2f6b4a7e9c3d0b1f4e6a2c58"
+MSG_STATE_REREAD = "3f0c6b1e9a2d4c7b8e5f1a0d2c4b6e93"
+MSG_GPU_JOINED = "c6e2a9f04b1d4e8a9f3b7d5c1e0a8b24"
+
+Expect = int | Literal["auto"]
+
+
+class StateFileError(Exception):
+    """The state file cannot be read or parsed. The message is for a person."""
+
+
+def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync the directory.
+
+    A reader sees the old or the new content, never a mix, even across a power loss.
+    Raises OSError (the temp file is removed).
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _opt_str(entry: dict[str, Any], key: str) -> str | None:
+    value = entry.get(key)
+    if value is not None and not isinstance(value, str):
+        raise StateFileError(f"gpus[].{key}: expected a string, got {value!r}")
+    return value
+
+
+def _opt_time(entry: dict[str, Any], key: str) -> float | None:
+    value = entry.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise StateFileError(f"gpus[].{key}: expected a number, got {value!r}")
+    return float(value)
+
+
+def parse_baseline(data: bytes) -> dict[str, KnownGpu]:
+    """The GPUs in a baseline file's bytes; raises StateFileError when they are not valid."""
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StateFileError(f"not valid JSON: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("version") != FORMAT_VERSION:
+        raise StateFileError(f"not a version-{FORMAT_VERSION} tfgpud baseline")
+    entries = doc.get("gpus")
+    if not isinstance(entries, list):
+        raise StateFileError("`gpus` is missing or not a list")
+    gpus: dict[str, KnownGpu] = {}
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise StateFileError(f"gpus[]: expected an object, got {entry!r}")
+        uuid = entry.get("uuid")
+        if not isinstance(uuid, str) or not uuid:
+            raise StateFileError(f"gpus[].uuid: expected a non-empty string, got {uuid!r}")
+        gpus[uuid] = KnownGpu(
+            uuid=uuid,
+            name=_opt_str(entry, "name"),
+            pci_bus_id=_opt_str(entry, "pci_bus_id"),
+            first_seen=_opt_time(entry, "first_seen"),
+            last_seen=_opt_time(entry, "last_seen"),
+        )
+    return gpus
+
+
+def render_baseline(gpus: dict[str, KnownGpu], now: float) -> bytes:
+    doc = {
+        "version": FORMAT_VERSION,
+        "updated_at": now,
+        "gpus": [
+            {
+                "uuid": g.uuid,
+                "name": g.name,
+                "pci_bus_id": g.pci_bus_id,
+                "first_seen": g.first_seen,
+                "last_seen": g.last_seen,
+            }
+            for g in sorted(gpus.values(), key=lambda g: g.uuid)
+        ],
+    }
+    return (json.dumps(doc, indent=2) + "\n").encode()
+
+
+class Baseline:
+    """The expected GPUs of this machine, backed by ``<state_dir>/baseline.json``.
+
+    Construct with :meth:`open` (the daemon: repairs a bad file) or :meth:`read` (read-only).
+    Not thread-safe: the daemon uses it from the poll loop only.
+    """
+
+    def __init__(self, state_dir: Path | str, expect: Expect = "auto") -> None:
+        self.state_dir = Path(state_dir)
+        self.path = self.state_dir / BASELINE_FILE
+        self.expect: Expect = expect
+        self._gpus: dict[str, KnownGpu] = {}
+        self._stamp: tuple[int, int, int] | None = None
+        self._problem: str | None = None  # a read/write problem not visible as a .corrupt file
+        self._dirty = False  # last_seen moved on without a membership change: saved at close
+        self._lock_depth = 0
+
+    # -- loading -------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, state_dir: Path | str, expect: Expect = "auto") -> Baseline:
+        """Load the baseline, moving a corrupt or unreadable file aside. Never raises."""
+        b = cls(state_dir, expect)
+        b._load(repair=True)
+        return b
+
+    @classmethod
+    def read(cls, state_dir: Path | str, expect: Expect = "auto") -> Baseline:
+        """Load read-only; raises StateFileError when the file is corrupt or unreadable."""
+        b = cls(state_dir, expect)
+        b._gpus = b._read_file()
+        return b
+
+    def _read_file(self) -> dict[str, KnownGpu]:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise StateFileError(f"cannot read {self.path}: {exc.strerror or exc}") from None
+        try:
+            return parse_baseline(data)
+        except StateFileError as exc:
+            raise StateFileError(f"{self.path} is corrupt: {exc}") from None
+
+    def _load(self, repair: bool) -> None:
+        self._stamp = _stamp(self.path)
+        try:
+            self._gpus = self._read_file()
+            self._problem = None
+        except StateFileError as exc:
+            self._gpus = {}
+            if not repair:
+                raise
+            moved = self.move_aside()
+            if moved is None:
+                self._problem = f"{exc}; it could not be moved aside"
+            else:
+                self._problem = None  # reported through the .corrupt file from now on
+            log.error(
+                "baseline state file unusable: %s; %s; rebuilding it from the GPUs seen now",
+                exc,
+                f"moved aside to {moved}" if moved else "could not move it aside",
+                extra={"MESSAGE_ID": MSG_STATE_UNUSABLE, "STATE_FILE": self.path},
+            )
+            self._stamp = _stamp(self.path)
+
+    def move_aside(self) -> Path | None:
+        """Rename the state file to ``baseline.json.<UTC time>.corrupt``; None if that failed."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = self.path.with_name(f"{self.path.name}.{stamp}.corrupt")
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.path.with_name(f"{self.path.name}.{stamp}-{n}.corrupt")
+        try:
+            os.rename(self.path, target)
+        except OSError as exc:
+            log.error("cannot move %s aside: %s", self.path, exc.strerror or exc)
+            return None
+        return target
+
+    def refresh(self) -> bool:
+        """Re-read the file if someone else (``tfgpud baseline ...``) replaced it. Never raises.
+
+        Returns True when it was re-read.
+        """
+        if _stamp(self.path) == self._stamp:
+            return False
+        with self.lock():
+            self._load(repair=True)
+        log.info(
+            "baseline re-read from %s: %d GPU(s) expected",
+            self.path,
+            len(self._gpus),
+            extra={"MESSAGE_ID": MSG_STATE_REREAD},
+        )
+        return True
+
+    # -- what it says --------------------------------------------------------------------------
+
+    @property
+    def gpus(self) -> tuple[KnownGpu, ...]:
+        return tuple(sorted(self._gpus.values(), key=lambda g: g.uuid))
+
+    @property
+    def expected(self) -> int:
+        """How many GPUs this machine should have: ``[expect] gpus``, else the learned count."""
+        return self.expect if isinstance(self.expect, int) else len(self._gpus)
+
+    def corrupt_files(self) -> list[Path]:
+        try:
+            return sorted(self.state_dir.glob(f"{BASELINE_FILE}.*.corrupt"))
+        except OSError:
+            return []
+
+    def problems(self) -> tuple[str, ...]:
+        """One line per state-file problem a person should look at (empty when all is well)."""
+        out = [self._problem] if self._problem else []
+        out.extend(
+            f"{p} holds a baseline that could not be read; it was moved aside and the "
+            "baseline rebuilt from the GPUs seen since"
+            for p in self.corrupt_files()
+        )
+        return tuple(out)
+
+    # -- changing it ---------------------------------------------------------------------------
+
+    def learn(self, nvml: NvmlReading | None, now: float) -> bool:
+        """Add the GPUs NVML lists now (and refresh their name/PCI id). True if that changed
+        the membership or an identity (then the caller saves); last_seen alone does not."""
+        if nvml is None or not nvml.up:
+            return False
+        changed = False
+        for g in nvml.gpus:
+            if g.uuid.startswith("GPU-unknown"):
+                continue  # a lost GPU whose UUID this process never read
+            prev = self._gpus.get(g.uuid)
+            name = g.name or (prev.name if prev else None)
+            bus = g.pci_bus_id or (prev.pci_bus_id if prev else None)
+            if prev is None:
+                log.info(
+                    "GPU %s %s at %s joined the baseline (%s)",
+                    name or "?",
+                    g.uuid,
+                    bus or "?",
+                    self.path,
+                    extra={"MESSAGE_ID": MSG_GPU_JOINED, "SUBJECT": g.uuid},
+                )
+            if prev is None or prev.name != name or prev.pci_bus_id != bus:
+                changed = True
+            self._gpus[g.uuid] = KnownGpu(
+                uuid=g.uuid,
+                name=name,
+                pci_bus_id=bus,
+                first_seen=prev.first_seen if prev and prev.first_seen else now,
+                last_seen=now,
+            )
+            self._dirty = True
+        return changed
+
+    def forget(self, uuid: str) -> KnownGpu | None:
+        """Remove one GPU (accept that it is gone for good); the removed entry or None."""
+        return self._gpus.pop(uuid, None)
+
+    def reset(self) -> tuple[KnownGpu, ...]:
+        """Forget every GPU; the daemon re-learns the ones it sees. Returns what was removed."""
+        removed = self.gpus
+        self._gpus.clear()
+        return removed
+
+    def save(self, now: float | None = None) -> None:
+        """Write the file atomically (creating state_dir). Raises OSError."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        write_atomically(
+            self.path, render_baseline(self._gpus, time.time() if now is None else now)
+        )
+        self._stamp = _stamp(self.path)
+        self._dirty = False
+
+    def save_quietly(self, now: float | None = None) -> bool:
+        """:meth:`save`, logging (and reporting through :meth:`problems`) instead of raising."""
+        try:
+            self.save(now)
+        except OSError as exc:
+            msg = f"cannot write {self.path}: {exc.strerror or exc}"
+            if msg != self._problem:
+                log.error("%s; the baseline is kept in memory only", msg)
+            self._problem = msg
+            return False
+        if self._problem and self._problem.startswith("cannot write"):
+            self._problem = None
+        return True
+
+    def close(self) -> None:
+        """Persist last_seen times gathered since the last write (daemon shutdown)."""
+        if self._dirty and self._stamp is not None:
+            with self.lock():
+                if _stamp(self.path) == self._stamp:  # do not clobber a CLI change
+                    self.save_quietly()
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the advisory writer lock (``state_dir/.baseline.lock``) when it can be had.
+
+        Re-entrant: flock() on a second descriptor of the same file would wait for ourselves.
+        """
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        fd: int | None = None
+        self._lock_depth = 1
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EROFS, errno.EPERM, errno.ENOENT):
+                log.debug("baseline lock unavailable: %s", exc)
+        try:
+            yield
+        finally:
+            self._lock_depth = 0
+            if fd is not None:
+                os.close(fd)
+
+
+# --- `tfgpud baseline forget|reset` -------------------------------------------------------------
+
+
+def forget_gpu(state_dir: Path | str, uuid: str) -> KnownGpu:
+    """Remove ``uuid`` from the persisted baseline. Raises KeyError (not in it),
+    StateFileError (file unusable: reset instead) or OSError (cannot write)."""
+    b = Baseline(state_dir)
+    with b.lock():
+        b._gpus = b._read_file()
+        gone = b.forget(uuid)
+        if gone is None:
+            raise KeyError(uuid)
+        b.save()
+    return gone
+
+
+def reset_baseline(state_dir: Path | str) -> tuple[tuple[KnownGpu, ...], Path | None]:
+    """Empty the persisted baseline (a running daemon re-learns the GPUs it sees). A corrupt
+    file is moved aside first. Returns (the GPUs removed, where a corrupt file went).
+    Raises OSError when the file cannot be written."""
+    b = Baseline(state_dir)
+    moved: Path | None = None
+    with b.lock():
+        try:
+            b._gpus = b._read_file()
+        except StateFileError:
+            moved = b.move_aside()
+        removed = b.reset()
+        b.save()
+    return removed, moved
