@@ -201,3 +201,36 @@ def run_python(
         except json.JSONDecodeError:
             data = None
     return PythonResult(proc.returncode, proc.stdout, proc.stderr, data)
+
+
+# DESIGN.md "Finding codes", copied: the contract this module implements.
+DESIGN_CODES = [
+    "no-nvidia-gpu",
+    "nvml-library-missing",
+    "driver-not-loaded",
+    "driver-library-mismatch",
+    "nouveau-bound",
+    "device-nodes-missing",
+    "nvml-no-permission",
+    "gpu-lost",
+    "gpu-vanished",
+    "gpu-appeared",
+    "gpu-xid-critical",
+    "gpu-memory-pressure",
+    "tf-cpu-fallback",
+    "tf-cpu-only-build",
+    "tf-gpus-hidden-by-env",
+    "tf-cuda-libs-missing",
+    "tf-libcuda-missing",
+    "tf-driver-too-old",
+    "tf-driver-dso-mismatch",
+    "tf-compute-capability-unsupported",
+    "tf-cudnn-mismatch",
+    "tf-device-permission",
+    "tf-partial-visibility",
+    "tf-ptx-jit-only",
+    "tf-import-failed",
+    "tf-import-crashed",
+    "tf-probe-timeout",
+    "tf-job-on-cpu",
+]

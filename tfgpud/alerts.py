@@ -29,10 +29,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from tfgpud.config import AlertmanagerConfig, AlertsConfig, WebhookConfig
-from tfgpud.model import AlertStats, Finding, Severity, SinkStats
+from tfgpud.model import AlertStats, Finding, Severity, SinkStats, to_jsonable
 from tfgpud.state import write_atomically
 
 log = logging.getLogger(__name__)
@@ -198,17 +198,12 @@ def log_transition(t: Transition) -> None:
     )
 
 
+def _finding_fields(f: Finding) -> dict[str, Any]:
+    return cast(dict[str, Any], to_jsonable(f))
+
+
 def _alert_to_json(a: Alert) -> dict[str, Any]:
-    f = a.finding
-    return {
-        "code": f.code,
-        "severity": f.severity.value,
-        "subject": f.subject,
-        "summary": f.summary,
-        "evidence": list(f.evidence),
-        "fix": f.fix,
-        "starts_at": a.starts_at,
-    }
+    return {**_finding_fields(a.finding), "starts_at": a.starts_at}
 
 
 def _alert_from_json(d: Any) -> Alert:
@@ -341,12 +336,7 @@ def webhook_event(d: Delivery, instance: str) -> dict[str, Any]:
         "status": d.state,
         "alertname": alertname(f.code),
         "instance": instance,
-        "code": f.code,
-        "severity": f.severity.value,
-        "subject": f.subject,
-        "summary": f.summary,
-        "evidence": list(f.evidence),
-        "fix": f.fix,
+        **_finding_fields(f),
         "starts_at": rfc3339(a.starts_at),
         "ends_at": rfc3339(a.ends_at) if d.state == "resolved" and a.ends_at else None,
         "message_id": message_id(f.code),

@@ -28,7 +28,7 @@ from tfgpud.collectors.workloads import WorkloadScanner
 from tfgpud.config import Config, ConfigError, load_config, parse_listen
 from tfgpud.diagnosis import diagnose
 from tfgpud.exporter import Exposition, make_registry
-from tfgpud.model import CollectorRun, KnownGpu, NvmlReading, Snapshot
+from tfgpud.model import CollectorRun, KnownGpu, NvmlReading, Snapshot, to_jsonable
 from tfgpud.server import Endpoints, HttpServer
 from tfgpud.state import Baseline
 from tfgpud.systemd import Notifier
@@ -134,17 +134,7 @@ def status_document(snap: Snapshot | None, host: str) -> dict[str, Any]:
             {"name": c.name, "success": c.success, "duration_seconds": c.duration_seconds}
             for c in snap.collectors
         ],
-        "findings": [
-            {
-                "code": f.code,
-                "severity": f.severity.value,
-                "subject": f.subject,
-                "summary": f.summary,
-                "evidence": list(f.evidence),
-                "fix": f.fix,
-            }
-            for f in snap.findings
-        ],
+        "findings": [to_jsonable(f) for f in snap.findings],
     }
     return doc
 

@@ -9,6 +9,7 @@ from types import MappingProxyType
 from typing import Any
 
 import pytest
+from helpers import DESIGN_CODES
 
 from tfgpud.config import Config, parse_config
 from tfgpud.diagnosis import cpu_fallback_envs, diagnose, worst_severity
@@ -692,39 +693,6 @@ def test_probe_timeout_is_warning() -> None:
     f = one(diagnose(snap(tf=(r,)), CONFIG), "tf-probe-timeout", "research")
     assert f.severity is Severity.WARNING and "120 s" in f.summary
     assert "timeout_seconds" in f.fix
-
-
-# DESIGN.md "Finding codes", copied: the contract this module implements.
-DESIGN_CODES = [
-    "no-nvidia-gpu",
-    "nvml-library-missing",
-    "driver-not-loaded",
-    "driver-library-mismatch",
-    "nouveau-bound",
-    "device-nodes-missing",
-    "nvml-no-permission",
-    "gpu-lost",
-    "gpu-vanished",
-    "gpu-appeared",
-    "gpu-xid-critical",
-    "gpu-memory-pressure",
-    "tf-cpu-fallback",
-    "tf-cpu-only-build",
-    "tf-gpus-hidden-by-env",
-    "tf-cuda-libs-missing",
-    "tf-libcuda-missing",
-    "tf-driver-too-old",
-    "tf-driver-dso-mismatch",
-    "tf-compute-capability-unsupported",
-    "tf-cudnn-mismatch",
-    "tf-device-permission",
-    "tf-partial-visibility",
-    "tf-ptx-jit-only",
-    "tf-import-failed",
-    "tf-import-crashed",
-    "tf-probe-timeout",
-    "tf-job-on-cpu",
-]
 
 
 def test_every_design_code_is_asserted_by_a_test() -> None:
