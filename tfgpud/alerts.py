@@ -405,7 +405,12 @@ class SinkWorker:
     def stop(self, timeout: float) -> None:
         with self._cond:
             self._stop = True
+            pending = len(self._queue)
             self._cond.notify()
+        if pending:
+            log.warning(
+                "%s: %d undelivered alert message(s) given up at stop", self.sink.name, pending
+            )
         if self._thread is not None:
             self._thread.join(timeout)
 

@@ -8,9 +8,12 @@ for a person, never a traceback.
 from __future__ import annotations
 
 import argparse
+import base64
+import getpass
 import json
 import logging
 import os
+import ssl
 import sys
 import time
 import urllib.error
@@ -123,9 +126,27 @@ def _status_url(args: argparse.Namespace) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     base = _status_url(args)
+    request = urllib.request.Request(f"{base}/status")
+    if args.user:
+        # The password comes from the environment or a prompt, never from argv (ps shows it).
+        password = os.environ.get("TFGPUD_PASSWORD")
+        if password is None:
+            if not sys.stdin.isatty():
+                _err("--user needs TFGPUD_PASSWORD in the environment when not on a terminal")
+                return EX_USAGE
+            password = getpass.getpass(f"password for {args.user}: ")
+        token = base64.b64encode(f"{args.user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    context = None
+    if base.startswith("https:"):
+        context = ssl.create_default_context(cafile=args.cacert)
     try:
-        with urllib.request.urlopen(f"{base}/status", timeout=args.timeout) as resp:
+        with urllib.request.urlopen(request, timeout=args.timeout, context=context) as resp:
             doc: dict[str, Any] = json.load(resp)
+    except urllib.error.HTTPError as exc:
+        hint = " (check --user and TFGPUD_PASSWORD)" if exc.code == 401 else ""
+        _err(f"{base}/status answered {exc.code} {exc.reason}{hint}")
+        return EX_FAILURE
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         _err(
@@ -253,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", help="daemon base URL (default: from the configuration)")
     p.add_argument("--config", metavar="PATH")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--user", help="basic-auth user (password: $TFGPUD_PASSWORD or a prompt)")
+    p.add_argument("--cacert", metavar="PATH", help="CA file to verify an https:// daemon")
     p.add_argument("--timeout", type=float, default=5.0, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_status)
 

@@ -346,6 +346,14 @@ class Daemon:
         if new.tensorflow != old.tensorflow:
             self._tf.close()
             self._tf = TfProbeScheduler.from_config(new.tensorflow, on_result=self._on_probe_result)
+        if new.alerts != old.alerts or new.daemon.state_dir != old.daemon.state_dir:
+            # Firing alerts live in state_dir/alerts.json, so the new dispatcher carries them
+            # on (and re-sends them to Alertmanager); deliveries still queued for the old
+            # sinks are given up, which is logged by the sink workers' stop.
+            self._alerts.stop(0.5)
+            self._alerts = AlertDispatcher(new.alerts, Path(new.daemon.state_dir), self.host)
+            self._alerts.start()
+            log.info("alert sinks reconfigured: %d sink(s)", len(self._alerts.workers))
         self.config = new
         log.info("configuration reloaded from %s", self.config_path)
 

@@ -6,6 +6,7 @@ Exit status: 0 healthy (info findings only), 1 warnings, 2 critical.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -19,12 +20,14 @@ from tfgpud.diagnosis import diagnose, worst_severity
 from tfgpud.model import (
     CollectorRun,
     Finding,
+    KnownGpu,
     NvmlReading,
     PciReading,
     Snapshot,
     TfProbeResult,
     to_jsonable,
 )
+from tfgpud.state import BASELINE_FILE, Baseline, StateFileError
 
 PciReader = Callable[[Path, Path, Path], PciReading]
 NvmlReader = Callable[[str | None], NvmlReading]
@@ -85,15 +88,33 @@ def collect_snapshot(
         runs.append(run)
         if result is not None:
             results.append(result)
-    expected = config.expect.gpus if isinstance(config.expect.gpus, int) else None
+    baseline, expected, problems = _read_baseline(config)
     return Snapshot(
         taken_at=now(),
         pci=pci,
         nvml=nvml,
         tf=tuple(results),
         collectors=tuple(runs),
+        baseline=baseline,
         expected_gpus=expected,
+        baseline_problems=problems,
     )
+
+
+def _read_baseline(config: Config) -> tuple[tuple[KnownGpu, ...], int | None, tuple[str, ...]]:
+    """The daemon's persisted baseline, read-only (doctor never writes state)."""
+    expect = config.expect.gpus
+    fixed = expect if isinstance(expect, int) else None
+    path = Path(config.daemon.state_dir) / BASELINE_FILE
+    if path.exists() and not os.access(path, os.R_OK):
+        return (), fixed, ()  # e.g. a user running doctor: the daemon's state is not theirs
+    try:
+        b = Baseline.read(config.daemon.state_dir, expect)
+    except StateFileError as exc:
+        return (), fixed, (str(exc),)
+    if not b.gpus and fixed is None:
+        return (), None, ()
+    return b.gpus, b.expected, ()
 
 
 def run_doctor(

@@ -305,3 +305,18 @@ def test_a_landed_probe_is_diagnosed_at_once_not_at_the_next_tick(
         assert m['tfgpud_tf_probe_success{env="slow"}'] == 0
         assert took < 5, took  # the poll interval is 60 s
         assert d.stop() == 0
+
+
+def test_reload_reconfigures_alert_sinks(daemon: DaemonProcess) -> None:
+    d = daemon.start()
+    port = free_port()
+    d.config.write_text(
+        d.config.read_text() + f'\n[[alerts.webhook]]\nurl = "http://127.0.0.1:{port}/hook"\n'
+    )
+    d.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 5
+    while "alert sinks reconfigured" not in d.stderr() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "alert sinks reconfigured: 1 sink(s)" in d.stderr()
+    d.wait_metric(lambda m: 'tfgpud_alerts_sent_total{sink="webhook[0]"}' in m)
+    assert d.stop() == 0

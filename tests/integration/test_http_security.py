@@ -325,3 +325,25 @@ def test_many_concurrent_tls_scrapes(tmp_path: Path, pki: Pki) -> None:
         for t in threads:
             t.join(30)
     assert codes == [200] * 40
+
+
+def test_status_command_through_tls_and_basic_auth(
+    tmp_path: Path,
+    pki: Pki,
+    alice_hash: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from tfgpud.cli import main
+
+    with serving(tmp_path, web_config_yaml(pki, {"alice": alice_hash})) as (server, _):
+        url = f"https://127.0.0.1:{server.address[1]}"
+        monkeypatch.setenv("TFGPUD_PASSWORD", PASSWORD)
+        assert main(["status", "--url", url, "--cacert", str(pki.ca_crt), "--user", "alice"]) == 0
+        assert "tfgpud ? on test: ok" in capsys.readouterr().out
+        monkeypatch.setenv("TFGPUD_PASSWORD", "wrong")
+        assert main(["status", "--url", url, "--cacert", str(pki.ca_crt), "--user", "alice"]) == 1
+        assert "answered 401" in capsys.readouterr().err
+        # Without the CA the certificate cannot be verified: a clear error, not a traceback.
+        assert main(["status", "--url", url, "--user", "alice"]) == 1
+        assert "CERTIFICATE_VERIFY_FAILED" in capsys.readouterr().err

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,7 +108,11 @@ def doctor_with(result: TfProbeResult, nvml: NvmlReading | None, config: Config)
     kwargs: dict[str, Any] = {"probe": cached_probe}
     if nvml is not None:
         kwargs["read_nvml"] = lambda library: nvml
-    code = run_doctor(config, python=None, as_json=False, out=out, **kwargs)
+    # Hermetic: never read a baseline a daemon on this machine may have left in /var/lib.
+    with tempfile.TemporaryDirectory() as state_dir:
+        daemon = config.daemon.model_copy(update={"state_dir": state_dir})
+        config = config.model_copy(update={"daemon": daemon})
+        code = run_doctor(config, python=None, as_json=False, out=out, **kwargs)
     return code, out.getvalue()
 
 

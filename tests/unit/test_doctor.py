@@ -6,7 +6,7 @@ import io
 import json
 from pathlib import Path
 
-from tfgpud.config import Config, TfEnvConfig, parse_config
+from tfgpud.config import TfEnvConfig, parse_config
 from tfgpud.doctor import run_doctor
 from tfgpud.model import (
     GpuReading,
@@ -86,7 +86,7 @@ def test_cli_python_is_probed_as_env_cli_and_report_reads_top_down() -> None:
     assert positions == sorted(positions)
 
 
-def test_json_output_and_healthy_exit() -> None:
+def test_json_output_and_healthy_exit(tmp_path: Path) -> None:
     out = io.StringIO()
 
     def healthy(env: TfEnvConfig, timeout: float) -> TfProbeResult:
@@ -103,7 +103,10 @@ def test_json_output_and_healthy_exit() -> None:
             gpus=(TfGpu("/physical_device:GPU:0"),),
         )
 
-    cfg = parse_config('[[tensorflow.envs]]\nname = "main"\npython = "/opt/main/bin/python"\n')
+    cfg = parse_config(
+        f'[daemon]\nstate_dir = "{tmp_path}"\n'
+        '[[tensorflow.envs]]\nname = "main"\npython = "/opt/main/bin/python"\n'
+    )
     code = run_doctor(
         cfg,
         python=None,
@@ -119,13 +122,13 @@ def test_json_output_and_healthy_exit() -> None:
     assert doc["snapshot"]["nvml"]["gpus"][0]["uuid"] == "GPU-a"
 
 
-def test_broken_collector_is_reported_not_raised() -> None:
+def test_broken_collector_is_reported_not_raised(tmp_path: Path) -> None:
     def broken(library: str | None) -> NvmlReading:
         raise RuntimeError("nvml exploded")
 
     out = io.StringIO()
     code = run_doctor(
-        Config(),
+        parse_config(f'[daemon]\nstate_dir = "{tmp_path}"\n'),
         python=None,
         as_json=False,
         out=out,
@@ -135,3 +138,44 @@ def test_broken_collector_is_reported_not_raised() -> None:
     )
     assert "Driver (NVML)\n  not read (collector failed)" in out.getvalue()
     assert code == 0  # one healthy-looking PCI GPU, no envs: nothing to report
+
+
+def test_doctor_reads_the_daemons_baseline(tmp_path: Path) -> None:
+    from tfgpud.state import Baseline
+
+    state = Baseline.open(tmp_path)
+    gone = GpuReading(1, "GPU-b", "NVIDIA H100", pci_bus_id="00000000:02:00.0")
+    state.learn(NvmlReading(up=True, gpus=(*NVML.gpus, gone)), 1000.0)
+    state.save(1000.0)
+    state.close()
+    config = parse_config(f'[daemon]\nstate_dir = "{tmp_path}"\n')
+    out = io.StringIO()
+    code = run_doctor(
+        config,
+        python=None,
+        as_json=True,
+        out=out,
+        read_pci=fake_pci,
+        read_nvml=fake_nvml,
+        probe=probe_without_cuda_libs,
+    )
+    doc = json.loads(out.getvalue())
+    vanished = [f for f in doc["findings"] if f["code"] == "gpu-vanished"]
+    assert [f["subject"] for f in vanished] == ["GPU-b"]
+    assert "00000000:02:00.0" in vanished[0]["summary"]
+    assert code == 2
+    # A corrupt state file is reported, and doctor never moves or rewrites it.
+    (tmp_path / "baseline.json").write_text("{not json")
+    out = io.StringIO()
+    run_doctor(
+        config,
+        python=None,
+        as_json=True,
+        out=out,
+        read_pci=fake_pci,
+        read_nvml=fake_nvml,
+        probe=probe_without_cuda_libs,
+    )
+    codes = {f["code"] for f in json.loads(out.getvalue())["findings"]}
+    assert "baseline-state-error" in codes
+    assert (tmp_path / "baseline.json").read_text() == "{not json"
