@@ -89,6 +89,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     except StartupError as exc:
         _err(str(exc))
         return EX_FAILURE
+    except OSError as exc:  # e.g. a state directory or socket the OS refuses
+        where = f" ({exc.filename})" if exc.filename else ""
+        _err(
+            f"cannot start: {exc.strerror or exc}{where}. Check the paths and permissions "
+            "in the configuration and the service's sandbox (ReadWritePaths=, StateDirectory=)."
+        )
+        return EX_FAILURE
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -231,7 +238,10 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     except StateFileError as exc:
         _err(f"{exc}. `tfgpud baseline reset` moves it aside and starts a new baseline.")
     except KeyError:
-        known = ", ".join(g.uuid for g in Baseline.read(state_dir).gpus) or "none"
+        try:
+            known = ", ".join(g.uuid for g in Baseline.read(state_dir).gpus) or "none"
+        except StateFileError as exc:  # replaced by an unusable file since forget read it
+            known = f"unknown: {exc}"
         _err(
             f"{args.uuid} is not in the baseline {Path(state_dir) / 'baseline.json'} "
             f"(known: {known}); see `tfgpud baseline show`."

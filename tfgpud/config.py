@@ -163,26 +163,54 @@ class Config(_Section):
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
 
 
+_HEADER = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(?:#.*)?$")
+
+
+def _headers(lines: list[str]) -> list[tuple[int, tuple[str, ...]]]:
+    """(line index, dotted name split) of every ``[table]`` / ``[[array]]`` header."""
+    out = []
+    for i, line in enumerate(lines):
+        m = _HEADER.match(line)
+        if m:
+            out.append((i, tuple(p.strip().strip("\"'") for p in m.group(1).split("."))))
+    return out
+
+
 def _line_of(text: str, loc: tuple[str | int, ...]) -> int | None:
-    """Best-effort line number of the key at ``loc`` in the TOML source."""
-    keys = [k for k in loc if isinstance(k, str)]
-    if not keys:
-        return None
+    """Best-effort line number (1-based) of the key at ``loc`` in the TOML source.
+
+    Follows tables in order, including the N-th ``[[array]]`` table for an index in ``loc``;
+    a key that is missing points at its table's header.
+    """
     lines = text.splitlines()
-    # Walk sections in order so `[daemon] interval_seconds` finds the one under [daemon].
-    start = 0
-    for section in keys[:-1]:
-        pat = re.compile(rf"^\s*\[\[?\s*(?:[\w.-]+\.)?{re.escape(section)}\s*\]\]?\s*(#.*)?$")
-        for i in range(start, len(lines)):
-            if pat.match(lines[i]):
-                start = i
-                break
-    key_pat = re.compile(rf"^\s*[\"']?{re.escape(keys[-1])}[\"']?\s*=")
-    sec_pat = re.compile(rf"^\s*\[\[?\s*(?:[\w.-]+\.)?{re.escape(keys[-1])}\s*\]\]?")
-    for i in range(start, len(lines)):
-        if key_pat.match(lines[i]) or sec_pat.match(lines[i]):
-            return i + 1
-    return None
+    headers = _headers(lines)
+    table: tuple[str, ...] = ()
+    start, end = 0, headers[0][0] if headers else len(lines)
+    j = 0
+    while j < len(loc) and isinstance(loc[j], str):
+        candidate = (*table, str(loc[j]))
+        matches = [i for i, name in headers if name == candidate]
+        index = loc[j + 1] if j + 1 < len(loc) and isinstance(loc[j + 1], int) else None
+        if (
+            not matches
+            and index is None
+            and any(n[: len(candidate)] == candidate for _, n in headers)
+        ):
+            table, j = candidate, j + 1  # only implied by a dotted header like [tensorflow.envs]
+            continue
+        if not matches or (index is not None and index >= len(matches)):
+            break
+        start = matches[index or 0]
+        end = next((i for i, _ in headers if i > start), len(lines))
+        table = candidate
+        j += 2 if index is not None else 1
+    rest = [k for k in loc[j:] if isinstance(k, str)]
+    if rest:
+        key_pat = re.compile(rf"^\s*[\"']?{re.escape(rest[0])}[\"']?\s*=")
+        for i in range(start, end):
+            if key_pat.match(lines[i]):
+                return i + 1
+    return start + 1 if table else None
 
 
 def _describe(err: Any, text: str) -> str:

@@ -245,8 +245,30 @@ class Daemon:
         return MappingProxyType(dict(current))
 
     def poll_once(self) -> Snapshot:
-        """Run every collector, diagnose, publish the snapshot. Never raises."""
+        """Run every collector, diagnose, publish the snapshot. Never raises.
+
+        Collectors already cannot raise; this guards the glue (baseline, alerts, a bug): the
+        previous snapshot is republished with ``collector="poll"`` failing, so the loop keeps
+        beating and TfgpudCollectorFailing tells someone.
+        """
         now = time.time()
+        try:
+            return self._poll(now)
+        except Exception as exc:
+            log.exception("poll failed")
+            prev = self._snapshot or Snapshot(taken_at=now)
+            failed = CollectorRun("poll", False, 0.0, f"{type(exc).__name__}: {exc}")
+            kept = tuple(r for r in prev.collectors if r.name != "poll")
+            snap = replace(prev, taken_at=now, sequence=self.polls + 1, collectors=(*kept, failed))
+            self._publish(snap)
+            return snap
+
+    def _publish(self, snap: Snapshot) -> None:
+        self._snapshot = snap
+        self._last_poll_end = time.monotonic()
+        self.polls += 1
+
+    def _poll(self, now: float) -> Snapshot:
         runs: list[CollectorRun] = []
         pci, run = timed(
             "pci", lambda: collect_pci(self.paths.sys, self.paths.proc, self.paths.dev)
@@ -287,9 +309,7 @@ class Daemon:
             findings = ()
         snap = replace(snap, findings=findings)
         snap = replace(snap, alert_stats=self._alerts.process(findings, now))
-        self._snapshot = snap
-        self._last_poll_end = time.monotonic()
-        self.polls += 1
+        self._publish(snap)
         return snap
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -343,13 +363,19 @@ class Daemon:
             log.warning("[http] changed: takes effect on restart")
         if new.nvml != old.nvml:
             log.warning("[nvml] changed: takes effect on restart")
+        if new.daemon.log_level != old.daemon.log_level:
+            logging.getLogger().setLevel(new.daemon.log_level.upper())
         if new.tensorflow != old.tensorflow:
-            self._tf.close()
+            previous = self._tf
+            previous.close()
             self._tf = TfProbeScheduler.from_config(new.tensorflow, on_result=self._on_probe_result)
+            self._tf.adopt(previous)
+        if new.daemon.state_dir != old.daemon.state_dir or new.expect != old.expect:
+            self._state.close()
+            self._state = Baseline.open(new.daemon.state_dir, new.expect.gpus)
         if new.alerts != old.alerts or new.daemon.state_dir != old.daemon.state_dir:
             # Firing alerts live in state_dir/alerts.json, so the new dispatcher carries them
-            # on (and re-sends them to Alertmanager); deliveries still queued for the old
-            # sinks are given up, which is logged by the sink workers' stop.
+            # on (and re-sends them to Alertmanager).
             self._alerts.stop(0.5)
             self._alerts = AlertDispatcher(new.alerts, Path(new.daemon.state_dir), self.host)
             self._alerts.start()
@@ -375,6 +401,8 @@ class Daemon:
             if self._reload_requested:
                 self._reload()
                 interval = self.config.daemon.interval_seconds
+                # A shorter interval applies now, not after the old one has run out.
+                next_poll = min(next_poll, self._last_poll_end + interval)
             due = time.monotonic() >= next_poll
             if due or self._probe_landed:
                 self._probe_landed = False
@@ -390,15 +418,21 @@ class Daemon:
                 self.notifier.watchdog()
                 next_ping = time.monotonic() + wd
 
-    def shutdown(self) -> None:
-        """Stop everything within ~2 s: HTTP, probes, the Xid thread, NVML."""
+    def shutdown(self, budget: float = 1.8) -> None:
+        """Stop everything within ``budget`` seconds (systemd is told to expect ~2 s): HTTP,
+        probes (their process groups killed), the Xid thread, alert senders, NVML."""
+        deadline = time.monotonic() + budget
+
+        def left(share: float) -> float:
+            return max(0.05, min(share, deadline - time.monotonic()))
+
         self.notifier.stopping()
         if self._http is not None:
-            self._http.stop(0.5)
-        self._tf.close()
-        self._xids.stop(1.0)
-        self._nvml.close()
-        self._alerts.stop(0.3)
+            self._http.stop(left(0.4))
+        self._tf.close(left(0.6))
+        self._xids.stop(left(0.4))
+        self._alerts.stop(left(0.2))
+        self._nvml.close(left(0.2))
         self._state.close()
         self.notifier.close()
 

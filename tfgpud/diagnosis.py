@@ -256,9 +256,20 @@ def rule_device_nodes_missing(s: Snapshot, c: Config) -> Iterable[Finding]:
 
 
 def rule_nvml_no_permission(s: Snapshot, c: Config) -> Iterable[Finding]:
+    nodes = " ".join(s.pci.device_nodes) if s.pci is not None else "?"
+    for g in _nvml_gpus(s):
+        if g.error == "NO_PERMISSION":
+            yield _find(
+                "nvml-no-permission",
+                CRIT,
+                g.uuid,
+                f"NVML refused access to {_gpu_label(g)} (NO_PERMISSION); the other GPUs answer",
+                [f"NVML index {g.index}: NO_PERMISSION", f"/dev nodes present: {nodes}"],
+                f"Check `ls -l /dev/nvidia{g.index}` and the service's DeviceAllow=/cgroup "
+                "device rules: tfgpud's user must be able to open every /dev/nvidiaN node.",
+            )
     if s.nvml is None or s.nvml.error != "NO_PERMISSION":
         return
-    nodes = " ".join(s.pci.device_nodes) if s.pci is not None else "?"
     yield _find(
         "nvml-no-permission",
         CRIT,

@@ -114,6 +114,8 @@ def _families(snap: Snapshot) -> Iterator[Metric]:
 
 
 def _alert_families(snap: Snapshot) -> Iterator[Metric]:
+    """The baseline's GPUs, and alert delivery (alerts.py): what fires, and per sink what was
+    sent, failed, dropped."""
     if snap.baseline:
         # Identity of the expected GPUs, so an alert on a vanished one can name it.
         known = _gauge(
@@ -124,7 +126,6 @@ def _alert_families(snap: Snapshot) -> Iterator[Metric]:
         for k in snap.baseline:
             known.add_metric([k.uuid, k.name or "", k.pci_bus_id or ""], 1)
         yield known
-    """Alert delivery (alerts.py): what fires, and per sink what was sent, failed, dropped."""
     stats = snap.alert_stats
     if stats is None:
         return
@@ -208,7 +209,7 @@ def _gpu_families(gpus: tuple[GpuReading, ...], snap: Snapshot) -> Iterator[Metr
         info.add_metric(
             [*labels, g.name or "", g.pci_bus_id or "", g.compute_capability_str or ""], 1
         )
-        up.add_metric(labels, 0.0 if g.lost else 1.0)
+        up.add_metric(labels, 0.0 if g.lost or g.error else 1.0)
         for family, get in fields:
             value = get(g)
             if value is not None:

@@ -10,6 +10,7 @@ must carry good basic-auth credentials when users are configured.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import logging
@@ -28,6 +29,8 @@ from prometheus_client.registry import CollectorRegistry
 from tfgpud.webconfig import WebSecurity
 
 log = logging.getLogger(__name__)
+
+MAX_CONNECTIONS = 64  # concurrent connections (each has a thread); Prometheus needs a few
 
 
 @dataclass(frozen=True)
@@ -48,12 +51,34 @@ class _Server(ThreadingHTTPServer):
     endpoints: Endpoints
     security: WebSecurity | None = None
     handshake_timeout = 5.0
+    slots: threading.BoundedSemaphore
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6:
             # Listen on exactly what was asked for, not dual-stack by surprise.
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         super().server_bind()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # Each connection costs a thread; past the cap, refuse instead of growing without bound
+        # (clients that trickle bytes can hold a connection for a long time).
+        if not self.slots.acquire(blocking=False):
+            log.warning(
+                "too many open connections (%d); refusing %s", MAX_CONNECTIONS, client_address
+            )
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except Exception:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         # Runs on the connection's own thread (ThreadingMixIn), so a slow handshake stalls
@@ -89,6 +114,9 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "tfgpud"
     sys_version = ""
+
+    def version_string(self) -> str:
+        return self.server_version
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
@@ -143,6 +171,16 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(404, b"not found\n", "text/plain; charset=utf-8")
         except (BrokenPipeError, ConnectionResetError):
             pass
+        except Exception:
+            # A bug behind an endpoint: log it where logs go, answer 500, keep serving.
+            log.exception("error serving %s", path)
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self._send(500, b"internal error\n", "text/plain; charset=utf-8")
+
+
+def _or_dash(value: object) -> str:
+    return "-" if value is None else html.escape(str(value))
 
 
 def render_page(status: dict[str, Any]) -> str:
@@ -164,7 +202,7 @@ def render_page(status: dict[str, Any]) -> str:
     for t in status.get("tensorflow", []):
         envs.append(
             f"<tr><td>{e(t['env'])}</td><td>{e(t.get('tf_version') or '-')}</td>"
-            f"<td>{e(t['status'])}</td><td>{t.get('visible_gpus', '-')}</td></tr>"
+            f"<td>{e(t['status'])}</td><td>{_or_dash(t.get('visible_gpus'))}</td></tr>"
         )
     findings = []
     for f in status.get("findings", []):
@@ -216,6 +254,7 @@ class HttpServer:
         server_cls = type("_BoundServer", (_Server,), {"address_family": family})
         self._server = server_cls((host, port), _Handler, bind_and_activate=True)
         self._server.endpoints = endpoints
+        self._server.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._server.security = security
         self._server.handshake_timeout = handshake_timeout
         self._thread = threading.Thread(

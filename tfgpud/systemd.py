@@ -106,7 +106,10 @@ class PriorityFormatter(logging.Formatter):
     """``<N>message`` lines that systemd turns into journal priorities."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return f"<{_priority(record.levelno)}>{super().format(record)}"
+        # journald makes each line its own entry: every line carries the priority, so the
+        # reasons under "reload failed" or a traceback are not filed as info.
+        prefix = f"<{_priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in super().format(record).split("\n"))
 
 
 def _stderr_is_journal(environ: Mapping[str, str]) -> bool:

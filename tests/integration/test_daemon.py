@@ -320,3 +320,19 @@ def test_reload_reconfigures_alert_sinks(daemon: DaemonProcess) -> None:
     assert "alert sinks reconfigured: 1 sink(s)" in d.stderr()
     d.wait_metric(lambda m: 'tfgpud_alerts_sent_total{sink="webhook[0]"}' in m)
     assert d.stop() == 0
+
+
+def test_reload_to_a_shorter_interval_applies_at_once(
+    tmp_path: Path, fakedriver: Path, scenario_path: Path
+) -> None:
+    two_gpus(scenario_path)
+    with DaemonProcess(tmp_path, scenario=scenario_path, interval=3600) as d:
+        d.start()
+        before = d.metrics()["tfgpud_polls_total"]
+        d.config.write_text(
+            d.config.read_text().replace("interval_seconds = 3600", "interval_seconds = 0.2")
+        )
+        d.signal(signal.SIGHUP)
+        took, _ = d.wait_metric(lambda m: m["tfgpud_polls_total"] >= before + 5, timeout=10)
+        assert took < 5, took
+        assert d.stop() == 0

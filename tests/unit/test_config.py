@@ -93,3 +93,31 @@ def test_check_config_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "TOML syntax error" in capsys.readouterr().err
     assert main(["check-config", str(tmp_path / "missing.toml")]) == EX_CONFIG
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_problems_in_the_nth_array_table_point_at_that_table() -> None:
+    text = """[daemon]
+interval_seconds = 5
+
+[[tensorflow.envs]]
+name = "a"
+python = "/a/bin/python"
+
+[[tensorflow.envs]]
+name = "b"
+python = "/b/bin/python"
+
+[[tensorflow.envs]]
+name = "bad name"
+
+[[alerts.webhook]]
+url = "http://127.0.0.1:1/"
+[[alerts.webhook]]
+url = "ftp://nope"
+"""
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "x.toml")
+    joined = "\n".join(info.value.problems)
+    assert "line 13: `tensorflow.envs[2].name`" in joined
+    assert "line 12: missing required key `tensorflow.envs[2].python`" in joined
+    assert "line 18: `alerts.webhook[1].url`" in joined

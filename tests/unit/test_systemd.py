@@ -45,3 +45,11 @@ def test_priority_prefix() -> None:
     assert fmt.format(rec) == "<4>careful"
     rec = logging.LogRecord("t", logging.ERROR, __file__, 1, "bad", None, None)
     assert fmt.format(rec) == "<3>bad"
+
+
+def test_every_line_of_a_multi_line_record_carries_the_priority() -> None:
+    fmt = PriorityFormatter("%(message)s")
+    rec = logging.LogRecord(
+        "t", logging.ERROR, __file__, 1, "reload failed:\n  - line 3", None, None
+    )
+    assert fmt.format(rec) == "<3>reload failed:\n<3>  - line 3"

@@ -312,3 +312,21 @@ def test_a_raising_probe_still_leaves_a_result() -> None:
     (res,) = s.results()
     assert res.status is ProbeStatus.ERROR and "kaput" in (res.error or "")
     s.close()
+
+
+def test_adopt_keeps_results_of_unchanged_envs_across_a_reload() -> None:
+    other = TfEnvConfig(name="other", python="/other/bin/python")
+    fake = FakeProbe()
+    old = sched(fake, envs=(ENV, other))
+    assert old.maybe_start(nvml(), 0.0) == ("main", "other")
+    assert old.wait_idle(2)
+    old.close()
+    changed = TfEnvConfig(name="other", python="/elsewhere/bin/python")
+    new = TfProbeScheduler(
+        [ENV, changed], interval=21600, timeout=30, probe=fake, retry_seconds=900
+    )
+    new.adopt(old)
+    assert [r.env for r in new.results()] == ["main"]  # kept; `other` changed: no stale result
+    assert new.maybe_start(nvml(), 10.0) == ("other",)  # `main` is not re-probed
+    assert new.wait_idle(2)
+    new.close()

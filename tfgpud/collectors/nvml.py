@@ -13,6 +13,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,14 +27,17 @@ T = TypeVar("T")
 # Error codes that mean "this field does not exist here": omit it, don't complain each poll.
 _ABSENT = {pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_FUNCTION_NOT_FOUND}
 # Errors on a device call that mean the whole driver went away (unloaded, upgraded, revoked).
+# NO_PERMISSION is not among them: NVML returns it for one device a cgroup or a 0660 node
+# keeps from us, and one GPU must never hide the others (init-time NO_PERMISSION is driver-wide).
 _DRIVER_GONE = {
     pynvml.NVML_ERROR_UNINITIALIZED,
     pynvml.NVML_ERROR_DRIVER_NOT_LOADED,
     pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH,
-    pynvml.NVML_ERROR_NO_PERMISSION,
     pynvml.NVML_ERROR_LIBRARY_NOT_FOUND,
 }
 _GPU_GONE = {pynvml.NVML_ERROR_GPU_IS_LOST, pynvml.NVML_ERROR_RESET_REQUIRED}
+# The GPU answers nothing useful, but it is not lost: reported as unreadable, not as fallen off.
+_GPU_UNREADABLE = {pynvml.NVML_ERROR_NO_PERMISSION}
 
 _ERROR_NAMES: dict[int, str] = {
     value: name[len("NVML_ERROR_") :]
@@ -42,6 +46,7 @@ _ERROR_NAMES: dict[int, str] = {
 }
 
 XID_EVENT = pynvml.nvmlEventTypeXidCriticalError
+REGISTER_RETRY_SECONDS = 30.0  # a GPU whose Xid registration failed is tried again this often
 
 
 def error_name(code: int) -> str:
@@ -117,6 +122,9 @@ class NvmlSession:
         self._library_path: str | None = None
         self._generation = 0  # bumped at each successful init; event sets die with NVML
         self._events: tuple[tuple[frozenset[str], int], Any, dict[int, str]] | None = None
+        self._pending: list[tuple[str, int]] = []  # drained from a set that was rebuilt
+        self._register_failed = False
+        self._register_retry_at = 0.0
 
     @property
     def up(self) -> bool:
@@ -151,6 +159,7 @@ class NvmlSession:
                 log.info("NVML initialised (driver available again)")
             self._up, self._last_error, self._backoff = True, None, 0.0
             self._generation += 1
+            self._identity.clear()  # indexes may have moved while the driver was away
             return None
         # No library at all: back off up to 30 s (a dlopen search each poll is waste).
         # Any other init error is a loaded-but-unhappy driver: retry every poll, it is cheap.
@@ -171,14 +180,24 @@ class NvmlSession:
         with contextlib.suppress(pynvml.NVMLError):
             pynvml.nvmlShutdown()
 
-    def close(self) -> None:
-        """Shut NVML down if this session initialised it."""
-        with self._lock, self._event_lock:
-            self._free_events()
-            if self._up:
-                self._up = False
-                with contextlib.suppress(pynvml.NVMLError):
-                    pynvml.nvmlShutdown()
+    def close(self, timeout: float = 1.0) -> None:
+        """Shut NVML down if this session initialised it.
+
+        If the Xid thread is stuck inside a hung NVML wait, give up after ``timeout`` rather
+        than hang the shutdown: the process is exiting and the driver cleans up after it.
+        """
+        with self._lock:  # same order as poll() -> _drop(): _lock, then _event_lock
+            if not self._event_lock.acquire(timeout=timeout):
+                log.warning("NVML event wait did not return; exiting without nvmlShutdown")
+                return
+            try:
+                self._free_events()
+                if self._up:
+                    self._up = False
+                    with contextlib.suppress(pynvml.NVMLError):
+                        pynvml.nvmlShutdown()
+            finally:
+                self._event_lock.release()
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -224,10 +243,13 @@ class NvmlSession:
                 raise DriverGone(code) from None
             return self._unreadable(index, code)
         try:
-            uuid = self._q(pynvml.nvmlDeviceGetUUID, handle)
-            if uuid is None:
-                return self._unreadable(index, pynvml.NVML_ERROR_UNKNOWN)
-            uuid = _text(uuid)
+            try:
+                uuid = _text(pynvml.nvmlDeviceGetUUID(handle))
+            except pynvml.NVMLError as exc:
+                code = int(exc.value)
+                if code in _DRIVER_GONE:
+                    raise DriverGone(code) from None
+                return self._unreadable(index, code)
             name = self._q(pynvml.nvmlDeviceGetName, handle)
             pci = self._q(pynvml.nvmlDeviceGetPciInfo, handle)
             bus_id = _text(pci.busId) if pci is not None else None
@@ -272,10 +294,26 @@ class NvmlSession:
         except GpuGone as gone:
             return self._unreadable(index, gone.code)
 
+    def _dedupe(self, gpus: tuple[GpuReading, ...]) -> tuple[GpuReading, ...]:
+        """An unreadable GPU must not borrow the identity of a GPU that answered this poll."""
+        healthy = {g.uuid for g in gpus if g.error is None}
+        out = []
+        for g in gpus:
+            if g.error is not None and g.uuid in healthy:
+                self._identity.pop(g.index, None)
+                g = replace(g, uuid=f"GPU-unknown-index-{g.index}", name=None, pci_bus_id=None)
+            out.append(g)
+        return tuple(out)
+
     def _unreadable(self, index: int, code: int) -> GpuReading:
         uuid, name, bus_id = self._identity.get(index, (f"GPU-unknown-index-{index}", None, None))
         return GpuReading(
-            index=index, uuid=uuid, name=name, pci_bus_id=bus_id, lost=True, error=error_name(code)
+            index=index,
+            uuid=uuid,
+            name=name,
+            pci_bus_id=bus_id,
+            lost=code in _GPU_GONE,
+            error=error_name(code),
         )
 
     def poll(self) -> NvmlReading:
@@ -289,7 +327,10 @@ class NvmlSession:
                 cuda = self._q(pynvml.nvmlSystemGetCudaDriverVersion)
                 nvml_version = self._q(pynvml.nvmlSystemGetNVMLVersion)
                 count = self._q(pynvml.nvmlDeviceGetCount)
-                gpus = tuple(self._gpu(i) for i in range(count or 0))
+                if count is None:
+                    # Without a count every GPU would look gone: say the driver is unusable.
+                    return NvmlReading(up=False, error="DEVICE_COUNT_FAILED")
+                gpus = self._dedupe(tuple(self._gpu(i) for i in range(count)))
             except DriverGone as gone:
                 log.warning("NVML lost the driver: %s", gone)
                 self._drop(gone.code)
@@ -308,23 +349,36 @@ class NvmlSession:
 
     def _event_set_for(self, uuids: frozenset[str]) -> tuple[Any, dict[int, str]] | None:
         """The registered event set for ``uuids``, (re)created when the set or NVML changed."""
-        if self._events is not None and self._events[0] == (uuids, self._generation):
+        current = self._events is not None and self._events[0] == (uuids, self._generation)
+        retry_due = self._register_failed and self._clock() >= self._register_retry_at
+        if self._events is not None and current and not retry_due:
             return self._events[1], self._events[2]
+        self._drain_pending()
         self._free_events()
         try:
             event_set = pynvml.nvmlEventSetCreate()
         except pynvml.NVMLError:
             return None
         by_handle: dict[int, str] = {}
+        failed = False
         for uuid in uuids:
             try:
                 handle = pynvml.nvmlDeviceGetHandleByUUID(uuid)
                 pynvml.nvmlDeviceRegisterEvents(handle, XID_EVENT, event_set)
                 by_handle[ctypes.cast(handle, ctypes.c_void_p).value or 0] = uuid
             except pynvml.NVMLError:
-                continue
+                failed = True  # retried below, not forgotten until the GPU set changes
+        self._register_failed = failed
+        self._register_retry_at = self._clock() + REGISTER_RETRY_SECONDS
         self._events = ((uuids, self._generation), event_set, by_handle)
         return event_set, by_handle
+
+    def _drain_pending(self) -> None:
+        """Collect what the old set still holds before it is freed (a rebuild often follows
+        exactly the GPU trouble that raised the event)."""
+        if self._events is None or self._events[0][1] != self._generation:
+            return
+        self._pending.extend(self._drain(self._events[1], self._events[2], 0))
 
     def _free_events(self) -> None:
         if self._events is not None:
@@ -355,6 +409,9 @@ class NvmlSession:
                 else:
                     idle = False
                     events = self._drain(registered[0], registered[1], min(remaining, 100))
+                if self._pending:
+                    events = [*self._pending, *events]
+                    self._pending.clear()
             if idle:
                 time.sleep(min(remaining, 100) / 1000.0)
         return events

@@ -568,6 +568,20 @@ class TfProbeScheduler:
             t.join(max(0.0, deadline - time.monotonic()))
         return not any(t.is_alive() for t in threads)
 
+    def adopt(self, old: TfProbeScheduler) -> None:
+        """Carry over the last results (and schedule) of envs whose configuration is unchanged,
+        so a reload does not blank their metrics and findings until they are probed again.
+        A probe still running in ``old`` is cancelled with it; that env is probed anew."""
+        with old._lock, self._lock:
+            for name, st in self._states.items():
+                prev = old._states.get(name)
+                if prev is None or prev.env != st.env or prev.result is None:
+                    continue
+                if prev.thread is not None and prev.thread.is_alive():
+                    continue
+                st.started, st.driver, st.installed = prev.started, prev.driver, prev.installed
+                st.result, st.runs = prev.result, prev.runs
+
     def close(self, timeout: float = 2.0) -> None:
         """Cancel running probes (their process groups are killed) and join within ``timeout``."""
         with self._lock:

@@ -1,0 +1,114 @@
+"""NvmlSession against the simulated driver, for the cases a whole daemon run hides.
+
+Where the simulated driver cannot produce a failure (NO_PERMISSION on one device, a failing
+device count), one pynvml function is replaced inside the child process; everything else is
+the real binding talking to the simulated library.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from helpers import run_python, write_scenario
+
+U = [f"GPU-cccccccc-0000-4000-8000-00000000000{i}" for i in range(3)]
+
+PRELUDE = """
+import json, pynvml
+from tfgpud.collectors.nvml import NvmlSession
+from tfgpud.model import to_jsonable
+real_handle = pynvml.nvmlDeviceGetHandleByIndex
+s = NvmlSession()
+def dump(r):
+    return {"up": r.up, "error": r.error,
+            "gpus": [[g.index, g.uuid, g.lost, g.error] for g in r.gpus]}
+"""
+
+
+def three_gpus(path: Path, **gpu1: object) -> None:
+    write_scenario(
+        path,
+        [
+            {"uuid": U[0], "pci_bus_id": "00000000:01:00.0"},
+            {"uuid": U[1], "pci_bus_id": "00000000:02:00.0", **gpu1},
+            {"uuid": U[2], "pci_bus_id": "00000000:03:00.0"},
+        ],
+    )
+
+
+def test_no_permission_on_one_gpu_hides_only_that_gpu(
+    fakedriver: Path, scenario_path: Path
+) -> None:
+    three_gpus(scenario_path)
+    code = (
+        PRELUDE
+        + """
+first = dump(s.poll())
+def handle(i):
+    if i == 1:
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_NO_PERMISSION)
+    return real_handle(i)
+pynvml.nvmlDeviceGetHandleByIndex = handle
+second = dump(s.poll())
+third = dump(s.poll())
+print(json.dumps([first, second, third]))
+"""
+    )
+    r = run_python(code, scenario=scenario_path)
+    assert r.returncode == 0, r.stderr
+    first, second, third = r.data
+    assert first["up"] and [g[1] for g in first["gpus"]] == U
+    for reading in (second, third):  # and it stays so: no drop and re-init each poll
+        assert reading["up"] is True
+        assert reading["gpus"][0] == [0, U[0], False, None]
+        assert reading["gpus"][1] == [1, U[1], False, "NO_PERMISSION"]  # known from poll 1
+        assert reading["gpus"][2] == [2, U[2], False, None]
+    assert "lost the driver" not in r.stderr
+
+
+def test_lost_gpu_does_not_borrow_an_identity_that_answered_elsewhere(
+    fakedriver: Path, scenario_path: Path
+) -> None:
+    three_gpus(scenario_path)
+    code = (
+        PRELUDE
+        + """
+first = dump(s.poll())
+import os, time
+"""
+        + f"""
+from helpers import write_scenario
+write_scenario({str(scenario_path)!r}, [
+    {{"uuid": {U[1]!r}, "pci_bus_id": "00000000:02:00.0"}},
+    {{"uuid": {U[2]!r}, "pci_bus_id": "00000000:03:00.0", "lost": True}},
+])
+second = dump(s.poll())
+print(json.dumps([first, second]))
+"""
+    )
+    tests_dir = str(Path(__file__).resolve().parents[1])
+    r = run_python(code, scenario=scenario_path, env={"PYTHONPATH": tests_dir})
+    assert r.returncode == 0, r.stderr
+    first, second = r.data
+    assert [g[1] for g in first["gpus"]] == U
+    # GPU 0 removed: U[1] now answers at index 0; index 1 (U[2], lost) remembered U[1] from
+    # the last poll, which must not be reported twice.
+    assert second["gpus"][0] == [0, U[1], False, None]
+    assert second["gpus"][1][1] != U[1]
+    assert second["gpus"][1][2] is True
+
+
+def test_a_failing_device_count_is_not_zero_gpus(fakedriver: Path, scenario_path: Path) -> None:
+    three_gpus(scenario_path)
+    code = (
+        PRELUDE
+        + """
+def count():
+    raise pynvml.NVMLError(pynvml.NVML_ERROR_UNKNOWN)
+pynvml.nvmlDeviceGetCount = count
+print(json.dumps(dump(s.poll())))
+"""
+    )
+    r = run_python(code, scenario=scenario_path)
+    assert r.returncode == 0, r.stderr
+    assert r.data == {"up": False, "error": "DEVICE_COUNT_FAILED", "gpus": []}
