@@ -10,15 +10,22 @@ journal fields ``MESSAGE_ID`` (one fixed id per finding code, :data:`MESSAGE_IDS
 Alertmanager (API v2; firing alerts re-sent every ``resend_seconds``) and generic JSON webhooks
 (one POST per transition). Each sink has its own bounded queue and thread, so a receiver that
 hangs or fails costs the poll loop nothing. A message that cannot be delivered is retried with
-exponential backoff (1 s doubling to 60 s) for up to ``max_retry_seconds``, then dropped and
-counted (``tfgpud_alerts_dropped_total``). The firing set is kept in ``<state_dir>/alerts.json``
-so a restart neither re-fires nor forgets alerts.
+exponential backoff (1 s doubling to 60 s) for up to ``max_retry_seconds`` from when it was first
+queued, then dropped and counted (``tfgpud_alerts_dropped_total``). A redirect (3xx) is a failed
+delivery: urllib would turn the POST into a body-less GET.
+
+``<state_dir>/alerts.json`` keeps the firing set (with whether each alert was pushed) and each
+sink's outbox (messages not delivered yet, keyed by the sink's URL, with the wall-clock time they
+were first queued). It is rewritten atomically at most once per poll when either changed, and at
+stop, so a restart or a reload neither re-fires nor forgets alerts. Messages for a sink whose URL
+is no longer configured are dropped at the next start, counted (sink ``removed``) and logged.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 import urllib.error
@@ -38,6 +45,7 @@ from tfgpud.state import write_atomically
 log = logging.getLogger(__name__)
 
 ALERTS_FILE = "alerts.json"
+REMOVED_SINK = "removed"  # SinkStats name counting messages left for sinks no longer configured
 BACKOFF_FIRST_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 60.0
 AM_BATCH = 64  # alerts per Alertmanager POST
@@ -73,6 +81,7 @@ MESSAGE_IDS: dict[str, str] = {
     "tf-probe-timeout": "ee4ce0205867431bac7d38d3aaa4e88e",
     "tf-job-on-cpu": "5507116cfe344c5ab63e73c5c163b1ea",
     "tf-probe-refused": "b0c4f1d2e8a94c6f8a1e3d5b7c9f2a64",
+    "tf-smoke-failed": "76769cffefaa42a18683dffc7c537c8b",
     "baseline-state-error": "e3f4cd57e3714186bbd8032a376318e6",
 }
 _ID_NAMESPACE = uuid.UUID("1b4e28ba-2fa1-41d2-883f-0016d3cca427")
@@ -203,7 +212,10 @@ def _finding_fields(f: Finding) -> dict[str, Any]:
 
 
 def _alert_to_json(a: Alert) -> dict[str, Any]:
-    return {**_finding_fields(a.finding), "starts_at": a.starts_at}
+    doc = {**_finding_fields(a.finding), "starts_at": a.starts_at}
+    if a.ends_at is not None:
+        doc["ends_at"] = a.ends_at
+    return doc
 
 
 def _alert_from_json(d: Any) -> Alert:
@@ -217,19 +229,84 @@ def _alert_from_json(d: Any) -> Alert:
         evidence=tuple(str(e) for e in d.get("evidence", ())),
         fix=str(d.get("fix", "")),
     )
-    return Alert(finding, starts_at=float(d["starts_at"]))
+    ends = d.get("ends_at")
+    return Alert(
+        finding,
+        starts_at=_finite(d["starts_at"]),
+        ends_at=None if ends is None else _finite(ends),
+    )
+
+
+def _finite(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"expected a number, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class SavedState:
+    """What ``alerts.json`` holds: the firing set and each sink's undelivered messages."""
+
+    firing: tuple[Alert, ...] = ()
+    pushed: frozenset[tuple[str, str]] = frozenset()  # firing alerts that were pushed to sinks
+    outbox: dict[str, list[Delivery]] = field(default_factory=dict)  # sink key -> messages
+
+
+def _read_doc(path: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring %s (%s): alerts firing before the restart fire again", path, exc)
+        return None
+    if not isinstance(doc, dict):
+        log.warning(
+            "ignoring %s (not an object): alerts firing before the restart fire again",
+            path,
+        )
+        return None
+    return doc
+
+
+def load_state(path: Path, min_rank: int) -> SavedState:
+    """``alerts.json`` as the last process left it; empty parts where unknown or unreadable.
+
+    ``min_rank``: an alert saved by a version that did not record ``pushed`` counts as pushed
+    when its severity is at least this.
+    """
+    doc = _read_doc(path)
+    if doc is None:
+        return SavedState()
+    firing: list[Alert] = []
+    pushed: set[tuple[str, str]] = set()
+    try:
+        for entry in doc["firing"]:
+            a = _alert_from_json(entry)
+            firing.append(a)
+            flag = entry.get("pushed")
+            if flag if isinstance(flag, bool) else a.finding.severity.rank >= min_rank:
+                pushed.add(a.key)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.warning("ignoring %s (%s): alerts firing before the restart fire again", path, exc)
+        firing, pushed = [], set()
+    outbox: dict[str, list[Delivery]] = {}
+    try:
+        for key, entries in (doc.get("outbox") or {}).items():
+            outbox[str(key)] = [_delivery_from_json(e) for e in entries]
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.warning(
+            "ignoring the outbox in %s (%s): alert messages undelivered at the last stop are lost",
+            path,
+            exc,
+        )
+        outbox = {}
+    return SavedState(tuple(firing), frozenset(pushed), outbox)
 
 
 def load_firing(path: Path) -> list[Alert]:
     """The alerts that were firing when the last process stopped; [] when unknown."""
-    try:
-        doc = json.loads(path.read_bytes())
-        return [_alert_from_json(d) for d in doc["firing"]]
-    except FileNotFoundError:
-        return []
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        log.warning("ignoring %s (%s): alerts firing before the restart fire again", path, exc)
-        return []
+    return list(load_state(path, Severity.INFO.rank).firing)
 
 
 # --- sinks --------------------------------------------------------------------------------------
@@ -241,7 +318,18 @@ class Delivery:
 
     state: State
     alert: Alert
-    created: float  # monotonic time it was queued
+    created: float  # monotonic time it was queued (in this process: the retry bound)
+    created_at: float | None = None  # wall-clock time it was first queued (kept across restarts)
+
+
+def _delivery_to_json(d: Delivery) -> dict[str, Any]:
+    return {"state": d.state, "created_at": d.created_at, "alert": _alert_to_json(d.alert)}
+
+
+def _delivery_from_json(e: Any) -> Delivery:
+    if not isinstance(e, dict) or e.get("state") not in ("firing", "resolved"):
+        raise ValueError(f"not a queued alert message: {e!r}")
+    return Delivery(e["state"], _alert_from_json(e["alert"]), 0.0, _finite(e["created_at"]))
 
 
 @dataclass
@@ -253,6 +341,7 @@ class Request:
 
 class Sink:
     name: str
+    url: str  # where messages go; also the key of its outbox in alerts.json
     timeout: float
     batch: int = 1
 
@@ -343,11 +432,41 @@ def webhook_event(d: Delivery, instance: str) -> dict[str, Any]:
     }
 
 
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is a failed delivery: urllib would re-send a POST answered 301/302/303 as a
+    GET without the body and report success. The error names where it pointed."""
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: Any,
+        code: int,
+        msg: str,
+        headers: Any,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        raise urllib.error.HTTPError(
+            req.full_url,
+            code,
+            f"HTTP {code} {msg}: redirected to {newurl} (not followed: set the sink's url to "
+            "the final address)",
+            headers,
+            fp,
+        )
+
+
+_opener = urllib.request.build_opener(_RefuseRedirects)
+
+
 def http_post(req: Request, timeout: float) -> None:
-    """POST; raises OSError/URLError on any failure (non-2xx included)."""
+    """POST; raises OSError/URLError on any failure (non-2xx, redirects included)."""
     r = urllib.request.Request(req.url, data=req.body, headers=req.headers, method="POST")
-    with urllib.request.urlopen(r, timeout=timeout) as resp:
-        resp.read(65536)
+    try:
+        with _opener.open(r, timeout=timeout) as resp:  # any other non-2xx raises HTTPError
+            resp.read(65536)
+    except urllib.error.HTTPError as exc:
+        exc.close()  # the answer's connection: not left for the garbage collector
+        raise
 
 
 Poster = Callable[[Request, float], None]
@@ -372,15 +491,19 @@ class SinkWorker:
         self._clock = clock
         self._wall = wall
         self._queue: OrderedDict[tuple[Any, ...], Delivery] = OrderedDict()
+        self._inflight: list[Delivery] = []  # taken by the thread, not delivered yet
         self._cond = threading.Condition()
         self._stop = False
         self._backoff = 0.0
         self._next_try = 0.0
         self.sent = self.failed = self.dropped = 0
+        self.changes = 0  # bumped whenever the set of undelivered messages changes
         self._thread: threading.Thread | None = None
 
     def put(self, d: Delivery) -> None:
         """Queue ``d`` (replacing an older message for the same key). Never blocks for long."""
+        if d.created_at is None:
+            d = replace(d, created_at=self._wall() - max(0.0, self._clock() - d.created))
         with self._cond:
             key = self.sink.queue_key(d)
             if key in self._queue:
@@ -390,7 +513,39 @@ class SinkWorker:
                 self.dropped += 1
                 log.warning("alert queue of %s full: dropped the oldest message", self.sink.name)
             self._queue[key] = d
+            self.changes += 1
             self._cond.notify()
+
+    def restore(self, saved: Iterable[Delivery]) -> None:
+        """Queue messages a previous process left undelivered (from ``alerts.json``), keeping
+        their original creation time: one older than ``max_retry_seconds`` is dropped."""
+        now, wall = self._clock(), self._wall()
+        expired = 0
+        for d in saved:
+            age = max(0.0, wall - (d.created_at if d.created_at is not None else wall))
+            if age >= self.max_retry_seconds:
+                expired += 1
+                continue
+            self.put(replace(d, created=now - age))
+        if expired:
+            with self._cond:
+                self.dropped += expired
+                self.changes += 1
+            log.warning(
+                "%s: dropped %d alert message(s) left undelivered by the previous run: older "
+                "than max_retry_seconds (%.0f s)",
+                self.sink.name,
+                expired,
+                self.max_retry_seconds,
+            )
+
+    def pending(self) -> list[Delivery]:
+        """The undelivered messages, oldest first: the one being tried, then the queue."""
+        with self._cond:
+            queued = list(self._queue.values())
+            keys = set(self._queue)
+            inflight = [d for d in self._inflight if self.sink.queue_key(d) not in keys]
+            return inflight + queued
 
     def stats(self) -> SinkStats:
         with self._cond:
@@ -402,17 +557,26 @@ class SinkWorker:
         )
         self._thread.start()
 
-    def stop(self, timeout: float) -> None:
+    def stop(self, timeout: float, kept: bool = False) -> None:
+        """Stop the thread (waiting up to ``timeout`` for a delivery in progress). ``kept``:
+        the caller saves :meth:`pending` for the next start, else undelivered messages are lost.
+        """
         with self._cond:
             self._stop = True
-            pending = len(self._queue)
             self._cond.notify()
-        if pending:
+        if self._thread is not None:
+            self._thread.join(timeout)
+        pending = len(self.pending())
+        if pending and kept:
+            log.info(
+                "%s: %d undelivered alert message(s) kept for the next start",
+                self.sink.name,
+                pending,
+            )
+        elif pending:
             log.warning(
                 "%s: %d undelivered alert message(s) given up at stop", self.sink.name, pending
             )
-        if self._thread is not None:
-            self._thread.join(timeout)
 
     def _take(self) -> list[Delivery] | None:
         with self._cond:
@@ -426,6 +590,7 @@ class SinkWorker:
             batch: list[Delivery] = []
             while self._queue and len(batch) < self.sink.batch:
                 batch.append(self._queue.popitem(last=False)[1])
+            self._inflight = batch
             return batch
 
     def _run(self) -> None:
@@ -445,11 +610,14 @@ class SinkWorker:
             self.sent += len(batch)
             self._backoff = 0.0
             self._next_try = 0.0
+            self._inflight = []
+            self.changes += 1
         return True
 
     def _failed(self, batch: list[Delivery], exc: Exception) -> None:
         now = self._clock()
         with self._cond:
+            self._inflight = []
             self.failed += len(batch)
             first = not self._backoff
             self._backoff = min(2 * self._backoff or BACKOFF_FIRST_SECONDS, BACKOFF_MAX_SECONDS)
@@ -462,9 +630,14 @@ class SinkWorker:
                 if key not in self._queue:  # else a newer message replaced it meanwhile
                     self._queue[key] = d
                     self._queue.move_to_end(key, last=False)
-            while len(self._queue) > self.queue_size:
+                else:
+                    self.changes += 1  # superseded by a newer message: gone from the outbox
+            overflow = max(0, len(self._queue) - self.queue_size)
+            for _ in range(overflow):
                 self._queue.popitem(last=False)
-                self.dropped += 1
+            self.dropped += overflow
+            if expired or overflow:
+                self.changes += 1
         if first or expired:
             log.warning(
                 "cannot deliver %d alert message(s) to %s (%s): %s; retrying with backoff "
@@ -488,88 +661,170 @@ class AlertDispatcher:
         host: str,
         post: Poster = http_post,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.instance = config.instance or host
         self._state_path = state_dir / ALERTS_FILE if state_dir is not None else None
-        firing = load_firing(self._state_path) if self._state_path is not None else []
-        self.transitions = Transitions(config.for_seconds, firing)
         self._clock = clock
+        self._wall = wall
         self._min_rank = Severity(config.min_severity).rank
+        saved = (
+            load_state(self._state_path, self._min_rank)
+            if self._state_path is not None
+            else SavedState()
+        )
+        self.transitions = Transitions(config.for_seconds, saved.firing)
+        # Firing alerts that were pushed to the sinks: their resolve is pushed too, whatever
+        # their severity by then. An alert is pushed once its severity reaches min_severity.
+        self._pushed: set[tuple[str, str]] = set(saved.pushed)
         self.workers: list[SinkWorker] = []
-        for i, am in enumerate(config.alertmanager):
-            sink: Sink = AlertmanagerSink(
-                f"alertmanager[{i}]", am, self.instance, config.resend_seconds
-            )
+        sinks: list[Sink] = [
+            AlertmanagerSink(f"alertmanager[{i}]", am, self.instance, config.resend_seconds)
+            for i, am in enumerate(config.alertmanager)
+        ]
+        sinks += [
+            WebhookSink(f"webhook[{i}]", wh, self.instance) for i, wh in enumerate(config.webhook)
+        ]
+        self._outbox_keys: list[str] = []
+        for sink in sinks:
             self.workers.append(
-                SinkWorker(sink, config.queue_size, config.max_retry_seconds, post, clock)
+                SinkWorker(sink, config.queue_size, config.max_retry_seconds, post, clock, wall)
             )
-        for i, wh in enumerate(config.webhook):
-            sink = WebhookSink(f"webhook[{i}]", wh, self.instance)
-            self.workers.append(
-                SinkWorker(sink, config.queue_size, config.max_retry_seconds, post, clock)
+            key, n = sink.url, 1
+            while key in self._outbox_keys:  # the same URL twice: map them by order
+                n += 1
+                key = f"{sink.url}#{n}"
+            self._outbox_keys.append(key)
+        # Messages left undelivered by the previous process go back to the sink with that URL
+        # (so a reordered or extended list maps them right); those of a removed sink are lost.
+        for w, key in zip(self.workers, self._outbox_keys, strict=True):
+            w.restore(saved.outbox.get(key, ()))
+        self.removed_dropped = 0
+        for key, deliveries in saved.outbox.items():
+            if key in self._outbox_keys or not deliveries:
+                continue
+            self.removed_dropped += len(deliveries)
+            log.warning(
+                "dropped %d undelivered alert message(s) for %s: no [[alerts.alertmanager]] or "
+                "[[alerts.webhook]] has that URL any more",
+                len(deliveries),
+                key,
             )
         # Alertmanager needs firing alerts refreshed; -inf = send at the first poll (restart).
         self._last_push: dict[tuple[str, str], float] = {
-            a.key: float("-inf") for a in self.transitions.firing
+            a.key: float("-inf") for a in self.transitions.firing if a.key in self._pushed
         }
+        expired = any(w.dropped for w in self.workers)
+        # None: alerts.json does not match memory yet (a message was dropped while loading).
+        self._saved_sig: tuple[int, ...] | None = (
+            None if expired or self.removed_dropped else self._sig()
+        )
+        self._save_error: str | None = None
 
     def start(self) -> None:
         for w in self.workers:
             w.start()
 
     def stop(self, timeout: float = 1.0) -> None:
+        """Stop the sink threads, then save what is still undelivered for the next start."""
         deadline = time.monotonic() + timeout
+        kept = self._state_path is not None
         for w in self.workers:
-            w.stop(max(0.0, deadline - time.monotonic()))
+            w.stop(max(0.0, deadline - time.monotonic()), kept=kept)
+        if kept:
+            self._save()
 
     def _wanted(self, a: Alert) -> bool:
         return a.finding.severity.rank >= self._min_rank
 
+    def _sig(self) -> tuple[int, ...]:
+        return tuple(w.changes for w in self.workers)
+
+    def _push(self, d: Delivery, workers: Iterable[SinkWorker] | None = None) -> None:
+        for w in self.workers if workers is None else workers:
+            w.put(d)
+
     def process(self, findings: Iterable[Finding], now: float) -> AlertStats:
-        """Update transitions for this poll's findings, log them, queue deliveries."""
+        """Update transitions for this poll's findings, log them, queue deliveries, and save
+        ``alerts.json`` when the firing set or an outbox changed (at most once per call)."""
         try:
             transitions = self.transitions.update(findings, now)
-            mono = self._clock()
+            mono, wall = self._clock(), self._wall()
+            changed = bool(transitions)
             for t in transitions:
                 log_transition(t)
-                if not self._wanted(t.alert):
-                    continue
-                for w in self.workers:
-                    w.put(Delivery(t.state, t.alert, mono))
+                key = t.alert.key
                 if t.state == "firing":
-                    self._last_push[t.alert.key] = mono
+                    if not self._wanted(t.alert):
+                        continue
+                    self._pushed.add(key)
+                    self._last_push[key] = mono
                 else:
-                    self._last_push.pop(t.alert.key, None)
-            if transitions:
+                    # Pushed when it fired (or since): its resolve is, whatever its severity now.
+                    if key not in self._pushed:
+                        continue
+                    self._pushed.discard(key)
+                    self._last_push.pop(key, None)
+                self._push(Delivery(t.state, t.alert, mono, wall))
+            for a in self.transitions.firing:
+                if a.key not in self._pushed and self._wanted(a):
+                    # Fired below min_severity and has risen to it: announce it now.
+                    self._pushed.add(a.key)
+                    self._last_push[a.key] = mono
+                    self._push(Delivery("firing", a, mono, wall))
+                    changed = True
+            self._resend(mono, wall)
+            if changed or self._sig() != self._saved_sig:
                 self._save()
-            self._resend(mono)
         except Exception:
             log.exception("alert processing failed")
         return self.stats()
 
-    def _resend(self, mono: float) -> None:
+    def _resend(self, mono: float, wall: float) -> None:
         ams = [w for w in self.workers if isinstance(w.sink, AlertmanagerSink)]
         for a in self.transitions.firing:
-            if not self._wanted(a):
+            if a.key not in self._pushed:
                 continue
             last = self._last_push.get(a.key, float("-inf"))
             if mono - last >= self.config.resend_seconds:
                 self._last_push[a.key] = mono
-                for w in ams:
-                    w.put(Delivery("firing", a, mono))
+                self._push(Delivery("firing", a, mono, wall), ams)
 
     def _save(self) -> None:
+        """Write the firing set and every sink's outbox atomically. Never raises."""
         if self._state_path is None:
             return
-        doc = {"version": 1, "firing": [_alert_to_json(a) for a in self.transitions.firing]}
+        sig = self._sig()  # before the snapshot: a change after it is saved next time
+        outbox = {
+            key: [_delivery_to_json(d) for d in pending]
+            for w, key in zip(self.workers, self._outbox_keys, strict=True)
+            if (pending := w.pending())
+        }
+        doc = {
+            "version": 1,
+            "firing": [
+                {**_alert_to_json(a), "pushed": a.key in self._pushed}
+                for a in self.transitions.firing
+            ],
+            "outbox": outbox,
+        }
         try:
             self._state_path.parent.mkdir(parents=True, exist_ok=True)
             write_atomically(self._state_path, (json.dumps(doc, indent=1) + "\n").encode())
         except OSError as exc:
-            log.error("cannot write %s: %s", self._state_path, exc.strerror or exc)
+            msg = f"cannot write {self._state_path}: {exc.strerror or exc}"
+            if msg != self._save_error:
+                log.error("%s; a restart may re-announce or lose alerts", msg)
+            self._save_error = msg
+            return
+        if self._save_error:
+            log.info("%s written again", self._state_path)
+            self._save_error = None
+        self._saved_sig = sig
 
     def stats(self) -> AlertStats:
-        return AlertStats(
-            firing=len(self.transitions.firing), sinks=tuple(w.stats() for w in self.workers)
-        )
+        sinks = [w.stats() for w in self.workers]
+        if self.removed_dropped:
+            sinks.append(SinkStats(REMOVED_SINK, dropped=self.removed_dropped))
+        return AlertStats(firing=len(self.transitions.firing), sinks=tuple(sinks))

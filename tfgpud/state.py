@@ -9,20 +9,23 @@ when its identity (inode, mtime, size) changes, so a CLI change takes effect at 
 
 A corrupt or unreadable file is moved aside as ``baseline.json.<time>.corrupt`` and the baseline
 is rebuilt from what is seen now; the problem is reported in :meth:`Baseline.problems` (the
-``baseline-state-error`` finding) for as long as the ``*.corrupt`` file is kept.
+``baseline-state-error`` finding) for as long as the ``*.corrupt`` file is kept. A file that can
+be neither read nor moved aside (an unreadable ``state_dir``), or a write that fails (disk full,
+read-only file system), is reported there too; the daemon's side of this module never raises
+OSError. A failed write is retried (:meth:`Baseline.flush_if_dirty`, at most every
+:data:`SAVE_RETRY_SECONDS`) until it succeeds, which clears the problem.
 """
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +36,8 @@ log = logging.getLogger(__name__)
 BASELINE_FILE = "baseline.json"
 LOCK_FILE = ".baseline.lock"
 FORMAT_VERSION = 1
+# A failed baseline write is retried at the next poll at least this long after the failure.
+SAVE_RETRY_SECONDS = 30.0
 # journald MESSAGE_IDs of the state file's own log entries.
 MSG_STATE_UNUSABLE = "8d1a5e0c2f6b4a7e9c3d0b1f4e6a2c58"
 MSG_STATE_REREAD = "3f0c6b1e9a2d4c7b8e5f1a0d2c4b6e93"
@@ -149,22 +154,38 @@ class Baseline:
     Not thread-safe: the daemon uses it from the poll loop only.
     """
 
-    def __init__(self, state_dir: Path | str, expect: Expect = "auto") -> None:
+    def __init__(
+        self,
+        state_dir: Path | str,
+        expect: Expect = "auto",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.state_dir = Path(state_dir)
         self.path = self.state_dir / BASELINE_FILE
         self.expect: Expect = expect
+        self._clock = clock  # paces write retries (SAVE_RETRY_SECONDS)
         self._gpus: dict[str, KnownGpu] = {}
         self._stamp: tuple[int, int, int] | None = None
-        self._problem: str | None = None  # a read/write problem not visible as a .corrupt file
+        self._problem: str | None = None  # a read problem not visible as a .corrupt file
+        self._write_problem: str | None = None  # the last write failed (retried)
         self._dirty = False  # last_seen moved on without a membership change: saved at close
+        self._unsaved = False  # a membership/identity change not on disk yet: retried
+        self._retry_at = float("-inf")  # clock() time the next write retry is due
+        self._lock_warned: str | None = None
         self._lock_depth = 0
 
     # -- loading -------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, state_dir: Path | str, expect: Expect = "auto") -> Baseline:
-        """Load the baseline, moving a corrupt or unreadable file aside. Never raises."""
-        b = cls(state_dir, expect)
+    def open(
+        cls,
+        state_dir: Path | str,
+        expect: Expect = "auto",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> Baseline:
+        """Load the baseline, moving a corrupt or unreadable file aside. Never raises: a file
+        that can be neither read nor moved aside is reported through :meth:`problems`."""
+        b = cls(state_dir, expect, clock)
         b._load(repair=True)
         return b
 
@@ -189,6 +210,8 @@ class Baseline:
 
     def _load(self, repair: bool) -> None:
         self._stamp = _stamp(self.path)
+        self._unsaved = False  # memory is what the file says now (or empty: re-learned)
+        self._retry_at = float("-inf")
         try:
             self._gpus = self._read_file()
             self._problem = None
@@ -196,7 +219,11 @@ class Baseline:
             self._gpus = {}
             if not repair:
                 raise
-            moved = self.move_aside()
+            try:
+                moved = self.move_aside()
+            except OSError as err:  # move_aside reports its own failures; belt and braces
+                log.error("cannot move %s aside: %s", self.path, err.strerror or err)
+                moved = None
             if moved is None:
                 self._problem = f"{exc}; it could not be moved aside"
             else:
@@ -214,10 +241,16 @@ class Baseline:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         target = self.path.with_name(f"{self.path.name}.{stamp}.corrupt")
         n = 1
-        while target.exists():
-            n += 1
-            target = self.path.with_name(f"{self.path.name}.{stamp}-{n}.corrupt")
         try:
+            # os.lstat, not Path.exists(): on Python 3.11 exists() raises PermissionError when
+            # state_dir cannot be searched, and this runs where nothing may raise.
+            while True:
+                try:
+                    os.lstat(target)
+                except FileNotFoundError:
+                    break
+                n += 1
+                target = self.path.with_name(f"{self.path.name}.{stamp}-{n}.corrupt")
             os.rename(self.path, target)
         except OSError as exc:
             log.error("cannot move %s aside: %s", self.path, exc.strerror or exc)
@@ -260,7 +293,7 @@ class Baseline:
 
     def problems(self) -> tuple[str, ...]:
         """One line per state-file problem a person should look at (empty when all is well)."""
-        out = [self._problem] if self._problem else []
+        out = [p for p in (self._problem, self._write_problem) if p]
         out.extend(
             f"{p} holds a baseline that could not be read; it was moved aside and the "
             "baseline rebuilt from the GPUs seen since"
@@ -301,6 +334,8 @@ class Baseline:
                 last_seen=now,
             )
             self._dirty = True
+        if changed:
+            self._unsaved = True  # until a save succeeds (flush_if_dirty retries it)
         return changed
 
     def forget(self, uuid: str) -> KnownGpu | None:
@@ -320,33 +355,74 @@ class Baseline:
             self.path, render_baseline(self._gpus, time.time() if now is None else now)
         )
         self._stamp = _stamp(self.path)
-        self._dirty = False
+        self._dirty = self._unsaved = False
 
     def save_quietly(self, now: float | None = None) -> bool:
-        """:meth:`save`, logging (and reporting through :meth:`problems`) instead of raising."""
+        """:meth:`save`, logging (and reporting through :meth:`problems`) instead of raising.
+
+        A failure leaves the baseline dirty: :meth:`flush_if_dirty` retries it (not before
+        :data:`SAVE_RETRY_SECONDS`) and :meth:`close` tries once more. A success clears the
+        problem: the file on disk is valid and current again.
+        """
         try:
             self.save(now)
-        except OSError as exc:
-            msg = f"cannot write {self.path}: {exc.strerror or exc}"
-            if msg != self._problem:
-                log.error("%s; the baseline is kept in memory only", msg)
-            self._problem = msg
+        except Exception as exc:  # noqa: BLE001 - OSError, or anything else: never raise here
+            self._unsaved = True
+            self._retry_at = self._clock() + SAVE_RETRY_SECONDS
+            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            msg = f"cannot write {self.path}: {detail}"
+            if msg != self._write_problem:
+                log.error(
+                    "%s; the baseline is kept in memory and the write retried every %.0f s",
+                    msg,
+                    SAVE_RETRY_SECONDS,
+                )
+            self._write_problem = msg
             return False
-        if self._problem and self._problem.startswith("cannot write"):
-            self._problem = None
+        if self._write_problem:
+            log.info("baseline written to %s again", self.path)
+        # The file is valid and current now; a read problem (logged when it happened) is over.
+        self._problem = self._write_problem = None
         return True
 
+    @property
+    def unsaved(self) -> bool:
+        """A membership/identity change is not on disk yet (its write failed or is pending)."""
+        return self._unsaved
+
+    def flush_if_dirty(self, now: float | None = None) -> bool:
+        """Retry a baseline write that failed (the daemon calls this every poll). Never raises.
+
+        Writes only when a membership/identity change is unsaved and the last failure is at
+        least :data:`SAVE_RETRY_SECONDS` old; last_seen alone waits for :meth:`close`. A file
+        changed meanwhile by ``tfgpud baseline ...`` wins: it is re-read instead of overwritten
+        (the next :meth:`learn` adds back the GPUs seen). Returns True when it wrote the file.
+        """
+        if not self._unsaved or self._clock() < self._retry_at:
+            return False
+        with self.lock():
+            if _stamp(self.path) != self._stamp:
+                self._load(repair=True)
+                return False
+            return self.save_quietly(now)
+
     def close(self) -> None:
-        """Persist last_seen times gathered since the last write (daemon shutdown)."""
-        if self._dirty and self._stamp is not None:
+        """Persist what is not on disk yet (daemon shutdown): a change whose write failed, and
+        last_seen times gathered since the last write. Never raises, ignores the retry pacing,
+        and does not clobber a change ``tfgpud baseline ...`` made meanwhile."""
+        if self._unsaved or self._dirty:
             with self.lock():
-                if _stamp(self.path) == self._stamp:  # do not clobber a CLI change
+                if _stamp(self.path) == self._stamp:
                     self.save_quietly()
 
     @contextmanager
     def lock(self) -> Iterator[None]:
         """Hold the advisory writer lock (``state_dir/.baseline.lock``) when it can be had.
 
+        The lock file is opened read-only: flock() needs no write access, so a lock file that
+        root created (``sudo tfgpud baseline reset``, mode 0644) still locks for the daemon's
+        user. When it cannot be opened or locked at all, the work goes on unlocked (a warning
+        is logged once per distinct error). Never raises OSError.
         Re-entrant: flock() on a second descriptor of the same file would wait for ourselves.
         """
         if self._lock_depth:
@@ -358,19 +434,35 @@ class Baseline:
             return
         fd: int | None = None
         self._lock_depth = 1
-        try:
+        lock_path = self.state_dir / LOCK_FILE
+        with suppress(OSError):  # else the open below fails and says why
             self.state_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            # O_CREAT asks for no write access to a lock file that exists already (even on a
+            # read-only file system), only to the directory when it has to create one.
+            fd = os.open(lock_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
-            if exc.errno not in (errno.EACCES, errno.EROFS, errno.EPERM, errno.ENOENT):
-                log.debug("baseline lock unavailable: %s", exc)
+            self._warn_unlocked(f"cannot open {lock_path}: {exc.strerror or exc}")
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as exc:
+                self._warn_unlocked(f"cannot lock {lock_path}: {exc.strerror or exc}")
         try:
             yield
         finally:
             self._lock_depth = 0
             if fd is not None:
                 os.close(fd)
+
+    def _warn_unlocked(self, msg: str) -> None:
+        if msg != self._lock_warned:
+            self._lock_warned = msg
+            log.warning(
+                "%s; changing the baseline without the lock (a concurrent `tfgpud baseline` "
+                "change may be lost)",
+                msg,
+            )
 
 
 # --- `tfgpud baseline forget|reset` -------------------------------------------------------------

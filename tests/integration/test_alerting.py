@@ -263,3 +263,34 @@ def test_bad_webhook_does_not_delay_polls_and_gets_the_alert_once_it_recovers(
         print(f"[{mode}] delivered {at - t_ok:.1f}s after the receiver recovered")
         d.wait_metric(lambda m: m['tfgpud_alerts_sent_total{sink="webhook[0]"}'] >= 1)
         assert os.path.exists(tmp_path / "state" / "alerts.json")
+
+
+def test_an_alert_undelivered_at_stop_is_delivered_after_the_restart(
+    tmp_path: Path, fakedriver: Path, scenario_path: Path, receiver: Receiver
+) -> None:
+    body = (
+        "[alerts]\nfor_seconds = 0\n"
+        f'[[alerts.webhook]]\nurl = "{receiver.url}"\ntimeout_seconds = 2\n'
+    )
+    write_scenario(scenario_path, [gpu(0), gpu(1)])
+    receiver.mode = "500"
+    with DaemonProcess(tmp_path, body, scenario=scenario_path, interval=INTERVAL) as d:
+        d.start()
+        write_scenario(scenario_path, [gpu(0)])  # GPU 1 gone: stays gone across the restart
+        wait_findings(d, lambda f: ("gpu-vanished", U1) in f)
+        d.wait_metric(lambda m: m['tfgpud_alerts_failed_total{sink="webhook[0]"}'] >= 1)
+        assert d.stop() == 0
+    assert "kept for the next start" in d.stderr()
+    outbox = json.loads((tmp_path / "state" / "alerts.json").read_text())["outbox"]
+    [kept] = outbox[receiver.url]
+    assert (kept["state"], kept["alert"]["code"]) == ("firing", "gpu-vanished")
+    (tmp_path / "notify.sock").unlink()
+    receiver.mode = "ok"
+    with DaemonProcess(tmp_path, body, scenario=scenario_path, interval=INTERVAL) as d:
+        d.start()
+        d.wait_metric(lambda m: m['tfgpud_alerts_sent_total{sink="webhook[0]"}'] >= 1)
+        time.sleep(3 * INTERVAL)  # a re-announcement would be a second event by now
+        d.stop()
+    events = [(e["status"], e["code"], e["subject"]) for _, e in receiver.events]
+    assert events == [("firing", "gpu-vanished", U1)]  # once: not forgotten nor re-announced
+    assert "FIRING" not in d.stderr()

@@ -5,14 +5,18 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import time
+import urllib.error
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers import DESIGN_CODES
 
-from tfgpud import diagnosis
+from tfgpud import alerts, diagnosis
 from tfgpud.alerts import (
     MESSAGE_IDS,
     Alert,
@@ -25,6 +29,7 @@ from tfgpud.alerts import (
     WebhookSink,
     alertname,
     am_alert,
+    http_post,
     log_transition,
     message_id,
     webhook_event,
@@ -301,17 +306,19 @@ def test_webhook_gets_every_transition_in_order() -> None:
     assert [b["status"] for b in rx.bodies] == ["firing", "resolved"]
 
 
-def dispatcher(tmp: Path, rx: Receiver, clock: Clock, **alerts: Any) -> AlertDispatcher:
+def dispatcher(
+    tmp: Path, rx: Receiver, clock: Clock, wall: Clock | None = None, **settings: Any
+) -> AlertDispatcher:
     cfg = AlertsConfig.model_validate(
         {
             "alertmanager": [{"url": "http://am"}],
             "webhook": [{"url": "http://hook"}],
             "for_seconds": 0,
             "resend_seconds": 60,
-            **alerts,
+            **settings,
         }
     )
-    return AlertDispatcher(cfg, tmp, "host1", post=rx, clock=clock)
+    return AlertDispatcher(cfg, tmp, "host1", post=rx, clock=clock, wall=wall or time.time)
 
 
 def test_dispatcher_routes_resends_to_alertmanager_only_and_filters_severity(
@@ -337,7 +344,11 @@ def test_firing_set_survives_a_restart_without_refiring(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     clock, rx = Clock(), Receiver()
-    dispatcher(tmp_path, rx, clock).process([VANISHED], 1.0)
+    first = dispatcher(tmp_path, rx, clock)
+    first.process([VANISHED], 1.0)
+    for w in first.workers:
+        drain(w)  # delivered before the restart
+    first.stop()
     caplog.set_level(logging.INFO, logger="tfgpud.alerts")
     caplog.clear()
     again = dispatcher(tmp_path, rx, clock)
@@ -371,3 +382,252 @@ def test_worker_thread_delivers_and_stops(tmp_path: Path) -> None:
         d.stop(1.0)
     assert rx.bodies and rx.bodies[0]["code"] == "gpu-vanished"
     assert not any(w._thread and w._thread.is_alive() for w in d.workers)
+
+
+# --- the outbox across restarts and reloads -----------------------------------------------------
+
+
+def test_undelivered_messages_survive_a_restart_mapped_by_url(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock, wall, rx = Clock(), Clock(), Receiver()
+    wall.t = 1_700_000_000.0
+    rx.down = True
+    first = dispatcher(tmp_path, rx, clock, wall)
+    first.process([VANISHED], 1.0)
+    for w in first.workers:
+        drain(w)  # fails: stays queued
+    first.stop()
+    saved = json.loads((tmp_path / "alerts.json").read_text())
+    assert set(saved["outbox"]) == {"http://am/api/v2/alerts", "http://hook"}
+    assert saved["outbox"]["http://hook"][0]["created_at"] == 1_700_000_000.0
+    # Restarted with the Alertmanager removed and a new webhook listed before the old one.
+    caplog.set_level(logging.INFO, logger="tfgpud.alerts")
+    caplog.clear()
+    wall.t += 120
+    rx.down = False
+    again = dispatcher(
+        tmp_path,
+        rx,
+        clock,
+        wall,
+        alertmanager=[],
+        webhook=[{"url": "http://new"}, {"url": "http://hook"}],
+    )
+    new, hook = again.workers
+    assert new.stats().queued == 0 and hook.stats().queued == 1
+    [kept] = hook.pending()
+    assert kept.created_at == 1_700_000_000.0 and kept.state == "firing"
+    dropped = [
+        r.getMessage() for r in caplog.records if "http://am/api/v2/alerts" in r.getMessage()
+    ]
+    assert dropped and "dropped 1 undelivered" in dropped[0]
+    assert [(s.sink, s.dropped) for s in again.stats().sinks if s.dropped] == [("removed", 1)]
+    again.process([VANISHED], 200.0)  # still firing: not re-announced
+    assert hook.stats().queued == 1
+    drain(hook)
+    assert [(b["status"], b["code"]) for b in rx.bodies] == [("firing", "gpu-vanished")]
+    # Delivered: the outbox on disk is empty after the next poll.
+    again.process([VANISHED], 201.0)
+    assert json.loads((tmp_path / "alerts.json").read_text())["outbox"] == {}
+
+
+def test_restored_messages_keep_their_age_for_the_retry_bound(tmp_path: Path) -> None:
+    clock, wall, rx = Clock(), Clock(), Receiver()
+    rx.down = True
+    d = dispatcher(tmp_path, rx, clock, wall, max_retry_seconds=300, alertmanager=[])
+    d.process([VANISHED], 1.0)
+    d.stop()
+    wall.t += 290  # down for 290 s: 10 s of retrying left
+    d = dispatcher(tmp_path, rx, clock, wall, max_retry_seconds=300, alertmanager=[])
+    [hook] = d.workers
+    assert drain(hook) == [False] and hook.stats().queued == 1
+    clock.t += 10
+    assert drain(hook) == [False]
+    assert (hook.stats().queued, hook.stats().dropped) == (0, 1)
+    # Down longer than the bound: dropped (and counted) when loaded.
+    d.process([], 2.0)  # resolves: a new message
+    d.stop()
+    wall.t += 301
+    d = dispatcher(tmp_path, rx, clock, wall, max_retry_seconds=300, alertmanager=[])
+    [hook] = d.workers
+    assert (hook.stats().queued, hook.stats().dropped) == (0, 1)
+    d.process([], 3.0)
+    assert json.loads((tmp_path / "alerts.json").read_text())["outbox"] == {}
+
+
+def test_alerts_json_is_written_once_per_poll_and_only_on_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writes: list[Any] = []
+    real = alerts.write_atomically
+
+    def counting(path: Path, data: bytes, mode: int = 0o644) -> None:
+        writes.append(json.loads(data))
+        real(path, data, mode)
+
+    monkeypatch.setattr(alerts, "write_atomically", counting)
+    clock, rx = Clock(), Receiver()
+    d = dispatcher(tmp_path, rx, clock)
+    am, hook = d.workers
+    d.process([VANISHED, LOST], 1.0)  # two transitions, four messages: one write
+    assert len(writes) == 1 and len(writes[0]["outbox"]["http://hook"]) == 2
+    d.process([VANISHED, LOST], 2.0)
+    assert len(writes) == 1  # nothing changed
+    rx.down = True
+    drain(am)
+    d.process([VANISHED, LOST], 3.0)
+    assert len(writes) == 1  # a failed attempt changes nothing worth writing
+    rx.down = False
+    drain(am)
+    drain(hook)
+    d.process([VANISHED, LOST], 4.0)
+    assert len(writes) == 2
+    assert writes[-1]["outbox"] == {"http://hook": writes[0]["outbox"]["http://hook"][1:]}
+
+
+def test_a_message_being_delivered_at_stop_is_kept(tmp_path: Path) -> None:
+    clock, rx = Clock(), Receiver()
+    d = dispatcher(tmp_path, rx, clock, alertmanager=[])
+    d.process([VANISHED], 1.0)
+    [hook] = d.workers
+    assert hook._take() is not None  # the thread took it and hangs on the receiver
+    assert hook.stats().queued == 0 and len(hook.pending()) == 1
+    d.stop(0.0)
+    [kept] = json.loads((tmp_path / "alerts.json").read_text())["outbox"]["http://hook"]
+    assert kept["state"] == "firing" and kept["alert"]["code"] == "gpu-vanished"
+
+
+def test_alerts_json_without_an_outbox_still_loads(tmp_path: Path) -> None:
+    doc = {"version": 1, "firing": [{**alerts._alert_to_json(Alert(VANISHED, 5.0))}]}
+    (tmp_path / "alerts.json").write_text(json.dumps(doc))
+    d = dispatcher(tmp_path, Receiver(), Clock())
+    assert [a.starts_at for a in d.transitions.firing] == [5.0]
+    d.process([], 10.0)  # resolved: pushed (critical: it was pushed when it fired)
+    assert [w.stats().queued for w in d.workers] == [1, 1]
+
+
+def test_a_broken_outbox_keeps_the_firing_set(tmp_path: Path) -> None:
+    doc = {
+        "version": 1,
+        "firing": [alerts._alert_to_json(Alert(VANISHED, 5.0))],
+        "outbox": {"http://hook": [{"state": "maybe"}]},
+    }
+    (tmp_path / "alerts.json").write_text(json.dumps(doc))
+    d = dispatcher(tmp_path, Receiver(), Clock())
+    assert [a.starts_at for a in d.transitions.firing] == [5.0]
+    assert [w.stats().queued for w in d.workers] == [0, 0]
+
+
+# --- severity changes while firing --------------------------------------------------------------
+
+
+def test_resolve_is_pushed_when_the_severity_dropped_while_firing(tmp_path: Path) -> None:
+    clock, rx = Clock(), Receiver()
+    d = dispatcher(tmp_path, rx, clock)
+    am, hook = d.workers
+    warning = Finding("gpu-memory-pressure", Severity.WARNING, U1, "memory nearly full")
+    d.process([warning], 1.0)
+    drain(am)
+    drain(hook)
+    calmer = Finding(warning.code, Severity.INFO, U1, "memory getting full")
+    clock.t += 61
+    d.process([calmer], 62.0)  # still pushed: refreshed in Alertmanager
+    assert am.stats().queued == 1
+    drain(am)
+    d.process([], 63.0)
+    assert hook.stats().queued == 1 and am.stats().queued == 1
+    drain(hook)
+    assert rx.bodies[-1]["status"] == "resolved"
+
+
+def test_an_alert_that_rises_to_min_severity_is_pushed_then(tmp_path: Path) -> None:
+    clock, rx = Clock(), Receiver()
+    d = dispatcher(tmp_path, rx, clock)
+    am, hook = d.workers
+    d.process([INFO], 1.0)
+    assert hook.stats().queued == 0
+    worse = Finding(INFO.code, Severity.WARNING, U1, "new GPU, unexpected")
+    d.process([worse], 2.0)
+    assert hook.stats().queued == 1 and am.stats().queued == 1
+    drain(hook)
+    d.stop()
+    # Survives a restart (pushed is saved), so the resolve still goes out.
+    d = dispatcher(tmp_path, rx, clock)
+    d.process([INFO], 3.0)
+    d.process([], 4.0)
+    drain(d.workers[1])
+    assert [b["status"] for b in rx.bodies] == ["firing", "resolved"]
+
+
+def test_an_info_alert_that_stays_info_is_never_pushed(tmp_path: Path) -> None:
+    d = dispatcher(tmp_path, Receiver(), Clock())
+    d.process([INFO], 1.0)
+    d.process([], 2.0)
+    assert [w.stats().queued for w in d.workers] == [0, 0]
+
+
+# --- redirects ----------------------------------------------------------------------------------
+
+
+class RedirectingServer:
+    """POST /hook answers ``code`` with Location /landing; records every request."""
+
+    def __init__(self, code: int) -> None:
+        self.requests: list[tuple[str, str, bytes]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _record(self) -> None:
+                n = int(self.headers.get("Content-Length") or 0)
+                outer.requests.append((self.command, self.path, self.rfile.read(n)))
+                if self.path == "/hook":
+                    self.send_response(code)
+                    self.send_header("Location", "/landing")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_GET = do_POST = _record
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(params=[301, 302, 303, 307, 308])
+def redirecting(request: pytest.FixtureRequest) -> Iterator[RedirectingServer]:
+    srv = RedirectingServer(request.param)
+    yield srv
+    srv.close()
+
+
+def test_a_redirect_is_a_failed_delivery_not_a_get(
+    redirecting: RedirectingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    req = Request(f"{redirecting.base}/hook", b'{"a": 1}', {"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        http_post(req, 5.0)
+    assert f"{redirecting.base}/landing" in str(err.value.reason)
+    assert [(m, p) for m, p, _ in redirecting.requests] == [("POST", "/hook")]
+    # Through a sink worker: counted as failed, retried, the Location logged.
+    caplog.set_level(logging.WARNING, logger="tfgpud.alerts")
+    sink = WebhookSink("webhook[0]", WebhookConfig(url=f"{redirecting.base}/hook"), "h")
+    clock = Clock()
+    w = SinkWorker(sink, 10, 300.0, http_post, clock)
+    w.put(Delivery("firing", Alert(VANISHED, 1.0), clock()))
+    assert drain(w) == [False]
+    s = w.stats()
+    assert (s.sent, s.failed, s.queued) == (0, 1, 1)
+    assert any(
+        "redirected to" in r.getMessage() and "/landing" in r.getMessage() for r in caplog.records
+    )

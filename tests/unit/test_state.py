@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import json
+import logging
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -194,6 +200,196 @@ def test_any_file_content_loads_or_is_moved_aside(tmp_path: Path, content: bytes
     assert (b.path.exists() and not moved) or (not b.path.exists() and len(moved) == 1)
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_a_failed_write_is_retried_with_backoff_until_it_succeeds(tmp_path: Path) -> None:
+    blocker = tmp_path / "state"
+    blocker.write_text("a file where the directory should be")  # like a missing/RO directory
+    clock = Clock()
+    b = Baseline.open(blocker, clock=clock)
+    assert b.learn(nvml(U0), 1.0)
+    assert b.save_quietly(1.0) is False
+    assert b.unsaved and any("cannot write" in p for p in b.problems())
+    # Later polls see no membership change: only flush_if_dirty writes, not before 30 s.
+    assert not b.learn(nvml(U0), 2.0)
+    blocker.unlink()  # the person fixed it
+    assert b.flush_if_dirty(2.0) is False
+    clock.t += state.SAVE_RETRY_SECONDS - 1
+    assert b.flush_if_dirty(3.0) is False and not b.path.exists()
+    clock.t += 1
+    assert b.flush_if_dirty(4.0) is True
+    assert [g.uuid for g in Baseline.read(blocker).gpus] == [U0]
+    assert b.problems() == () and not b.unsaved
+    assert b.flush_if_dirty(5.0) is False  # nothing left to write
+
+
+def test_a_write_that_keeps_failing_is_retried_every_30_s(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    attempts: list[float] = []
+    clock = Clock()
+
+    def full(path: Path, data: bytes, mode: int = 0o644) -> None:
+        attempts.append(clock.t)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(state, "write_atomically", full)
+    b = Baseline.open(tmp_path, clock=clock)
+    b.learn(nvml(U0), 1.0)
+    assert b.flush_if_dirty(1.0) is False  # due at once: the caller had not saved yet
+    for _ in range(90):
+        clock.t += 1
+        b.flush_if_dirty(clock.t)
+    assert attempts == [1000.0, 1030.0, 1060.0, 1090.0]
+    assert b.problems() == (f"cannot write {b.path}: No space left on device",)
+
+
+def test_close_writes_a_change_whose_write_failed(tmp_path: Path) -> None:
+    blocker = tmp_path / "state"
+    blocker.write_text("x")
+    b = Baseline.open(blocker)
+    b.learn(nvml(U0, U1), 1.0)
+    assert b.save_quietly(1.0) is False
+    blocker.unlink()
+    b.close()  # ignores the retry pacing
+    assert [g.uuid for g in Baseline.read(blocker).gpus] == [U0, U1]
+
+
+def test_a_cli_change_wins_over_a_pending_retry(tmp_path: Path) -> None:
+    clock = Clock()
+    b = learned(tmp_path, U0)
+    b._clock = clock
+    b.learn(nvml(U0, U1), 2.0)  # U1 joins, not saved yet
+    assert b.unsaved
+    reset_baseline(tmp_path)
+    assert b.flush_if_dirty(3.0) is False  # re-read the CLI's file instead of overwriting it
+    assert b.gpus == () and Baseline.read(tmp_path).gpus == ()
+
+
+def _eacces_scenario(state_dir: str) -> dict[str, object]:
+    """What the daemon does with the baseline; run where state_dir cannot be searched."""
+    b = Baseline.open(state_dir)  # must not raise
+    b.refresh()
+    changed = b.learn(nvml(U0), 1.0)
+    with b.lock():
+        b.refresh()
+        b.learn(nvml(U0), 1.0)
+        saved = b.save_quietly(1.0)
+    b.flush_if_dirty(2.0)
+    b.close()
+    return {"problems": list(b.problems()), "changed": changed, "saved": saved}
+
+
+def test_unsearchable_state_dir_is_reported_not_raised() -> None:
+    """A root-owned 0700 state_dir and a daemon running as another user: Path.exists() raises
+    PermissionError on Python 3.11; open/refresh/learn/save/close must not."""
+    with tempfile.TemporaryDirectory() as top:
+        os.chmod(top, 0o755)
+        sd = Path(top) / "state"
+        sd.mkdir()
+        (sd / "baseline.json").write_text('{"version": 1, "gpus": []}')
+        sd.chmod(0o700 if os.geteuid() == 0 else 0)
+        try:
+            if os.geteuid() != 0:
+                result = _eacces_scenario(str(sd))
+            else:
+                setpriv = shutil.which("setpriv")
+                if setpriv is None:
+                    pytest.skip("root without setpriv: cannot drop privileges")
+                code = (
+                    "import json, sys; from tests.unit.test_state import _eacces_scenario; "
+                    "print(json.dumps(_eacces_scenario(sys.argv[1])))"
+                )
+                argv = ["--reuid=65534", "--regid=65534", "--clear-groups"]
+                root = Path(__file__).parents[2]
+                env = {**os.environ, "PYTHONPATH": f"{root}:{root / 'tests'}"}
+                out = subprocess.run(
+                    [setpriv, *argv, sys.executable, "-c", code, str(sd)],
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                    cwd=root,
+                    timeout=60,
+                    check=False,
+                )
+                if out.returncode != 0 and "setpriv:" in out.stderr:
+                    pytest.skip(f"cannot drop privileges here: {out.stderr.strip()}")
+                assert out.returncode == 0, out.stderr
+                result = json.loads(out.stdout.splitlines()[-1])
+        finally:
+            sd.chmod(0o755)
+    assert result["changed"] is True and result["saved"] is False
+    problems = result["problems"]
+    assert isinstance(problems, list) and len(problems) == 2
+    assert problems[0].startswith("cannot read") and "could not be moved aside" in problems[0]
+    assert problems[1].startswith("cannot write") and "Permission denied" in problems[1]
+
+
+def test_move_aside_does_not_raise_when_it_cannot_look(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "baseline.json").write_text("{")
+    real_lstat = os.lstat
+
+    def lstat(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        if str(path).endswith(".corrupt"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_lstat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(state.os, "lstat", lstat)
+    monkeypatch.setattr(state.Path, "exists", lambda self: bool(lstat(self)))
+    b = Baseline.open(tmp_path)
+    assert b.gpus == () and "could not be moved aside" in b.problems()[0]
+
+
+# --- the writer lock ----------------------------------------------------------------------------
+
+
+def _deny_writable_lock_open(monkeypatch: pytest.MonkeyPatch, always: bool = False) -> None:
+    """A root-owned 0644 .baseline.lock seen by the daemon's user: no write access."""
+    real_open = os.open
+
+    def fake_open(path: object, flags: int, *args: object, **kwargs: object) -> int:
+        if str(path).endswith(state.LOCK_FILE) and (always or flags & (os.O_WRONLY | os.O_RDWR)):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(state.os, "open", fake_open)
+
+
+def test_a_read_only_lock_file_still_locks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / state.LOCK_FILE).write_text("")
+    b = Baseline(tmp_path)
+    _deny_writable_lock_open(monkeypatch)
+    with b.lock():
+        other = os.open(tmp_path / state.LOCK_FILE, os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):  # held: another writer would wait
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(other)
+
+
+def test_a_lock_file_that_cannot_be_opened_is_warned_about_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="tfgpud.state")
+    b = learned(tmp_path, U0)
+    _deny_writable_lock_open(monkeypatch, always=True)
+    for _ in range(3):
+        with b.lock():
+            b.save_quietly(2.0)  # the work goes on unlocked
+    [rec] = caplog.records
+    assert "cannot open" in rec.getMessage() and "without the lock" in rec.getMessage()
+    assert json.loads(b.path.read_text())["updated_at"] == 2.0
+
+
 # --- changes from the CLI, seen by the daemon --------------------------------------------------
 
 
@@ -256,6 +452,21 @@ def test_cli_reports_a_corrupt_file_and_a_bad_config(
     bad = tmp_path / "bad.toml"
     bad.write_text("[daemon]\nnope = 1\n")
     assert main(["baseline", "show", "--config", str(bad)]) == EX_CONFIG
+
+
+def test_cli_forget_unknown_uuid_with_a_file_gone_bad_meanwhile(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    learned(tmp_path / "state", U0)
+
+    def unreadable(cls: type[Baseline], *args: object, **kwargs: object) -> Baseline:
+        raise StateFileError("baseline.json is corrupt: not valid JSON")
+
+    monkeypatch.setattr(state.Baseline, "read", classmethod(unreadable))
+    assert cli(tmp_path, "forget", "GPU-nope") == EX_FAILURE
+    err = capsys.readouterr().err
+    assert "GPU-nope is not in the baseline" in err and "not valid JSON" in err
+    assert "Traceback" not in err and err.count("\n") == 1
 
 
 def test_cli_cannot_write(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
