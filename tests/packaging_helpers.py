@@ -27,14 +27,21 @@ def parse_unit(path: Path) -> dict[str, dict[str, list[str]]]:
     return out
 
 
+def exec_binaries(unit: Path) -> list[str]:
+    """The programs the unit's Exec*= lines run, without the -+@:! prefixes."""
+    service = parse_unit(unit)["Service"]
+    lines = [v for k, vs in service.items() if k.startswith("Exec") for v in vs]
+    return [line.split()[0].lstrip("-+@:!") for line in lines if line.split()]
+
+
 def scratch_root(root: Path, unit: Path) -> Path:
-    """A root to verify ``unit`` in: the host's units, /bin/kill, the binary ExecStart names."""
-    exec_start = parse_unit(unit)["Service"]["ExecStart"][0].split()[0]
-    binary = root / exec_start.lstrip("/")
-    binary.parent.mkdir(parents=True, exist_ok=True)
-    if not binary.exists():
-        binary.write_text("#!/bin/sh\n")
-        binary.chmod(0o755)
+    """A root to verify ``unit`` in: the host's units, /bin/kill, the binaries Exec*= names."""
+    for program in exec_binaries(unit):
+        binary = root / program.lstrip("/")
+        binary.parent.mkdir(parents=True, exist_ok=True)
+        if not binary.exists():
+            binary.write_text("#!/bin/sh\n")
+            binary.chmod(0o755)
     units = root / "usr" / "lib" / "systemd" / "system"
     if not (units / "sysinit.target").exists():
         shutil.copytree("/usr/lib/systemd/system", units, symlinks=True, dirs_exist_ok=True)

@@ -127,3 +127,44 @@ def cuda_library_sonames(cuda_version: str | None, cudnn_version: str | None) ->
     if cudnn:
         names["cudnn"] = f"libcudnn.so.{cudnn[0]}"
     return names
+
+
+def supports_python(build: TestedBuild, python_version: str | None) -> bool:
+    """Whether ``build`` was tested with the Python ``major.minor`` of ``python_version``.
+
+    An unknown Python version is taken as supported (nothing better is known).
+    """
+    py = parse_version(python_version)
+    if not py or len(py) < 2:
+        return True
+    low, _, high = build.python.partition("-")
+    lo, hi = parse_version(low), parse_version(high or low)
+    if not lo or not hi:
+        return True
+    return lo[:2] <= py[:2] <= hi[:2]
+
+
+def newest_tf_for(
+    python_version: str | None,
+    *,
+    cuda_major: int | None = None,
+    max_cuda: tuple[int, int] | None = None,
+) -> TestedBuild | None:
+    """The newest tested TF release that supports ``python_version`` and, when given, was
+    built with CUDA ``cuda_major``.x and with a CUDA no newer than ``max_cuda``."""
+    for b in TESTED_BUILDS:  # newest first
+        cuda = cuda_major_minor(b.cuda)
+        if cuda is None or not supports_python(b, python_version):
+            continue
+        if cuda_major is not None and cuda[0] != cuda_major:
+            continue
+        if max_cuda is not None and cuda > max_cuda:
+            continue
+        return b
+    return None
+
+
+def python_range(python_version: str | None) -> str:
+    """ "3.12.3" -> "3.12"; "?" when unknown."""
+    py = parse_version(python_version)
+    return f"{py[0]}.{py[1]}" if py and len(py) > 1 else "?"

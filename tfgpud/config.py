@@ -85,6 +85,8 @@ class TfEnvConfig(_Section):
 class TensorflowConfig(_Section):
     interval_seconds: Annotated[float, Field(ge=1)] = 21600.0
     timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 120.0
+    # Probes running at once across envs (each imports TF: ~0.5-1 GB of RAM, seconds of CPU).
+    max_concurrent_probes: Annotated[int, Field(ge=1, le=64)] = 1
     envs: list[TfEnvConfig] = Field(default_factory=list)
 
     @field_validator("envs")
@@ -190,7 +192,8 @@ def _line_of(text: str, loc: tuple[str | int, ...]) -> int | None:
     while j < len(loc) and isinstance(loc[j], str):
         candidate = (*table, str(loc[j]))
         matches = [i for i, name in headers if name == candidate]
-        index = loc[j + 1] if j + 1 < len(loc) and isinstance(loc[j + 1], int) else None
+        nxt = loc[j + 1] if j + 1 < len(loc) else None
+        index = nxt if isinstance(nxt, int) else None
         if (
             not matches
             and index is None

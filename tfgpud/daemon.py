@@ -232,6 +232,7 @@ class Daemon:
                 self._state.refresh()  # a CLI change since the line above wins, then re-learn
                 self._state.learn(nvml, now)
                 self._state.save_quietly(now)
+        self._state.flush_if_dirty(now)  # a write that failed earlier is retried (backoff 30 s)
         return self._state.gpus, self._state.expected
 
     def _pressure(self, nvml: NvmlReading | None, now: float) -> Mapping[str, float]:
@@ -278,7 +279,7 @@ class Daemon:
         runs.append(run)
         if nvml is not None:
             self._xids.watch(g.uuid for g in nvml.gpus if not g.lost)
-        _, run = timed("tensorflow", lambda: self._tf.maybe_start(nvml, now))
+        _, run = timed("tensorflow", lambda: self._tf.maybe_start(nvml, time.monotonic()))
         runs.append(run)
         workloads = None
         if self.config.workloads.enabled:
@@ -374,8 +375,8 @@ class Daemon:
             self._state.close()
             self._state = Baseline.open(new.daemon.state_dir, new.expect.gpus)
         if new.alerts != old.alerts or new.daemon.state_dir != old.daemon.state_dir:
-            # Firing alerts live in state_dir/alerts.json, so the new dispatcher carries them
-            # on (and re-sends them to Alertmanager).
+            # Firing alerts and undelivered messages live in state_dir/alerts.json (saved by
+            # stop()), so the new dispatcher carries them on; sinks are matched by URL.
             self._alerts.stop(0.5)
             self._alerts = AlertDispatcher(new.alerts, Path(new.daemon.state_dir), self.host)
             self._alerts.start()

@@ -688,16 +688,21 @@ def _cvd_entries(value: str) -> list[str]:
 
 
 def _cvd_visible(value: str, s: Snapshot) -> int:
-    """How many GPUs CUDA_VISIBLE_DEVICES=value leaves visible (CUDA stops at the first bad one)."""
+    """How many GPUs CUDA_VISIBLE_DEVICES=value leaves visible (CUDA stops at the first bad one).
+
+    A ``MIG-`` entry names a MIG instance, whose UUID NVML's GPU list does not carry: it is
+    taken as visible (tfgpud does not enumerate MIG instances), never as hiding the GPUs.
+    """
     n = gpu_count_expected(s)
     uuids = [g.uuid for g in _nvml_gpus(s)]
     count = 0
     for entry in _cvd_entries(value):
         index_ok = entry.isdigit() and (int(entry) < n or not uuids)
-        uuid_ok = entry.startswith(("GPU-", "MIG-")) and (
+        uuid_ok = entry.startswith("GPU-") and (
             not uuids or any(u.startswith(entry) for u in uuids)
         )
-        if index_ok or uuid_ok:
+        mig_ok = entry.startswith("MIG-")
+        if index_ok or uuid_ok or mig_ok:
             count += 1
         else:
             break
@@ -845,6 +850,109 @@ def cause_libcuda_missing(r: TfProbeResult, s: Snapshot, c: Config) -> Finding |
     )
 
 
+def _driver_upgrade(need: str | None) -> str:
+    """How to get a driver ≥ ``need``, without naming a short-lived branch the archive lacks."""
+    at_least = f" (≥ {need})" if need else ""
+    return (
+        f"install your distribution's current production NVIDIA driver branch{at_least}, then "
+        "reboot: Ubuntu `sudo ubuntu-drivers install` (`ubuntu-drivers list` shows the "
+        "branches and versions), elsewhere the `nvidia-driver` package of the distribution or "
+        "of NVIDIA's CUDA repository"
+    )
+
+
+def _older_tf(
+    r: TfProbeResult, why: str, *, cuda_major: int, max_cuda: tuple[int, int] | None = None
+) -> str:
+    """The "Or keep the driver and use TF X" sentence, naming a release for the env's Python."""
+    b = compat.newest_tf_for(r.python_version, cuda_major=cuda_major, max_cuda=max_cuda)
+    if b is not None:
+        return (
+            f" Or keep the driver and use a TensorFlow {why}: "
+            f"`{_pip(r, f'tensorflow[and-cuda]=={b.tf}.*')}` (CUDA {b.cuda})."
+        )
+    any_py = compat.newest_tf_for(None, cuda_major=cuda_major, max_cuda=max_cuda)
+    if any_py is None:
+        return ""
+    py = compat.python_range(r.python_version)
+    return (
+        f" A TensorFlow {why} (newest: {any_py.tf}, CUDA {any_py.cuda}) supports Python "
+        f"{any_py.python} only, not this env's Python {py}: it would need a new env with such a "
+        f"Python (e.g. `python{any_py.python.split('-')[-1]} -m venv <dir>`)."
+    )
+
+
+def _jit_gpus(r: TfProbeResult, s: Snapshot) -> list[tuple[str, tuple[int, int], tuple[int, int]]]:
+    """GPUs that can only run this build through PTX JIT: (label, cc, the PTX target used)."""
+    sm, ptx = compat.compute_targets(r.build_info.get("cuda_compute_capabilities"))
+    return [
+        (label, cc, max(p for p in ptx if p <= cc))
+        for label, cc in _gpu_ccs(r, s)
+        if _runs_on(cc, sm, ptx) == "ptx"
+    ]
+
+
+def _ptx_driver_too_old(r: TfProbeResult, s: Snapshot) -> Finding | None:
+    """``tf-driver-too-old`` for GPUs that run via PTX on a driver older than the build's CUDA.
+
+    Minor-version compatibility lets a CUDA 12.5 build run on a 12.4 driver, but not its PTX:
+    PTX from a newer toolkit needs a driver of at least that CUDA version, else every kernel
+    fails with CUDA_ERROR_UNSUPPORTED_PTX_VERSION (even when TF lists the GPU).
+    """
+    nvml = s.nvml
+    tf_cuda = compat.cuda_major_minor(r.build_info.get("cuda_version"))
+    if nvml is None or nvml.cuda_driver_version is None or tf_cuda is None:
+        return None
+    drv = compat.driver_cuda(nvml.cuda_driver_version)
+    jit = _jit_gpus(r, s)
+    if drv >= tf_cuda or not jit:
+        return None
+    label = jit[0][0]
+    who = label if len(jit) == 1 else f"{len(jit)} GPUs ({label}, …)"
+    ccs = sorted({g[1] for g in jit})
+    cc_s = ", ".join(f"{a}.{b}" for a, b in ccs)
+    sm_s = "/".join(f"sm_{a}{b}" for a, b in ccs)
+    ptx_s = "/".join(sorted({f"compute_{t[0]}{t[1]}" for _, _, t in jit}))
+    need = compat.min_driver_for(tf_cuda)
+    need_s = f" (≥ {need})" if need else ""
+    cuda_s, drv_s = f"{tf_cuda[0]}.{tf_cuda[1]}", f"{drv[0]}.{drv[1]}"
+    fix = (
+        f"Upgrade the driver to one that supports CUDA {cuda_s}: "
+        + _driver_upgrade(need)
+        + ". Minor-version compatibility does not cover PTX JIT."
+        + _older_tf(
+            r,
+            f"built with CUDA ≤ {drv_s}, whose PTX this driver can compile",
+            cuda_major=drv[0],
+            max_cuda=drv,
+        )
+        + f" On a data-centre GPU the CUDA forward-compatibility package (cuda-compat-"
+        f"{tf_cuda[0]}-{tf_cuda[1]}) is a third way."
+    )
+    return _find(
+        "tf-driver-too-old",
+        CRIT,
+        r.env,
+        f"{who} (cc {cc_s}) has no {sm_s} kernels in TF {r.tf_version or '?'}; its {ptx_s} "
+        f"PTX needs a driver that supports CUDA {cuda_s}{need_s}: driver "
+        f"{nvml.driver_version or '?'} supports {drv_s} — PTX JIT fails with "
+        "CUDA_ERROR_UNSUPPORTED_PTX_VERSION",
+        [
+            *(
+                f"{lbl}: compute capability {a}.{b}, no sm_{a}{b} binary; runs "
+                f"compute_{t[0]}{t[1]} PTX"
+                for lbl, (a, b), t in jit
+            ),
+            f"driver {nvml.driver_version}, "
+            f"nvmlSystemGetCudaDriverVersion {nvml.cuda_driver_version} (CUDA {drv_s})",
+            f"TensorFlow build: cuda_version {r.build_info.get('cuda_version')}, "
+            f"cuda_compute_capabilities {r.build_info.get('cuda_compute_capabilities')}",
+            *_logs(r, "PTX", "jit-compiled"),
+        ],
+        fix,
+    )
+
+
 def cause_driver_too_old(r: TfProbeResult, s: Snapshot, c: Config) -> Finding | None:
     nvml = s.nvml
     tf_cuda = compat.cuda_major_minor(r.build_info.get("cuda_version"))
@@ -862,23 +970,24 @@ def cause_driver_too_old(r: TfProbeResult, s: Snapshot, c: Config) -> Finding | 
     )
     insufficient = _logs(r, "insufficient for CUDA runtime", "driver version is insufficient")
     if drv[0] == tf_cuda[0] and not below_minor_compat and not insufficient:
-        return None  # minor-version compatibility covers it
+        # Minor-version compatibility covers the binary kernels, not PTX JIT.
+        return _ptx_driver_too_old(r, s)
     ga = compat.min_driver_for(tf_cuda)
     series = (nvml.driver_version or "?").split(".")[0] + ".x"
     want = f"install driver ≥ {ga}" if ga else "install a newer driver"
-    if minor_min:
+    jit = _jit_gpus(r, s)
+    if minor_min and not jit:
         want += f" (or ≥ {minor_min} with minor-version compatibility)"
-    older_tf = next((b for b in compat.TESTED_BUILDS if int(b.cuda.split(".")[0]) == drv[0]), None)
-    branch = (ga or "?").split(".")[0]
-    fix = (
-        f"{want[0].upper()}{want[1:]}, then reboot "
-        f"(e.g. Ubuntu `sudo apt install nvidia-driver-{branch}`)."
-    )
-    if older_tf is not None:
+    fix = f"Upgrade the driver: {_driver_upgrade(ga)}."
+    if minor_min and jit:
         fix += (
-            f" Or keep the driver and use a TensorFlow built for CUDA {drv[0]}.x: "
-            f"`{_pip(r, f'tensorflow[and-cuda]=={older_tf.tf}.*')}` (CUDA {older_tf.cuda})."
+            f" Not {minor_min}: minor-version compatibility does not cover the PTX that "
+            + ", ".join(lbl for lbl, _, _ in jit[:2])
+            + " need(s)."
         )
+    elif minor_min:
+        fix += f" With minor-version compatibility any driver ≥ {minor_min} also works."
+    fix += _older_tf(r, f"built for CUDA {drv[0]}.x", cuda_major=drv[0])
     return _find(
         "tf-driver-too-old",
         CRIT,
@@ -895,6 +1004,71 @@ def cause_driver_too_old(r: TfProbeResult, s: Snapshot, c: Config) -> Finding | 
     )
 
 
+def _is_compat_lib(lib: LibraryCheck | None) -> bool:
+    """A forward-compatibility libcuda: loaded from a ``compat`` directory (cuda-compat-X-Y
+    installs it under /usr/local/cuda-X.Y/compat/)."""
+    return lib is not None and lib.path is not None and "compat" in lib.path.split("/")[:-1]
+
+
+def _forward_compat(
+    r: TfProbeResult,
+    s: Snapshot,
+    lib: LibraryCheck | None,
+    lib_ver: str | None,
+    module: str | None,
+    refused: list[str],
+) -> Finding:
+    """``tf-driver-dso-mismatch`` for a forward-compatibility libcuda: its version differs from
+    the kernel module by design, so a reboot fixes nothing; what matters is whether this GPU and
+    module branch support forward compatibility."""
+    path = lib.path if lib is not None and lib.path else None
+    where = os.path.dirname(path) if path else "a cuda-compat directory"
+    older = (
+        lib_ver is not None
+        and module is not None
+        and (compat.parse_version(lib_ver) or ()) < (compat.parse_version(module) or ())
+    )
+    if refused:
+        state = (
+            ": CUDA refuses it on this GPU or module (CUDA_ERROR_COMPAT_NOT_SUPPORTED_ON_DEVICE)"
+        )
+    elif older:
+        state = ": it is older than the driver, so it can only hold CUDA back"
+    else:
+        state = ""
+    remove = (
+        f"remove {where} from the env's LD_LIBRARY_PATH (or its /etc/ld.so.conf.d entry, then "
+        "`sudo ldconfig`) so the driver's own libcuda loads"
+    )
+    if older:
+        fix = f"This is not a reboot problem: {remove}."
+    else:
+        fix = (
+            "This is not a reboot problem: CUDA forward compatibility is in use (a cuda-compat "
+            "package's libcuda instead of the driver's). It works only on data-centre GPUs "
+            "(e.g. A100, H100, L40; not GeForce and most workstation RTX cards: `nvidia-smi "
+            "--query-gpu=name --format=csv`) with a kernel module from a branch that compat "
+            f"release supports (module here: {module or '?'}; see NVIDIA's CUDA "
+            "forward-compatibility table). If either does not hold, "
+            f"{remove}, and upgrade the driver itself instead; otherwise install the "
+            "cuda-compat package that supports this module branch."
+        )
+    return _find(
+        "tf-driver-dso-mismatch",
+        CRIT,
+        r.env,
+        f"In env `{r.env}` libcuda.so.1 is the CUDA forward-compatibility library "
+        f"{lib_ver or '?'} ({where}) over kernel module {module or '?'}{state}",
+        [
+            f"libcuda.so.1: {path or '?'} (forward-compatibility library)",
+            f"/sys/module/nvidia/version: {module or '?'}",
+            f"LD_LIBRARY_PATH={r.environment.get('LD_LIBRARY_PATH', '(unset)')}",
+            *refused,
+        ],
+        fix,
+    )
+
+
 def cause_driver_dso_mismatch(r: TfProbeResult, s: Snapshot, c: Config) -> Finding | None:
     lines = _logs(r, "does not match DSO version", "COMPAT_NOT_SUPPORTED")
     lib = _libcuda(r)
@@ -904,12 +1078,11 @@ def cause_driver_dso_mismatch(r: TfProbeResult, s: Snapshot, c: Config) -> Findi
     rm_mismatch = s.nvml is not None and s.nvml.error == "LIB_RM_VERSION_MISMATCH"
     if not (lines or differs or rm_mismatch):
         return None
-    compat_pkg = any("COMPAT_NOT_SUPPORTED" in line for line in lines)
+    refused = [line for line in lines if "COMPAT_NOT_SUPPORTED" in line]
+    if (refused or _is_compat_lib(lib)) and not rm_mismatch:
+        return _forward_compat(r, s, lib, lib_ver, module, refused)
     fix = (
-        "A forward-compatibility libcuda (cuda-compat) is on the loader path for a GPU/driver "
-        "that does not support it: remove it from LD_LIBRARY_PATH."
-        if compat_pkg
-        else "Reboot (the driver was upgraded but the old kernel module is still loaded), or "
+        "Reboot (the driver was upgraded but the old kernel module is still loaded), or "
         "reload it: `sudo rmmod nvidia_uvm nvidia_drm nvidia_modeset nvidia && "
         "sudo modprobe nvidia`."
     )
@@ -976,21 +1149,51 @@ def cause_compute_capability_unsupported(
             *(f"{label}: compute capability {a}.{b}" for label, (a, b) in bad),
             *_logs(r, "Ignoring visible gpu"),
         ],
-        f"Use a TensorFlow build that includes sm_{ccs[0][0]}{ccs[0][1]} (CUDA 11 builds such as "
-        f"`{_pip(r, 'tensorflow[and-cuda]==2.14.*')}` support ≥ 3.5), or build TensorFlow from "
-        f"source with TF_CUDA_COMPUTE_CAPABILITIES={cc_s}.",
+        _older_cc_fix(r, ccs[0], cc_s),
     )
 
 
+def _older_cc_fix(r: TfProbeResult, cc: tuple[int, int], cc_s: str) -> str:
+    """Use an older (CUDA 11) TF whose kernels reach further back, if one fits the Python."""
+    source = f"build TensorFlow from source with TF_CUDA_COMPUTE_CAPABILITIES={cc_s}"
+    b = compat.newest_tf_for(r.python_version, cuda_major=11)
+    if b is not None:
+        return (
+            f"Use a TensorFlow build that includes sm_{cc[0]}{cc[1]} (CUDA 11 builds such as "
+            f"`{_pip(r, f'tensorflow[and-cuda]=={b.tf}.*')}` support ≥ 3.5), or {source}."
+        )
+    oldest = compat.newest_tf_for(None, cuda_major=11)
+    py = compat.python_range(r.python_version)
+    span = f" (newest: {oldest.tf}, Python {oldest.python})" if oldest is not None else ""
+    return (
+        f"The TensorFlow releases with sm_{cc[0]}{cc[1]} kernels (CUDA 11 builds{span}) do not "
+        f"support this env's Python {py}: create an env with an older Python for one, or "
+        f"{source}."
+    )
+
+
+def _cuda_major(r: TfProbeResult) -> int | None:
+    cuda = compat.cuda_major_minor(r.build_info.get("cuda_version"))
+    return cuda[0] if cuda is not None else None
+
+
+def _cudnn_wheel(r: TfProbeResult) -> str:
+    """The cuDNN wheel TF's RUNPATH loads: ``nvidia-cudnn-cu<CUDA major of the build>``."""
+    return f"nvidia-cudnn-cu{_cuda_major(r) or 12}"
+
+
 def _cudnn_installed(r: TfProbeResult) -> str | None:
-    for name, version in r.packages.items():
-        if name.startswith("nvidia-cudnn"):
-            return version
+    """The cuDNN this build loads: the version of ``nvidia-cudnn-cu<its CUDA major>`` (not
+    nvidia-cudnn-frontend, nor a wheel for another CUDA major), else the loaded library's."""
+    if _cuda_major(r) is not None and _cudnn_wheel(r) in r.packages:
+        return r.packages[_cudnn_wheel(r)]
     lib = next((lib for lib in r.libraries if lib.name == "cudnn" and lib.loaded), None)
     return _lib_version(lib.path if lib is not None else None, "libcudnn")
 
 
 def cause_cudnn_mismatch(r: TfProbeResult, s: Snapshot, c: Config) -> Finding | None:
+    if not gpus_exist(s):  # no GPU, no cuDNN in use: a version difference harms nothing
+        return None
     lines = _logs(r, "Loaded runtime CuDNN library")
     built = compat.parse_version(r.build_info.get("cudnn_version"))
     tested = compat.tested_build(r.tf_version)
@@ -1013,7 +1216,7 @@ def cause_cudnn_mismatch(r: TfProbeResult, s: Snapshot, c: Config) -> Finding | 
         f"with {need_s}) but cuDNN {have_s or '?'} is installed",
         [f"cuDNN installed: {have_s or '?'}", *lines],
         f"{_and_cuda(r)}  (installs the matching nvidia-cudnn wheel; or "
-        f"`{_pip(r, f'nvidia-cudnn-cu12>={need_s},<{(need or (9,))[0] + 1}')}`)",
+        f"`{_pip(r, f'{_cudnn_wheel(r)}>={need_s},<{(need or (9,))[0] + 1}')}`)",
     )
 
 
@@ -1056,7 +1259,20 @@ def _probe_refused(r: TfProbeResult, c: Config) -> Finding:
     run_as = cfg.run_as if cfg is not None else None
     users = [w for w in r.refused_writers if w != "everyone" and not w.startswith("group:")]
     prefix = os.path.dirname(os.path.dirname(r.python)) or r.python
-    if not r.refused_writers:  # the runner could not switch to run_as
+    if r.status is ProbeStatus.NO_ACCESS:  # the probe's user cannot reach the interpreter
+        who = r.probe_user or "tfgpud"
+        dirs = " ".join(r.denied_paths) or os.path.dirname(r.python) or r.python
+        fix = (
+            f"Let `{who}` reach the interpreter: `sudo setfacl -m u:{who}:x {dirs}` (search "
+            f"only), or move the env where `{who}` can enter, or (tfgpud as root) set "
+            f'`run_as = "<owner>"` in the [[tensorflow.envs]] entry `{r.env}`.'
+        )
+    elif not r.refused_writers and not (r.error or "").startswith("run_as:"):
+        fix = (  # refused for what the env sets or how big it is, not for who can write it
+            f'Set `run_as = "<owner>"` in the [[tensorflow.envs]] entry `{r.env}` so the probe '
+            "does not run as root, or remove the cause named in the summary."
+        )
+    elif not r.refused_writers:  # the runner could not switch to run_as
         fix = (
             f"Fix `run_as` in the [[tensorflow.envs]] entry `{r.env}`: the user must exist "
             f"(`getent passwd {run_as or '<user>'}`)."
@@ -1101,7 +1317,7 @@ def _tf_failed_probe(r: TfProbeResult, s: Snapshot, c: Config) -> Finding | None
             f"Fix `python` in the [[tensorflow.envs]] entry `{r.env}`, or create the env: "
             f"`python3 -m venv {venv} && {pkg_fix}`.",
         )
-    if r.status is ProbeStatus.REFUSED:
+    if r.status in (ProbeStatus.REFUSED, ProbeStatus.NO_ACCESS):
         return _probe_refused(r, c)
     if r.status is ProbeStatus.IMPORT_FAILED:
         missing = "No module named 'tensorflow'" in (r.error or "")
@@ -1227,8 +1443,62 @@ def _tf_env_findings(r: TfProbeResult, s: Snapshot, c: Config) -> list[Finding]:
             )
         )
     out.extend(causes)
-    out.extend(_ptx_jit_only(r, s))
+    smoke = _smoke_failed(r, s)
+    if smoke is not None:
+        out.append(smoke)
+    # PTX from a newer CUDA than the driver's fails at the first kernel, even when TF lists
+    # the GPU; with a new enough driver PTX JIT only costs start-up time (a warning).
+    ptx_old = _ptx_driver_too_old(r, s)
+    if ptx_old is None:
+        out.extend(_ptx_jit_only(r, s))
+    elif all(f.key != ptx_old.key for f in out):
+        out.append(ptx_old)
     return out
+
+
+def _smoke_failed(r: TfProbeResult, s: Snapshot) -> Finding | None:
+    """``tf-smoke-failed``: TF listed the GPU but a small matmul on GPU:0 failed."""
+    if r.smoke_ok is not False:
+        return None
+    err = r.smoke_error or "unknown error"
+    low = err.lower()
+    tf_cuda = compat.cuda_major_minor(r.build_info.get("cuda_version"))
+    if "ptx" in low:
+        need = compat.min_driver_for(tf_cuda) if tf_cuda is not None else None
+        cuda_s = f"CUDA {tf_cuda[0]}.{tf_cuda[1]}" if tf_cuda is not None else "its CUDA"
+        fix = (
+            f"The driver cannot compile this build's PTX: upgrade to a driver that supports "
+            f"{cuda_s}: {_driver_upgrade(need)} (see tf-driver-too-old / tf-ptx-jit-only)."
+        )
+    elif any(k in low for k in ("out of memory", "out_of_memory", "oom ", "resourceexhausted")):
+        fix = (
+            "GPU memory is taken: see which processes hold it (`nvidia-smi --query-compute-apps="
+            "pid,used_memory --format=csv`); TensorFlow jobs should run with "
+            "TF_FORCE_GPU_ALLOW_GROWTH=true and only their GPUs in CUDA_VISIBLE_DEVICES."
+        )
+    elif any(k in low for k in ("cudnn", "dnn library", "cublas", "cusolver", "cufft")):
+        fix = (
+            f"The CUDA libraries in the env do not match this build: `{_and_cuda(r)} "
+            "--force-reinstall` (and unset LD_LIBRARY_PATH entries that point at another CUDA)."
+        )
+    else:
+        fix = (
+            f"Run `tfgpud doctor --python {r.python}` and check `nvidia-smi` and "
+            "`journalctl -k | grep -i xid` for a driver or GPU fault."
+        )
+    gpus = ", ".join(f"{g.name} {g.device_name or ''}".strip() for g in r.gpus) or "none listed"
+    return _find(
+        "tf-smoke-failed",
+        CRIT,
+        r.env,
+        f"{_tf_name(r)} lists {len(r.gpus)} GPU(s) but a matmul on GPU:0 failed: {err[:200]}",
+        [
+            f"smoke test: {err}",
+            f"TF GPUs: {gpus}",
+            *_logs(r, "PTX", "out of memory", "OOM", "DNN", "CUDA_ERROR")[:10],
+        ],
+        fix,
+    )
 
 
 def _ptx_jit_only(r: TfProbeResult, s: Snapshot) -> list[Finding]:

@@ -254,6 +254,11 @@ def _tf_families(snap: Snapshot) -> Iterator[Metric]:
     success = _gauge("tfgpud_tf_probe_success", "1 if the last TensorFlow probe worked.", env)
     duration = _gauge("tfgpud_tf_probe_duration_seconds", "Duration of the last probe.", env)
     stamp = _gauge("tfgpud_tf_probe_timestamp_seconds", "Unix time the last probe started.", env)
+    smoke = _gauge(
+        "tfgpud_tf_smoke_success",
+        "1 if the probe's smoke test (a matmul on GPU:0) worked; only where it ran.",
+        env,
+    )
     falling = {f.subject for f in snap.findings if f.code in FALLBACK_CODES}
     for r in snap.tf:
         success.add_metric([r.env], 1.0 if r.ok else 0.0)
@@ -274,7 +279,11 @@ def _tf_families(snap: Snapshot) -> Iterator[Metric]:
         )
         visible.add_metric([r.env], len(r.gpus))
         fallback.add_metric([r.env], 1.0 if r.env in falling else 0.0)
+        if r.smoke_ok is not None:
+            smoke.add_metric([r.env], 1.0 if r.smoke_ok else 0.0)
     yield from (info, visible, fallback, success, duration, stamp)
+    if smoke.samples:  # no smoke test configured anywhere: no family at all
+        yield smoke
     if snap.tf_processes is not None:
         procs = _gauge(
             "tfgpud_tf_processes", "Running TensorFlow processes by placement.", ["placement"]

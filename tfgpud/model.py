@@ -130,6 +130,7 @@ class ProbeStatus(StrEnum):
     MISSING_INTERPRETER = "missing-interpreter"
     BAD_OUTPUT = "bad-output"
     REFUSED = "refused"
+    NO_ACCESS = "no-access"  # the probe's user cannot reach/execute the interpreter (EACCES)
     ERROR = "error"
 
 
@@ -165,6 +166,12 @@ class TfProbeResult:
     # REFUSED for safety: who besides root can write the env's code (user names, "group:x",
     # "everyone"); see tfgpud.probe_safety.
     refused_writers: tuple[str, ...] = ()
+    # NO_ACCESS: the user the probe ran as, and the paths whose permissions stop it.
+    probe_user: str | None = None
+    denied_paths: tuple[str, ...] = ()
+    # The killed probe child did not exit in time (stuck in the kernel); tfgpud.runner's
+    # reaper waits for it and no new probe of the env starts while it exists.
+    abandoned_pid: int | None = None
 
     @property
     def ok(self) -> bool:

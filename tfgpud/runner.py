@@ -3,7 +3,10 @@
 Every child runs in its own session (so its process group id is its pid), with stdin closed,
 an explicit environment, and both pipes drained concurrently into bounded buffers. When the
 child exits, or the deadline passes, or the caller cancels, the whole group is SIGKILLed before
-the child is reaped, so nothing it forked outlives it.
+the child is reaped, so nothing it forked outlives it. A SIGKILLed child that does not die
+within a few seconds (uninterruptible sleep, e.g. in a GPU driver call) is handed to a reaper
+thread, which waits for it; :func:`abandoned_children` lists those still alive so callers can
+hold back from starting another child for the same work.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import contextlib
 import os
 import pwd
 import selectors
+import shutil
 import signal
 import subprocess
 import threading
@@ -43,6 +47,9 @@ class RunResult:
     max_rss_bytes: int | None
     error: str | None = None  # e.g. "executable not found: /x/bin/python"
     cancelled: bool = False
+    # Set when the killed child was still not reaped after a few seconds (stuck in the kernel):
+    # a reaper thread waits for it; see abandoned_children().
+    abandoned_pid: int | None = None
 
     @property
     def started(self) -> bool:
@@ -98,6 +105,33 @@ def _exited(pid: int) -> bool:
     return info is not None
 
 
+_abandoned: set[int] = set()
+_abandoned_lock = threading.Lock()
+
+
+def abandoned_children() -> frozenset[int]:
+    """Pids of children given up on (killed but not yet exited) that still exist."""
+    with _abandoned_lock:
+        return frozenset(_abandoned)
+
+
+def _reaper(pid: int) -> None:
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+    finally:
+        with _abandoned_lock:
+            _abandoned.discard(pid)
+
+
+def hand_to_reaper(pid: int) -> None:
+    """Let a daemon thread wait for (and so reap) child ``pid``; it stays listed meanwhile."""
+    with _abandoned_lock:
+        _abandoned.add(pid)
+    threading.Thread(target=_reaper, args=(pid,), name=f"reap-{pid}", daemon=True).start()
+
+
 def _reap(pid: int) -> tuple[int | None, float | None, int | None]:
     """Reap ``pid``; return (wait status, cpu seconds, max rss bytes), None where unknown."""
     deadline = time.monotonic() + _REAP_SECONDS
@@ -112,6 +146,29 @@ def _reap(pid: int) -> tuple[int | None, float | None, int | None]:
         if time.monotonic() >= deadline:
             return None, None, None
         time.sleep(0.01)
+
+
+def _still_ours(pid: int) -> bool:
+    """True while ``pid`` is our unreaped child (running or a zombie)."""
+    try:
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return True
+
+
+SETPRIV = shutil.which("setpriv", path="/usr/bin:/bin:/usr/sbin:/sbin")
+
+
+def _has_ambient_caps(status: str = "/proc/self/status") -> bool:
+    try:
+        with open(status, encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("CapAmb:"):
+                    return int(line.split()[1], 16) != 0
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
 
 
 def run_bounded(
@@ -161,6 +218,10 @@ def run_bounded(
             uid, gid, groups = _user_ids(user)
         except KeyError:
             return failed(f"unknown user {user!r}")
+    if _has_ambient_caps() and SETPRIV is not None:
+        # A daemon given CAP_SYS_PTRACE (to see other users' jobs) must not pass it on to code
+        # from a user's env: ambient capabilities survive execve of ordinary programs.
+        args = (SETPRIV, "--ambient-caps=-all", "--inh-caps=-all", "--", *args)
     try:
         proc = subprocess.Popen(  # argv comes from the operator's configuration
             args,
@@ -238,7 +299,11 @@ def run_bounded(
         proc.stdout.close()
         proc.stderr.close()
         status, cpu, rss = _reap(proc.pid)
-        # Tell Popen the child is gone so it neither waits again nor warns in __del__.
+        abandoned: int | None = None
+        if status is None and _still_ours(proc.pid):
+            abandoned = proc.pid
+            hand_to_reaper(proc.pid)
+        # Tell Popen the child is gone (or the reaper's) so it neither waits nor warns in __del__.
         proc.returncode = (
             os.waitstatus_to_exitcode(status) if status is not None else -signal.SIGKILL
         )
@@ -263,4 +328,5 @@ def run_bounded(
         cpu_seconds=cpu,
         max_rss_bytes=rss,
         cancelled=cancelled,
+        abandoned_pid=abandoned,
     )

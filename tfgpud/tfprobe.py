@@ -4,8 +4,10 @@ Run by path with the env's own interpreter (``/opt/venv/bin/python tfprobe.py [-
 Uses only the standard library and TensorFlow — the env need not have tfgpud installed — and
 stays valid Python 3.8 so old envs can run it. Prints exactly one JSON object on stdout and
 exits 0, also when TensorFlow cannot be imported (``import_error``), so the parent can tell
-"import failed" from "crashed". It never initialises a device (no logical devices, no memory)
-unless ``--smoke`` is given, and then sets memory growth first.
+"import failed" from "crashed"; it leaves with ``os._exit`` once the report is written, so a
+crash in TF's or CUDA's shutdown code cannot spoil it. It never initialises a device (no
+logical devices, no memory) unless ``--smoke`` is given, and then makes only the first GPU
+visible and sets memory growth first.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import importlib
 import json
 import os
 import platform
+import site
 import stat
 import sys
 import traceback
@@ -124,17 +127,35 @@ def packages() -> tuple[dict[str, str], list[str]]:
         return {}, []
     found: dict[str, str] = {}
     dirs: list[str] = []
-    for dist in metadata.distributions():
-        name = (dist.metadata["Name"] or "").lower()
-        if not (name.startswith("nvidia-") or name.startswith("tensorflow")):
-            continue
-        found[name] = dist.version
-        path = getattr(dist, "_path", None)  # PathDistribution's metadata dir
-        if path is not None:
-            for d in (str(path), os.path.dirname(str(path))):
-                if d not in dirs:
-                    dirs.append(d)
+    try:
+        for dist in metadata.distributions():
+            try:
+                name = (dist.metadata["Name"] or "").lower()
+                if not (name.startswith("nvidia-") or name.startswith("tensorflow")):
+                    continue
+                found[name] = dist.version
+                path = getattr(dist, "_path", None)  # PathDistribution's metadata dir
+            except Exception:  # noqa: BLE001 - one broken dist-info must not hide the rest
+                continue
+            if path is not None:
+                for d in (str(path), os.path.dirname(str(path))):
+                    if d not in dirs:
+                        dirs.append(d)
+    except Exception:  # noqa: BLE001 - a broken path entry: report what was found
+        pass
     return found, dirs
+
+
+def site_dirs() -> list[str]:
+    """The interpreter's site-packages dirs (and the user site when enabled): their mtimes
+    change when a package is installed, also into an env that has no TensorFlow yet."""
+    dirs: list[str] = []
+    getsite = getattr(site, "getsitepackages", None)  # an old virtualenv's site.py lacks it
+    if getsite is not None:
+        dirs.extend(getsite())
+    if getattr(site, "ENABLE_USER_SITE", False):
+        dirs.append(site.getusersitepackages())
+    return [d for d in dirs if os.path.isdir(d)]
 
 
 def device_access() -> dict[str, str]:
@@ -167,8 +188,9 @@ def _stringify(value: Any) -> str:
 
 def _smoke(tf: Any, gpus: list[Any]) -> tuple[bool, str | None]:
     try:
-        for gpu in gpus:
-            tf.config.experimental.set_memory_growth(gpu, True)
+        # Only the first GPU gets a context: the others stay untouched by the smoke test.
+        tf.config.set_visible_devices(gpus[0], "GPU")
+        tf.config.experimental.set_memory_growth(gpus[0], True)
         with tf.device("/GPU:0"):
             x = tf.constant([[1.0, 2.0], [3.0, 4.0]])
             y = tf.linalg.matmul(x, x)
@@ -184,6 +206,12 @@ def _smoke(tf: Any, gpus: list[Any]) -> tuple[bool, str | None]:
 def probe(smoke: bool) -> dict[str, Any]:
     """Gather the report. Only an interpreter-level crash can stop it from returning."""
     pkgs, pkg_dirs = packages()
+    try:
+        for d in site_dirs():
+            if d not in pkg_dirs:
+                pkg_dirs.append(d)
+    except Exception:  # noqa: BLE001 - the fingerprint is a nicety: never lose the report
+        pass
     out: dict[str, Any] = {
         "schema": SCHEMA,
         "python": {"version": platform.python_version(), "executable": sys.executable},
@@ -210,7 +238,11 @@ def probe(smoke: bool) -> dict[str, Any]:
         build = {}
         out["build_info_error"] = f"{type(exc).__name__}: {exc}"
     out["build_info"] = {str(k): _stringify(v) for k, v in build.items()}
-    gpus = tf.config.list_physical_devices("GPU")
+    try:
+        gpus = list(tf.config.list_physical_devices("GPU"))
+    except Exception as exc:  # noqa: BLE001 - report, never die: the parent needs the rest
+        gpus = []
+        out["gpus_error"] = f"{type(exc).__name__}: {exc}"
     devices = []
     for gpu in gpus:
         entry: dict[str, Any] = {"name": gpu.name}
@@ -251,4 +283,9 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    # The report is out: leave without interpreter shutdown, where TF/CUDA atexit handlers
+    # and destructors may crash and turn a valid report into a "crash".
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -47,9 +47,8 @@ find "$SITE" -name __pycache__ -type d -prune -exec rm -rf {} +
 # small web config, which the pure-Python parser PyYAML falls back to does just as well.
 rm -f "$SITE"/yaml/_yaml.*.so
 find "$SITE" -name '*.so' -exec strip --strip-unneeded --remove-section=.comment {} +
-# exec: python becomes the service's main process (Type=notify, NotifyAccess=main).
-printf '#!/bin/sh\nexec /opt/tfgpud/bin/python3 -m tfgpud "$@"\n' > "$VENV/bin/tfgpud"
-chmod 0755 "$VENV/bin/tfgpud"
+# The launcher runs python3 -I (isolated: no CWD on sys.path, no PYTHON* variables).
+install -m 0755 "$HERE/tfgpud-launcher" "$VENV/bin/tfgpud"
 mkdir -p "$STAGE/usr/bin"
 ln -s /opt/tfgpud/bin/tfgpud "$STAGE/usr/bin/tfgpud"
 

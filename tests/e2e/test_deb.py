@@ -159,8 +159,8 @@ def test_maintainer_scripts_are_valid_sh(unpacked: Path) -> None:
 def _stubs(d: Path) -> Path:
     """Commands the scripts may call, each logging its argv to d/calls."""
     d.mkdir()
-    for cmd in ("systemctl", "deb-systemd-invoke", "systemd-sysusers", "systemd-tmpfiles",
-                "adduser", "python3"):  # fmt: skip
+    for cmd in ("systemctl", "deb-systemd-invoke", "deb-systemd-helper", "systemd-sysusers",
+                "systemd-tmpfiles", "adduser", "python3"):  # fmt: skip
         stub = d / cmd
         stub.write_text(f'#!/bin/sh\necho "{cmd} $*" >> {d}/calls\n')
         stub.chmod(0o755)
@@ -199,6 +199,8 @@ def test_install_and_upgrade_enable_and_start_nothing(unpacked: Path, tmp_path: 
         "systemd-sysusers tfgpud.conf",
         "systemd-tmpfiles --create tfgpud.conf",
         "python3 -m compileall -q /opt/tfgpud/lib",
+        "deb-systemd-helper unmask tfgpud.service",
+        "deb-systemd-helper update-state tfgpud.service",  # records links, enables nothing
         "systemctl --system daemon-reload",
     ]
     assert "sudo systemctl enable --now tfgpud" in out  # says how, does not do it
@@ -208,19 +210,34 @@ def test_install_and_upgrade_enable_and_start_nothing(unpacked: Path, tmp_path: 
     _, calls = _as_if_systemd(ctl / "prerm", stubs, "remove")
     assert calls == ["deb-systemd-invoke stop tfgpud.service"]
     _, calls = _as_if_systemd(ctl / "postrm", stubs, "remove")
-    assert calls == ["systemctl --system daemon-reload"]
+    assert calls == ["deb-systemd-helper mask tfgpud.service", "systemctl --system daemon-reload"]
+    _, calls = _as_if_systemd(ctl / "postrm", stubs, "purge")
+    assert calls == [
+        "deb-systemd-helper purge tfgpud.service",
+        "deb-systemd-helper unmask tfgpud.service",
+        "systemctl --system daemon-reload",
+    ]
 
 
 @pytest.mark.skipif(shutil.which("systemd-sysusers") is None, reason="no systemd-sysusers")
 def test_postinst_and_purge_in_a_scratch_root(unpacked: Path, tmp_path: Path) -> None:
     root = tmp_path / "root"
     shutil.copytree(unpacked, root, symlinks=True)
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DPKG_ROOT": str(root)}
+    # As dpkg runs them (deb-systemd-helper refuses to run without DPKG_MAINTSCRIPT_PACKAGE).
+    env = {
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        "DPKG_ROOT": str(root),
+        "DPKG_MAINTSCRIPT_PACKAGE": "tfgpud",
+    }
     ctl = root / "DEBIAN"
 
     def run(script: str, *args: str) -> str:
         proc = subprocess.run(
-            ["sh", str(ctl / script), *args], env=env, capture_output=True, text=True, timeout=120
+            ["sh", str(ctl / script), *args],
+            env={**env, "DPKG_MAINTSCRIPT_NAME": script},
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         return proc.stdout
@@ -231,10 +248,23 @@ def test_postinst_and_purge_in_a_scratch_root(unpacked: Path, tmp_path: Path) ->
     state = root / "var" / "lib" / "tfgpud"
     assert state.is_dir() and oct(state.stat().st_mode & 0o777) == "0o750"
     assert list((root / "opt" / "tfgpud").rglob("cli.cpython-*.pyc"))  # byte-compiled
+    # The admin enables it (`systemctl enable tfgpud` makes this link).
+    system = root / "etc" / "systemd" / "system"
+    wants = system / "multi-user.target.wants" / "tfgpud.service"
+    wants.parent.mkdir(parents=True, exist_ok=True)
+    wants.symlink_to("/usr/lib/systemd/system/tfgpud.service")
     run("prerm", "remove")
     assert not list((root / "opt" / "tfgpud").rglob("__pycache__"))
+    (root / "usr" / "lib" / "systemd" / "system" / "tfgpud.service").unlink()  # dpkg removes it
+    run("postrm", "remove")
+    if shutil.which("deb-systemd-helper"):
+        # Removed, not purged: the enablement is kept for a reinstall, the unit is masked.
+        assert os.readlink(system / "tfgpud.service") == "/dev/null"
+        assert wants.is_symlink()
     run("postrm", "purge")
     assert not state.exists()
+    assert not wants.is_symlink() and not wants.exists()  # no dangling link left
+    assert not (system / "tfgpud.service").is_symlink()  # the mask is lifted
 
 
 def test_the_packaged_venv_runs_the_daemon(
@@ -271,3 +301,30 @@ def test_the_packaged_venv_runs_the_daemon(
     assert doctor.returncode in (0, 1, 2), doctor.stderr
     doc = json.loads(doctor.stdout)
     assert "findings" in doc
+
+
+def test_launcher_is_isolated_from_the_current_directory(unpacked: Path, tmp_path: Path) -> None:
+    """`sudo tfgpud doctor` in a directory holding pydantic.py must not import it; -I still
+    finds the packaged venv's site-packages (pyvenv.cfg sets the prefix)."""
+    launcher = unpacked / "opt" / "tfgpud" / "bin" / "tfgpud"
+    assert launcher.read_bytes() == (ROOT / "packaging" / "debian" / "tfgpud-launcher").read_bytes()
+    python = unpacked / "opt" / "tfgpud" / "bin" / "python3"
+    local = tmp_path / "tfgpud"
+    local.write_text(launcher.read_text().replace("/opt/tfgpud/bin/python3", str(python)))
+    local.chmod(0o755)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    marker = tmp_path / "trap-ran"
+    (cwd / "pydantic.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    etc = unpacked / "etc" / "tfgpud" / "tfgpud.toml"
+    proc = subprocess.run(
+        [str(local), "check-config", str(etc)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(cwd)},
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert not marker.exists()

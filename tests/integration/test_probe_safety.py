@@ -198,3 +198,165 @@ def test_root_daemon_reports_the_refusal_and_probes_with_run_as(
         assert 'run_as = "nobody"' in refused[0]["fix"]
         assert m['tfgpud_tf_probe_success{env="refused"}'] == 0.0
         assert d.stop() == 0
+
+
+# --- what a root probe must also check (review findings) ----------------------------------------
+
+
+def _site(env_dir: Path) -> Path:
+    return env_dir / "venv" / "lib" / "python3.11" / "site-packages"
+
+
+def _nobody_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    os.chown(path, _nobody().pw_uid, _nobody().pw_gid)
+    return path
+
+
+def test_symlinked_site_entry_to_a_user_dir_is_refused(env_dir: Path) -> None:
+    python = _fake_env(env_dir, None)
+    target = _nobody_dir(env_dir / "elsewhere" / "pkg")
+    (_site(env_dir) / "pkg").symlink_to(target)
+    d = decide_probe_user(TfEnvConfig(name="e", python=str(python)))
+    assert d.refused is not None and "nobody" in d.writers
+
+
+def test_directory_added_by_a_pth_file_is_refused(env_dir: Path) -> None:
+    python = _fake_env(env_dir, None)
+    extra = _nobody_dir(env_dir / "added")
+    (_site(env_dir) / "extra.pth").write_text(f"# comment\nimport sys\n{extra}\n")
+    d = decide_probe_user(TfEnvConfig(name="e", python=str(python)))
+    assert d.refused is not None and any(line.startswith(str(extra)) for line in d.evidence)
+
+
+def test_a_user_file_deep_inside_a_package_is_refused(env_dir: Path) -> None:
+    python = _fake_env(env_dir, None)
+    deep = _site(env_dir) / "tensorflow" / "python" / "ops"
+    deep.mkdir(parents=True)
+    mod = deep / "math_ops.py"
+    mod.write_text("")
+    os.chown(mod, _nobody().pw_uid, 0)
+    d = decide_probe_user(TfEnvConfig(name="e", python=str(python)))
+    assert d.refused is not None and any(line.startswith(str(mod)) for line in d.evidence)
+
+
+def test_too_many_files_fails_closed(env_dir: Path) -> None:
+    python = _fake_env(env_dir, None)
+    env = TfEnvConfig(name="e", python=str(python))
+    n = decide_probe_user(env).checked
+    for i in range(30):
+        (_site(env_dir) / f"m{i}.py").write_text("")
+    assert decide_probe_user(env, limit=n + 40).refused is None
+    d = decide_probe_user(env, limit=n + 10)
+    assert d.refused is not None and f"more than {n + 10} files" in d.refused
+
+
+def test_a_symlinked_directory_above_a_path_is_not_walked(env_dir: Path) -> None:
+    """LD_LIBRARY_PATH=/lib/x86_64-linux-gnu must not walk all of /usr/lib (/lib -> usr/lib)."""
+    python = _fake_env(env_dir, None)
+    big = env_dir / "big"
+    (big / "sub").mkdir(parents=True)
+    for i in range(100):
+        (big / f"f{i}").write_text("")
+    (env_dir / "link").symlink_to(big)
+    n = decide_probe_user(TfEnvConfig(name="e", python=str(python))).checked
+    env = TfEnvConfig(
+        name="e", python=str(python), environment={"LD_LIBRARY_PATH": str(env_dir / "link/sub")}
+    )
+    d = decide_probe_user(env)
+    assert d.refused is None and d.checked < n + 20
+
+
+def test_copied_venv_base_interpreter_from_pyvenv_home_is_checked(env_dir: Path) -> None:
+    python = _fake_env(env_dir, None)
+    base = _nobody_dir(env_dir / "base" / "bin")
+    (base / "python3").write_text("")
+    (env_dir / "venv" / "pyvenv.cfg").write_text(f"home = {base}\n")
+    d = decide_probe_user(TfEnvConfig(name="e", python=str(python)))
+    assert d.refused is not None and any(line.startswith(str(base)) for line in d.evidence)
+
+
+def test_probe_script_in_a_user_writable_dir_is_refused(env_dir: Path) -> None:
+    from tfgpud.collectors.tensorflow import PROBE_SCRIPT
+
+    python = _fake_env(env_dir, None)
+    checkout = _nobody_dir(env_dir / "checkout" / "tfgpud")
+    script = checkout / "tfprobe.py"
+    shutil.copy(PROBE_SCRIPT, script)
+    result = probe_env(TfEnvConfig(name="dev", python=str(python)), timeout=10, script=script)
+    assert result.status is ProbeStatus.REFUSED and "nobody" in result.refused_writers
+
+
+@pytest.mark.parametrize(
+    "var",
+    [
+        "PYTHONHOME",
+        "PYTHONSTARTUP",
+        "PYTHONUSERBASE",
+        "PYTHONPLATLIBDIR",
+        "HOME",
+        "LD_PRELOAD",
+        "LD_AUDIT",
+    ],
+)
+def test_variables_that_redirect_code_are_refused_as_root(env_dir: Path, var: str) -> None:
+    python = _fake_env(env_dir, None)
+    env = TfEnvConfig(name="v", python=str(python), environment={var: "/x"})
+    result = probe_env(env, timeout=10)
+    assert result.status is ProbeStatus.REFUSED and var in (result.error or "")
+    f = _finding(result, Config(tensorflow=TensorflowConfig(envs=[env])))
+    assert "run_as" in str(f["fix"]) and "getent" not in str(f["fix"])
+    as_user = TfEnvConfig(name="v", python=str(python), environment={var: "/x"}, run_as="nobody")
+    assert decide_probe_user(as_user).refused is None
+
+
+def test_system_python_checks_debian_local_dist_packages() -> None:
+    from tfgpud.probe_safety import code_plan
+
+    local = sorted(Path("/usr/local/lib").glob("python3*/dist-packages"))
+    if not Path("/usr/bin/python3").exists() or not local:
+        pytest.skip("no Debian-style /usr/local/lib/python3.X/dist-packages")
+    plan = code_plan(TfEnvConfig(name="s", python="/usr/bin/python3"), "/usr/bin/python3")
+    assert {str(p) for p in local} <= set(plan.trees)
+
+
+def test_root_probe_ignores_the_callers_home_and_user_site(
+    env_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$HOME/.local/.../site-packages of another user must not run as root."""
+    python = "/usr/bin/python3"
+    if not Path(python).exists():
+        pytest.skip("no /usr/bin/python3")
+    import subprocess
+
+    ver = subprocess.run(
+        [python, "-c", "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    home = _nobody_dir(env_dir / "home")
+    user_site = home / ".local" / "lib" / f"python{ver}" / "site-packages"
+    user_site.mkdir(parents=True)
+    marker = env_dir / "ran-as-root"
+    (user_site / "evil.pth").write_text(f"import os; open({str(marker)!r}, 'w').write('x')\n")
+    (user_site / "usercustomize.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    for p in [home, *home.rglob("*")]:
+        os.chown(p, _nobody().pw_uid, _nobody().pw_gid)
+    monkeypatch.setenv("HOME", str(home))
+    result = probe_env(TfEnvConfig(name="sys", python=python), timeout=60)
+    assert result.status in (ProbeStatus.IMPORT_FAILED, ProbeStatus.OK), result
+    assert not marker.exists()
+
+
+def test_unreachable_interpreter_is_no_access_not_a_crash(env_dir: Path) -> None:
+    private = env_dir / "private"
+    private.mkdir()
+    python = _fake_env(private, None)
+    private.chmod(0o700)  # root's: nobody cannot enter
+    env = TfEnvConfig(name="p", python=str(python), run_as="nobody")
+    result = probe_env(env, timeout=10)
+    assert result.status is ProbeStatus.NO_ACCESS, result
+    assert result.denied_paths == (str(private),)
+    f = _finding(result, Config(tensorflow=TensorflowConfig(envs=[env])))
+    assert f["severity"] == "warning" and f"setfacl -m u:nobody:x {private}" in str(f["fix"])

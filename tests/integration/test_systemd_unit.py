@@ -12,7 +12,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from packaging_helpers import ANALYZE, exposure, parse_unit, scratch_root, verify
+from packaging_helpers import (
+    ANALYZE,
+    exec_binaries,
+    exposure,
+    parse_unit,
+    scratch_root,
+    verify,
+)
 
 from tfgpud.config import DEFAULT_CONFIG_PATH, Config
 
@@ -22,6 +29,13 @@ SYSUSERS = ROOT / "packaging" / "systemd" / "tfgpud.sysusers"
 TMPFILES = ROOT / "packaging" / "systemd" / "tfgpud.tmpfiles"
 needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze not installed")
 MAX_EXPOSURE = 1.5
+# What README.md tells to add with `systemctl edit tfgpud` to see other users' TF jobs.
+DROP_IN = """
+[Service]
+PrivateUsers=no
+CapabilityBoundingSet=CAP_SYS_PTRACE
+AmbientCapabilities=CAP_SYS_PTRACE
+"""
 
 
 @needs_analyze
@@ -35,6 +49,37 @@ def test_verify_does_complain_about_a_broken_unit(tmp_path: Path) -> None:
     broken.parent.mkdir()
     broken.write_text(UNIT.read_text().replace("LockPersonality=yes", "LockPersonalty=yes"))
     assert "Unknown key 'LockPersonalty'" in verify(scratch_root(tmp_path / "root", broken))
+
+
+@needs_analyze
+def test_verify_checks_the_modprobe_pre_command(tmp_path: Path) -> None:
+    """verify sees ExecStartPre's binary (the scratch root has it); without the "-" prefix a
+    machine lacking nvidia-modprobe would fail to start the daemon, and verify says so."""
+    assert "/usr/bin/nvidia-modprobe" in exec_binaries(UNIT)
+    strict = tmp_path / "src" / "tfgpud.service"
+    strict.parent.mkdir()
+    strict.write_text(UNIT.read_text().replace("ExecStartPre=-+", "ExecStartPre=+"))
+    root = scratch_root(tmp_path / "root", strict)
+    assert verify(root) == ""
+    (root / "usr" / "bin" / "nvidia-modprobe").unlink()
+    assert "nvidia-modprobe is not executable" in verify(root)
+
+
+@needs_analyze
+def test_drop_in_for_other_users_jobs_exposure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's drop-in (PrivateUsers=no + CAP_SYS_PTRACE): its exposure as stated there."""
+    merged = tmp_path / "tfgpud.service"
+    merged.write_text(UNIT.read_text().replace("[Install]", DROP_IN.strip() + "\n\n[Install]", 1))
+    score, report = exposure(merged)
+    with capsys.disabled():
+        print(f"\n[systemd] exposure with the CAP_SYS_PTRACE drop-in: {score}")
+    assert "CAP_SYS_PTRACE" in report
+    readme = (ROOT / "README.md").read_text()
+    assert f"exposure {score}" in readme, f"README must state the drop-in's exposure {score}"
+    for line in DROP_IN.strip().splitlines()[1:]:
+        assert line in readme
 
 
 @needs_analyze
@@ -55,6 +100,12 @@ def test_unit_matches_the_daemon_and_the_package() -> None:
     assert svc["WatchdogSec"] and svc["User"] == ["tfgpud"]
     assert f"/var/lib/{svc['StateDirectory'][0]}" == Config().daemon.state_dir
     assert svc["DevicePolicy"] == ["closed"]
+    # DeviceAllow= names resolve at start: the modules must be loaded before (After= only:
+    # the daemon also runs where these units do not exist), and nvidia-uvm loaded privileged.
+    after = unit["Unit"]["After"][0].split()
+    assert {"systemd-modules-load.service", "nvidia-persistenced.service"} <= set(after)
+    assert "Wants" not in unit["Unit"] and "Requires" not in unit["Unit"]
+    assert svc["ExecStartPre"] == ["-+/usr/bin/nvidia-modprobe -u -c0"]
     allowed = {v.split()[0] for v in svc["DeviceAllow"]}
     assert {"char-nvidia-frontend", "char-nvidia-uvm"} <= allowed
     assert "PrivateDevices" not in svc  # it would hide /dev/nvidia*

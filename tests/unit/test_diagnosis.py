@@ -457,6 +457,25 @@ def test_tf_job_on_cpu_hidden_by_its_cuda_visible_devices() -> None:
     assert "hides every GPU" in f.fix
 
 
+@pytest.mark.parametrize(
+    "cvd", ["MIG-8d0f0a5e-1b2c-5d6e-9f00-112233445566", "MIG-GPU-aaaaaaaa-0000/1/0"]
+)
+def test_mig_devices_in_cuda_visible_devices_do_not_hide_the_gpus(cvd: str) -> None:
+    nvml = replace(NVML2, gpus=(gpu(0, UUID0, mig_mode=True), gpu(1, UUID1)))
+    p = TfProcess(
+        100,
+        "cpu",
+        cmdline="/opt/research/bin/python train.py",
+        cpu_since=NOW - 900,
+        environment=frozen_map({"CUDA_VISIBLE_DEVICES": cvd}),
+    )
+    f = one(diagnose(snap(nvml=nvml, tf_processes=(p,)), CONFIG), "tf-job-on-cpu", "100")
+    assert "1 GPU(s) visible" in text(f) and "hides every GPU" not in f.fix
+    r = probe(gpus=(), environment={"CUDA_VISIBLE_DEVICES": cvd})
+    found = diagnose(snap(nvml=nvml, tf=(r,)), CONFIG)
+    assert "tf-gpus-hidden-by-env" not in codes(found)
+
+
 def test_tf_job_on_cpu_without_a_matching_env() -> None:
     p = TfProcess(
         100,
@@ -587,6 +606,30 @@ def test_driver_dso_mismatch_from_log() -> None:
     assert "Reboot" in f.fix
 
 
+COMPAT_LIBCUDA = "/usr/local/cuda-12.5/compat/libcuda.so.555.42.02"
+
+
+def test_forward_compat_libcuda_is_not_a_reboot_problem() -> None:
+    lib = tuple(replace(x, path=COMPAT_LIBCUDA) if x.name == "cuda" else x for x in libs())
+    r = probe(
+        gpus=(),
+        libraries=lib,
+        environment={"LD_LIBRARY_PATH": "/usr/local/cuda-12.5/compat"},
+        log_lines=("failed call to cuInit: CUDA_ERROR_COMPAT_NOT_SUPPORTED_ON_DEVICE",),
+    )
+    found = diagnose(snap(tf=(r,)), CONFIG)
+    f = one(found, "tf-driver-dso-mismatch", "research")
+    assert "forward-compatibility library 555.42.02 (/usr/local/cuda-12.5/compat)" in f.summary
+    assert "COMPAT_NOT_SUPPORTED_ON_DEVICE" in f.summary
+    assert "Reboot" not in f.fix and "rmmod" not in f.fix
+    assert "not a reboot problem" in f.fix and "data-centre GPU" in f.fix
+    assert "module branch" in f.fix and "LD_LIBRARY_PATH" in f.fix
+    # Without the error line, the path alone tells forward compatibility is in use.
+    r = replace(r, log_lines=())
+    f = one(diagnose(snap(tf=(r,)), CONFIG), "tf-driver-dso-mismatch", "research")
+    assert "forward-compatibility" in f.summary and "Reboot" not in f.fix
+
+
 def test_compute_capability_unsupported() -> None:
     nvml = replace(NVML2, gpus=(gpu(0, UUID0, compute_capability=(5, 2), name="Tesla M60"),))
     r = probe(gpus=(), log_lines=("Ignoring visible gpu device (compute capability: 5.2)",))
@@ -603,6 +646,37 @@ def test_cudnn_mismatch_from_package_version() -> None:
     f = one(found, "tf-cudnn-mismatch", "research")
     assert "cuDNN 9.1.0.70 is installed" in f.summary and "tested with 9.3" in f.summary
     assert "nvidia-cudnn-cu12>=9.3,<10" in f.fix
+
+
+@pytest.mark.parametrize(
+    "pkgs",
+    [
+        {"nvidia-cudnn-frontend": "1.5.2", "nvidia-cudnn-cu12": "9.3.0.75"},
+        {"nvidia-cudnn-cu11": "8.6.0.163", "nvidia-cudnn-cu12": "9.3.0.75"},
+        {"nvidia-cudnn-frontend": "1.5.2"},  # no cu12 wheel: the loaded library decides
+    ],
+)
+def test_cudnn_only_the_wheel_for_the_builds_cuda_major_counts(pkgs: dict[str, str]) -> None:
+    r = probe(packages={"tensorflow": "2.21.0", **pkgs})
+    assert "tf-cudnn-mismatch" not in codes(diagnose(snap(tf=(r,)), CONFIG))
+
+
+def test_cudnn_mismatch_not_on_a_machine_without_gpus() -> None:
+    r = probe(gpus=(), packages={"tensorflow": "2.21.0", "nvidia-cudnn-cu12": "8.9.7.29"})
+    found = diagnose(snap(pci=PciReading(), nvml=NO_NVML, tf=(r,)), CONFIG)
+    assert codes(found) == {"no-nvidia-gpu"}
+
+
+def test_cudnn_fix_names_the_wheel_of_the_builds_cuda_major() -> None:
+    build = {**GPU_BUILD, "cuda_version": "11.8", "cudnn_version": "8"}
+    r = probe(
+        tf_version="2.14.1",
+        build_info=build,
+        packages={"tensorflow": "2.14.1", "nvidia-cudnn-cu11": "8.5.0.96"},
+    )
+    f = one(diagnose(snap(tf=(r,)), CONFIG), "tf-cudnn-mismatch", "research")
+    assert "cuDNN 8.5.0.96 is installed" in f.summary
+    assert "nvidia-cudnn-cu11>=8.7,<9" in f.fix and "cu12" not in f.fix
 
 
 def test_cudnn_major_mismatch_under_fallback() -> None:
@@ -628,14 +702,98 @@ def test_partial_visibility() -> None:
     assert "tf-cpu-fallback" not in codes(found)
 
 
+H100_ON_550 = replace(
+    NVML2, driver_version="550.54.15", gpus=(gpu(0, UUID0, compute_capability=(9, 0)),)
+)
+H100_ON_555 = replace(H100_ON_550, driver_version="555.42.02", cuda_driver_version=12050)
+
+
 def test_ptx_jit_only() -> None:
-    nvml = replace(NVML2, gpus=(gpu(0, UUID0, compute_capability=(9, 0)),))
+    # The driver supports the build's CUDA 12.5: PTX JIT works, it is only slow to start.
     r = probe(gpus=(TfGpu("/physical_device:GPU:0"),))
-    found = diagnose(snap(nvml=nvml, tf=(r,)), CONFIG)
+    found = diagnose(snap(nvml=H100_ON_555, tf=(r,)), CONFIG)
     f = one(found, "tf-ptx-jit-only", "research")
     assert f.severity is Severity.WARNING and "9.0" in f.summary
     assert "CUDA_CACHE_MAXSIZE" in f.fix
     assert worst_severity(found) is Severity.WARNING
+    assert "tf-driver-too-old" not in codes(found)
+
+
+def test_ptx_from_newer_cuda_than_the_driver_is_critical_even_when_tf_lists_the_gpu() -> None:
+    # TF 2.21 (CUDA 12.5) has only compute_90 PTX for an H100; driver 550 supports CUDA 12.4.
+    # Minor-version compatibility covers the binaries, not PTX: every kernel fails.
+    r = probe(gpus=(TfGpu("/physical_device:GPU:0"),), python_version="3.12.3")
+    found = diagnose(snap(nvml=H100_ON_550, tf=(r,)), CONFIG)
+    f = one(found, "tf-driver-too-old", "research")
+    assert f.severity is Severity.CRITICAL
+    assert f.summary == (
+        f"GPU 0 NVIDIA H100 80GB HBM3 {UUID0} 00000000:01:00.0 (cc 9.0) has no sm_90 kernels "
+        "in TF 2.21.0; its compute_90 PTX needs a driver that supports CUDA 12.5 "
+        "(≥ 555.42.02): driver 550.54.15 supports 12.4 — PTX JIT fails with "
+        "CUDA_ERROR_UNSUPPORTED_PTX_VERSION"
+    )
+    assert "ubuntu-drivers install" in f.fix and "nvidia-driver-555" not in f.fix
+    assert "tensorflow[and-cuda]==2.17.*" in f.fix  # CUDA 12.3 ≤ 12.4, supports Python 3.12
+    assert "tf-ptx-jit-only" not in codes(found)  # the critical replaces the warning
+    assert "tf-cpu-fallback" not in codes(found)
+
+
+def test_ptx_driver_too_old_is_named_as_the_fallback_cause() -> None:
+    r = probe(gpus=())
+    found = diagnose(snap(nvml=H100_ON_550, tf=(r,)), CONFIG)
+    assert "cause: tf-driver-too-old" in one(found, "tf-cpu-fallback", "research").summary
+    assert "compute_90 PTX" in one(found, "tf-driver-too-old", "research").summary
+
+
+def test_driver_too_old_fix_suggests_a_tf_for_the_envs_python() -> None:
+    nvml = replace(NVML2, driver_version="470.256.02", cuda_driver_version=11040)
+    r = probe(gpus=(), python_version="3.12.1")
+    f = one(diagnose(snap(nvml=nvml, tf=(r,)), CONFIG), "tf-driver-too-old", "research")
+    assert "==2.14" not in f.fix  # 2.14 does not support Python 3.12
+    assert "Python 3.9-3.11 only, not this env's Python 3.12" in f.fix
+    assert "nvidia-driver-555" not in f.fix and "sudo ubuntu-drivers install" in f.fix
+    # With PTX-only GPUs the minor-version driver is no way out either.
+    nvml = replace(nvml, gpus=(gpu(0, UUID0, compute_capability=(9, 0)),))
+    f = one(diagnose(snap(nvml=nvml, tf=(r,)), CONFIG), "tf-driver-too-old", "research")
+    assert "525.60.13 with minor-version" not in f.summary
+    assert "Not 525.60.13: minor-version compatibility does not cover the PTX" in f.fix
+
+
+def test_compute_capability_fix_respects_the_envs_python() -> None:
+    nvml = replace(NVML2, gpus=(gpu(0, UUID0, compute_capability=(5, 2), name="Tesla M60"),))
+    r = probe(gpus=(), python_version="3.11.9")
+    f = one(diagnose(snap(nvml=nvml, tf=(r,)), CONFIG), "tf-compute-capability-unsupported")
+    assert "tensorflow[and-cuda]==2.14.*" in f.fix
+    r = probe(gpus=(), python_version="3.12.3")
+    f = one(diagnose(snap(nvml=nvml, tf=(r,)), CONFIG), "tf-compute-capability-unsupported")
+    assert "==2.14" not in f.fix and "do not support this env's Python 3.12" in f.fix
+
+
+@pytest.mark.parametrize(
+    ("error", "in_fix"),
+    [
+        (
+            "InternalError: CUDA_ERROR_UNSUPPORTED_PTX_VERSION: the provided PTX was compiled with "
+            "an unsupported toolchain",
+            "ubuntu-drivers install",
+        ),
+        (
+            "ResourceExhaustedError: OOM when allocating tensor with shape[2,2]",
+            "TF_FORCE_GPU_ALLOW_GROWTH=true",
+        ),
+        ("UnimplementedError: DNN library is not found.", "--force-reinstall"),
+        ("InternalError: something else", "tfgpud doctor --python"),
+    ],
+)
+def test_smoke_failed(error: str, in_fix: str) -> None:
+    r = probe(smoke_ok=False, smoke_error=error)
+    found = diagnose(snap(tf=(r,)), CONFIG)
+    f = one(found, "tf-smoke-failed", "research")
+    assert f.severity is Severity.CRITICAL
+    assert f"smoke test: {error}" in f.evidence
+    assert in_fix in f.fix
+    assert "tf-smoke-failed" not in codes(diagnose(snap(tf=(probe(smoke_ok=True),)), CONFIG))
+    assert "tf-smoke-failed" not in codes(diagnose(snap(tf=(probe(),)), CONFIG))
 
 
 def test_import_failed_not_installed() -> None:

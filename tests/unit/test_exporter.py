@@ -65,6 +65,8 @@ def fixture_snapshot() -> Snapshot:
             {"cuda_version": "12.5.1", "cudnn_version": "9", "is_cuda_build": "True"}
         ),
         gpus=(TfGpu(name="/physical_device:GPU:0"),),
+        smoke_ok=False,
+        smoke_error="InternalError: CUDA_ERROR_UNSUPPORTED_PTX_VERSION",
     )
     broken = TfProbeResult(
         env="old",
@@ -129,6 +131,9 @@ def test_unknown_values_are_omitted_not_zero() -> None:
     assert 'tfgpud_tf_probe_success{env="old"} 0.0' in text
     assert 'tfgpud_tf_visible_gpus{env="old"}' not in text
     assert 'tfgpud_tf_cpu_fallback{env="research"} 1.0' in text
+    # The smoke test ran (and failed) in research only: no series for the other env.
+    assert 'tfgpud_tf_smoke_success{env="research"} 0.0' in text
+    assert 'tfgpud_tf_smoke_success{env="old"}' not in text
 
 
 def test_xid_series_exist_at_zero_from_first_appearance() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -26,6 +27,7 @@ REQUIRED = {
     "TfgpudGpuXidCritical",
     "TfgpudTensorflowCpuFallback",
     "TfgpudTensorflowProbeFailing",
+    "TfgpudTensorflowNotProbed",
     "TfgpudGpuMemoryPressure",
     "TfgpudTensorflowJobOnCpu",
 }
@@ -98,3 +100,27 @@ def test_required_alerts_have_severity_summary_description_and_a_runbook_section
         section = runbook.split(f"\n## {name}\n", 1)[1].split("\n## ", 1)[0]
         for part in ("**Means**", "**Confirm**", "**Do**"):
             assert part in section, f"runbook section {name} lacks {part}"
+
+
+def test_critical_finding_routes_every_code_excluded_elsewhere_back_conditionally() -> None:
+    """TfgpudCriticalFinding's first part excludes exactly the codes the always-covered set and
+    the two conditional parts (driver findings, TF causes) name: no code is dropped or doubled."""
+    by_name = {str(r["alert"]): r for r in rules()}
+    expr = str(by_name["TfgpudCriticalFinding"]["expr"])
+    excluded = set(re.search(r'code!~"([^"]+)"', expr).group(1).split("|"))  # type: ignore[union-attr]
+    parts = [set(m.split("|")) for m in re.findall(r'code=~"([^"]+)"', expr)]
+    assert len(parts) == 2 and not parts[0] & parts[1]
+    always = {
+        "gpu-vanished",
+        "gpu-lost",
+        "gpu-xid-critical",
+        "tf-cpu-fallback",
+        "tf-partial-visibility",
+        "tf-import-failed",
+        "tf-import-crashed",
+    }
+    assert excluded == always | parts[0] | parts[1]
+    # The always-covered codes each have their alert.
+    other = " ".join(str(r["expr"]) for n, r in by_name.items() if n != "TfgpudCriticalFinding")
+    for code in ("gpu-vanished", "tf-import-failed", "tf-import-crashed"):
+        assert code in other

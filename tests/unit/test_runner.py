@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from tfgpud.runner import run_bounded
+
+ROOT = Path(__file__).resolve().parents[2]
 
 ENV = {"PATH": "/usr/bin:/bin"}
 
@@ -107,3 +114,53 @@ def test_cancel_stops_the_child() -> None:
 def test_child_closing_its_pipes_is_still_waited_for() -> None:
     r = run_bounded(["sh", "-c", "exec >&- 2>&-; sleep 0.3; exit 4"], env=ENV, timeout=5)
     assert r.returncode == 4 and r.duration_seconds >= 0.3
+
+
+def test_a_child_not_reaped_in_time_is_handed_to_a_reaper(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGKILLed child stuck in uninterruptible sleep outlives the reap deadline: it must
+    not be left an unreaped zombie, and callers must be able to see that it still exists."""
+    from tfgpud import runner
+
+    real_wait4 = os.wait4
+    monkeypatch.setattr(runner, "_REAP_SECONDS", 0.05)
+    # Pretend the child is still in the kernel for the whole reap window.
+    monkeypatch.setattr(runner.os, "wait4", lambda pid, options: (0, 0, None))
+    r = run_bounded(["sh", "-c", "exit 0"], env=ENV, timeout=5)
+    monkeypatch.setattr(runner.os, "wait4", real_wait4)
+    assert r.abandoned_pid is not None and r.returncode is None
+    pid = r.abandoned_pid
+    deadline = time.monotonic() + 3
+    while pid in runner.abandoned_children() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert pid not in runner.abandoned_children()
+    assert not Path(f"/proc/{pid}").exists()  # reaped: no zombie left behind
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root")
+def test_ambient_capabilities_are_not_passed_to_the_child(tmp_path: Path) -> None:
+    # The daemon runs with an ambient CAP_SYS_PTRACE (the README's drop-in); the probe child,
+    # which runs code from a user's env, must get none of it.
+    code = (
+        "from tfgpud.runner import run_bounded\n"
+        "r = run_bounded(['/bin/cat', '/proc/self/status'], env={}, timeout=10)\n"
+        "amb = [l for l in r.stdout.decode().splitlines() if l.startswith('CapAmb:')][0]\n"
+        "mine = [l for l in open('/proc/self/status') if l.startswith('CapAmb:')][0]\n"
+        "print(mine.split()[1], amb.split()[1])\n"
+    )
+    out = subprocess.run(
+        [
+            "setpriv",
+            "--inh-caps=+sys_ptrace",
+            "--ambient-caps=+sys_ptrace",
+            sys.executable,
+            "-c",
+            code,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        cwd=str(ROOT),
+    ).stdout.split()
+    assert int(out[0], 16) != 0, "the test did not get an ambient capability"
+    assert int(out[1], 16) == 0

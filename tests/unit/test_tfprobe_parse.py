@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
+import shutil
+import subprocess
+import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tfgpud import compat, tfprobe
+from tfgpud import compat, runner, tfprobe
 from tfgpud.collectors.tensorflow import (
     TfProbeScheduler,
     meaningful_log_lines,
@@ -20,8 +24,10 @@ from tfgpud.collectors.tensorflow import (
     probe_env,
     probe_environment,
 )
-from tfgpud.config import TfEnvConfig
-from tfgpud.model import GpuReading, NvmlReading, ProbeStatus, TfProbeResult
+from tfgpud.config import Config, TensorflowConfig, TfEnvConfig
+from tfgpud.diagnosis import diagnose
+from tfgpud.model import GpuReading, NvmlReading, ProbeStatus, Snapshot, TfProbeResult
+from tfgpud.probe_safety import SAFE_PATH
 from tfgpud.runner import RunResult
 
 ENV = TfEnvConfig(name="main", python="/opt/venv/bin/python")
@@ -126,7 +132,7 @@ def test_import_failure() -> None:
             "not found",
         ),
         ({"error": "unknown user 'x'"}, "refused", "run_as"),
-        ({"error": "permission denied starting x"}, "error", "permission denied"),
+        ({"error": "permission denied starting x"}, "no-access", "permission denied"),
         ({"timed_out": True, "returncode": -9, "signal_name": "SIGKILL"}, "timeout", "120 s"),
         ({"signal_name": "SIGILL", "returncode": -4, "stdout": b""}, "crashed", "lacks instr"),
         ({"signal_name": "SIGSEGV", "returncode": -11, "stdout": b""}, "crashed", "SIGSEGV"),
@@ -176,8 +182,8 @@ def test_probe_env_passes_argv_env_and_limits() -> None:
     env = TfEnvConfig(name="main", python="/opt/venv/bin/python", smoke_test=True)
     res = probe_env(env, timeout=7, runner=fake_runner)
     assert res.ok
-    assert seen["argv"][0] == "/opt/venv/bin/python" and seen["argv"][1].endswith("tfprobe.py")
-    assert seen["argv"][2] == "--smoke"
+    assert seen["argv"][0] == "/opt/venv/bin/python" and seen["argv"][1] == "-s"
+    assert seen["argv"][2].endswith("tfprobe.py") and seen["argv"][3] == "--smoke"
     assert seen["timeout"] == 7 and seen["max_output"] == 1024 * 1024 and seen["cwd"] == "/"
 
 
@@ -233,8 +239,17 @@ def nvml(driver: str = "550.54.14", uuids: tuple[str, ...] = ("GPU-a",)) -> Nvml
     )
 
 
-def sched(fake: FakeProbe, envs: Sequence[TfEnvConfig] = (ENV,)) -> TfProbeScheduler:
-    return TfProbeScheduler(envs, interval=21600, timeout=5, probe=fake, retry_seconds=900)
+def sched(
+    fake: FakeProbe, envs: Sequence[TfEnvConfig] = (ENV,), max_concurrent: int = 1
+) -> TfProbeScheduler:
+    return TfProbeScheduler(
+        envs,
+        interval=21600,
+        timeout=5,
+        probe=fake,
+        retry_seconds=900,
+        max_concurrent=max_concurrent,
+    )
 
 
 def test_cadence_start_interval_and_changes(tmp_path: Path) -> None:
@@ -295,7 +310,7 @@ def test_failed_probe_retried_sooner() -> None:
 def test_envs_are_independent() -> None:
     fake = FakeProbe()
     other = TfEnvConfig(name="other", python="/opt/other/bin/python")
-    s = sched(fake, (ENV, other))
+    s = sched(fake, (ENV, other), max_concurrent=2)
     assert set(s.maybe_start(nvml(), 0.0)) == {"main", "other"}
     s.wait_idle(2)
     assert {r.env for r in s.results()} == {"main", "other"}
@@ -317,7 +332,7 @@ def test_a_raising_probe_still_leaves_a_result() -> None:
 def test_adopt_keeps_results_of_unchanged_envs_across_a_reload() -> None:
     other = TfEnvConfig(name="other", python="/other/bin/python")
     fake = FakeProbe()
-    old = sched(fake, envs=(ENV, other))
+    old = sched(fake, envs=(ENV, other), max_concurrent=2)
     assert old.maybe_start(nvml(), 0.0) == ("main", "other")
     assert old.wait_idle(2)
     old.close()
@@ -330,3 +345,171 @@ def test_adopt_keeps_results_of_unchanged_envs_across_a_reload() -> None:
     assert new.maybe_start(nvml(), 10.0) == ("other",)  # `main` is not re-probed
     assert new.wait_idle(2)
     new.close()
+
+
+# --- probe invocation: isolation, interpreter resolution, access -------------------------------
+
+
+def _capture_runner(seen: dict[str, Any]) -> Any:
+    def fake_runner(argv: Sequence[str], *, env: Mapping[str, str], **kw: Any) -> RunResult:
+        home = env.get("HOME", "")
+        seen.update(
+            argv=list(argv),
+            env=dict(env),
+            home_existed=os.path.isdir(home),
+            home_mode=os.stat(home).st_mode & 0o777 if os.path.isdir(home) else None,
+            **kw,
+        )
+        return run()
+
+    return fake_runner
+
+
+def test_probe_not_run_as_a_named_user_gets_no_user_site_and_a_private_home(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))  # the caller's HOME must not reach the probe
+    seen: dict[str, Any] = {}
+    res = probe_env(ENV, timeout=7, runner=_capture_runner(seen), euid=0)
+    assert res.ok
+    assert seen["argv"][1] == "-s" and seen["user"] is None
+    assert seen["env"]["PYTHONNOUSERSITE"] == "1"
+    home = seen["env"]["HOME"]
+    assert home != str(tmp_path) and seen["home_existed"] and seen["home_mode"] == 0o700
+    assert not os.path.exists(home)  # removed after the probe
+
+
+def test_probe_run_as_gets_that_users_home_and_user_site() -> None:
+    seen: dict[str, Any] = {}
+    env = TfEnvConfig(name="u", python="/opt/venv/bin/python", run_as="nobody")
+    probe_env(env, timeout=7, runner=_capture_runner(seen), euid=0)
+    assert seen["user"] == "nobody" and "-s" not in seen["argv"]
+    assert seen["env"]["HOME"] == pwd.getpwnam("nobody").pw_dir
+    assert "PYTHONNOUSERSITE" not in seen["env"]
+
+
+def test_bare_interpreter_name_is_resolved_on_the_probe_path_not_the_cwd(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    trap = tmp_path / "python3"
+    trap.write_text("#!/bin/sh\necho trap\n")
+    trap.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    expected = shutil.which("python3", path=SAFE_PATH)
+    if expected is None:
+        pytest.skip("no python3 on the safe PATH")
+    seen: dict[str, Any] = {}
+    probe_env(TfEnvConfig(name="b", python="python3"), timeout=7, runner=_capture_runner(seen))
+    assert seen["argv"][0] == os.path.abspath(expected) and os.path.isabs(seen["argv"][0])
+
+    def never(*a: Any, **kw: Any) -> RunResult:
+        raise AssertionError("must not run")
+
+    res = probe_env(TfEnvConfig(name="b", python="no-such-python-tfgpud"), timeout=7, runner=never)
+    assert res.status is ProbeStatus.MISSING_INTERPRETER and "not found" in (res.error or "")
+
+
+def test_a_signal_after_a_complete_report_keeps_the_report() -> None:
+    res = parse(run(signal_name="SIGSEGV", returncode=-11))
+    assert res.status is ProbeStatus.OK and res.tf_version == "2.21.0"
+    assert res.signal_name == "SIGSEGV"
+    assert any("SIGSEGV after writing a complete report" in line for line in res.log_lines)
+    half = json.dumps(REPORT).encode()[:50]
+    assert parse(run(signal_name="SIGSEGV", returncode=-11, stdout=half)).status is (
+        ProbeStatus.CRASHED
+    )
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    """A world-traversable scratch dir (pytest's tmp_path is 0700: nobody cannot enter)."""
+    d = Path(tempfile.mkdtemp(prefix="tfgpud-noaccess-"))
+    d.chmod(0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d)
+
+
+def test_permission_denied_is_no_access_naming_the_directory(scratch: Path) -> None:
+    tmp_path = scratch
+    home = tmp_path / "home"
+    python = home / "venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text("#!/bin/sh\n")
+    python.chmod(0o755)
+    tmp_path.chmod(0o755)
+    home.chmod(0o700)  # owned by us, not by nobody
+    env = TfEnvConfig(name="h", python=str(python))
+    r = run(error=f"permission denied starting {python}: Permission denied", stdout=b"")
+    res = parse_probe_run(env, r, started_at=1.0, timeout=5, user="nobody", python=str(python))
+    assert res.status is ProbeStatus.NO_ACCESS
+    assert res.denied_paths == (str(home),) and res.probe_user == "nobody"
+    snap = Snapshot(taken_at=0.0, sequence=1, tf=(res,))
+    (f,) = [f for f in diagnose(snap, Config()) if f.subject == "h"]
+    assert f.code == "tf-probe-refused" and f.severity.value == "warning"
+    assert f"setfacl -m u:nobody:x {home}" in f.fix and "run_as" in f.fix
+    assert "tf-import-crashed" not in {x.code for x in diagnose(snap, Config())}
+
+
+# --- scheduler: concurrency, abandoned children, retries ----------------------------------------
+
+
+def test_at_most_one_probe_at_a_time_by_default() -> None:
+    fake = FakeProbe(delay=0.3)
+    other = TfEnvConfig(name="other", python="/opt/other/bin/python")
+    s = sched(fake, (ENV, other))
+    assert s.maybe_start(nvml(), 0.0) == ("main",)
+    assert s.maybe_start(nvml(), 1.0) == ()  # `other` is due but the one slot is taken
+    assert s.wait_idle(3)
+    assert s.maybe_start(nvml(), 2.0) == ("other",)
+    assert s.wait_idle(3)
+    s.close()
+
+
+def test_max_concurrent_probes_comes_from_the_config() -> None:
+    assert TensorflowConfig().max_concurrent_probes == 1
+    cfg = TensorflowConfig(envs=[ENV], max_concurrent_probes=3)
+    assert TfProbeScheduler.from_config(cfg)._max_concurrent == 3
+
+
+def test_no_new_probe_while_the_previous_child_still_exists() -> None:
+    child = subprocess.Popen(["sleep", "0.5"])
+    child.returncode = 0  # the reaper owns it now
+    runner.hand_to_reaper(child.pid)
+    fake = FakeProbe()
+    s = sched(fake)
+
+    def probe_leaving_a_child(
+        env: TfEnvConfig, *, timeout: float, cancel: threading.Event
+    ) -> TfProbeResult:
+        fake.calls.append(env.name)
+        return TfProbeResult(
+            env=env.name,
+            python=env.python,
+            status=ProbeStatus.TIMEOUT,
+            started_at=time.time(),
+            duration_seconds=0.0,
+            abandoned_pid=child.pid,
+        )
+
+    s._probe = probe_leaving_a_child
+    assert s.maybe_start(nvml(), 0.0) == ("main",)
+    assert s.wait_idle(2)
+    assert s.maybe_start(nvml(), 1e9) == ()  # due, but its last child is still there
+    deadline = time.monotonic() + 5
+    while child.pid in runner.abandoned_children() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert s.maybe_start(nvml(), 1e9) == ("main",)
+    s.close()
+
+
+def test_import_failed_is_retried_on_the_failure_cadence() -> None:
+    fake = FakeProbe(status=ProbeStatus.IMPORT_FAILED)
+    s = sched(fake)
+    s.maybe_start(nvml(), 0.0)
+    s.wait_idle(2)
+    assert s.maybe_start(nvml(), 899.0) == ()
+    assert s.maybe_start(nvml(), 900.0) == ("main",)
+    assert s.last_reason("main") == "retry after import-failed"
+    s.close()

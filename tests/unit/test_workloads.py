@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -114,7 +115,9 @@ def test_find_tf_library_returns_the_mapped_path() -> None:
 def test_finds_tf_processes_and_their_placement(proc: Proc) -> None:
     proc.add(100, maps=TF_MAPS)  # TF, no GPU context: cpu
     proc.add(101, maps=TF_MAPS)  # TF, in NVML's list: gpu
-    proc.add(102, maps=TF_MAPS, fds={"0": "/dev/null", "7": "/dev/nvidia1"})  # holds a GPU: gpu
+    # Holds /dev/nvidia1 open but NVML lists no context: cuInit opened the node, then TF
+    # skipped the GPUs (e.g. no cuDNN). With NVML up that is the CPU.
+    proc.add(102, maps=TF_MAPS, fds={"0": "/dev/null", "7": "/dev/nvidia1"})
     proc.add(103, maps=TF_MAPS, fds={"5": "/dev/nvidiactl", "6": "/dev/nvidia-uvm"})  # no GPU
     proc.add(104)  # python without TensorFlow
     proc.add(105, "bash", maps=TF_MAPS)  # not a candidate name: never inspected
@@ -122,10 +125,35 @@ def test_finds_tf_processes_and_their_placement(proc: Proc) -> None:
     proc.add(107, "train.py", maps=TF_MAPS)  # a script run by its shebang
     reading = WorkloadScanner(proc.root).scan(nvml(101, 106, 999), NOW)
     placement = {p.pid: p.placement for p in reading.processes}
-    assert placement == {100: "cpu", 101: "gpu", 102: "gpu", 103: "cpu", 106: "gpu", 107: "cpu"}
+    assert placement == {100: "cpu", 101: "gpu", 102: "cpu", 103: "cpu", 106: "gpu", 107: "cpu"}
     scan = reading.scan
     assert (scan.processes, scan.candidates, scan.maps_read, scan.unreadable) == (8, 7, 7, 0)
     assert dict(scan.gpu_process_users) == {101: "root", 106: "root"}  # 999 is not running
+
+
+@pytest.mark.parametrize("reading", [None, NvmlReading(up=False, error="DRIVER_NOT_LOADED")])
+def test_open_gpu_node_counts_only_while_nvml_is_down(
+    proc: Proc, reading: NvmlReading | None
+) -> None:
+    proc.add(102, maps=TF_MAPS, fds={"7": "/dev/nvidia1"})
+    proc.add(103, maps=TF_MAPS, fds={"5": "/dev/nvidiactl", "6": "/dev/nvidia-uvm"})
+    found = WorkloadScanner(proc.root).scan(reading, NOW).processes
+    assert {p.pid: p.placement for p in found} == {102: "gpu", 103: "cpu"}
+    # NVML up and not listing it: the open node is not a context.
+    found = WorkloadScanner(proc.root).scan(nvml(), NOW).processes
+    assert {p.pid: p.placement for p in found} == {102: "cpu", 103: "cpu"}
+
+
+def test_unreadable_hint_names_the_drop_in_that_works(
+    proc: Proc, caplog: pytest.LogCaptureFixture
+) -> None:
+    d = proc.add(100, maps=None)
+    (d / "maps").mkdir()  # unreadable, as another user's maps are without CAP_SYS_PTRACE
+    with caplog.at_level(logging.WARNING):
+        WorkloadScanner(proc.root).scan(None, NOW)
+    text = caplog.text
+    assert "PrivateUsers=no" in text and "CapabilityBoundingSet=CAP_SYS_PTRACE" in text
+    assert "AmbientCapabilities=CAP_SYS_PTRACE" in text and "alone does nothing" in text
 
 
 def test_process_facts(proc: Proc) -> None:

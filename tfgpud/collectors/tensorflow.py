@@ -14,10 +14,13 @@ import logging
 import os
 import pwd
 import re
+import shutil
+import stat
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,13 +33,12 @@ from tfgpud.model import (
     TfProbeResult,
     frozen_map,
 )
-from tfgpud.probe_safety import decide_probe_user
-from tfgpud.runner import MIB, RunResult, run_bounded
+from tfgpud.probe_safety import SAFE_PATH, decide_probe_user, resolve_interpreter
+from tfgpud.runner import MIB, RunResult, abandoned_children, run_bounded
 
 log = logging.getLogger(__name__)
 
 PROBE_SCRIPT = Path(__file__).resolve().parent.parent / "tfprobe.py"
-SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MAX_OUTPUT = MIB  # a real report is ~5 KB; anything near 1 MiB is not a report
 MAX_LOG_LINES = 40
 MAX_LOG_LINE_CHARS = 400
@@ -118,21 +120,26 @@ def _stderr_tail(stderr: bytes, lines: int = 10) -> tuple[str, ...]:
     return tuple(t[:MAX_LOG_LINE_CHARS] for t in text[-lines:])
 
 
-def probe_environment(env: TfEnvConfig, *, home: str | None = None) -> dict[str, str]:
+def probe_environment(
+    env: TfEnvConfig, *, home: str | None = None, user_site: bool = True
+) -> dict[str, str]:
     """The complete environment a probe of ``env`` gets: clean, explicit, nothing inherited.
 
-    PATH (the env's bin dir first, as activation would), HOME, LANG, then the env's
-    ``environment`` table, then TF_CPP_MIN_LOG_LEVEL=0 so TF's diagnostics are never hidden.
+    PATH (the env's bin dir first, as activation would), HOME (``home``, else ``/``: never the
+    caller's), LANG, then the env's ``environment`` table, then TF_CPP_MIN_LOG_LEVEL=0 so TF's
+    diagnostics are never hidden, and PYTHONNOUSERSITE=1 unless ``user_site``.
     LD_LIBRARY_PATH only appears when the table sets it.
     """
     bindir = os.path.dirname(env.python)
     result = {
         "PATH": f"{bindir}:{SAFE_PATH}" if os.path.isabs(env.python) else SAFE_PATH,
-        "HOME": home or os.environ.get("HOME") or "/",
+        "HOME": home or "/",
         "LANG": "C.UTF-8",
     }
     result.update(env.environment)
     result["TF_CPP_MIN_LOG_LEVEL"] = "0"
+    if not user_site:
+        result["PYTHONNOUSERSITE"] = "1"
     return {k: v for k, v in result.items() if not _FORBIDDEN_ENV.match(k)}
 
 
@@ -143,6 +150,48 @@ def _home_of(user: str | None) -> str | None:
         return pwd.getpwnam(user).pw_dir
     except KeyError:
         return None
+
+
+def _ids(user: str | None) -> tuple[int, int, set[int]] | None:
+    if user is None:
+        return os.geteuid(), os.getegid(), {os.getegid(), *os.getgroups()}
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        return None
+    return pw.pw_uid, pw.pw_gid, set(os.getgrouplist(pw.pw_name, pw.pw_gid))
+
+
+def access_denials(python: str, user: str | None) -> list[str]:
+    """The paths (directories above the interpreter, or the interpreter itself, also along its
+    symlink target) whose mode keeps ``user`` (None: this process) from executing ``python``.
+    ACLs are not read; a path this process cannot stat ends that line."""
+    ids = _ids(user)
+    if ids is None or ids[0] == 0:
+        return []
+    uid, _, gids = ids
+    out: list[str] = []
+    seen: set[str] = set()
+    for target in (os.path.abspath(python), os.path.realpath(python)):
+        parts = target.split(os.sep)
+        for i in range(1, len(parts) + 1):
+            p = os.sep.join(parts[:i]) or "/"
+            if p in seen:
+                continue
+            seen.add(p)
+            try:
+                st = os.stat(p)
+            except OSError:
+                break
+            if st.st_uid == uid:
+                ok = st.st_mode & stat.S_IXUSR
+            elif st.st_gid in gids:
+                ok = st.st_mode & stat.S_IXGRP
+            else:
+                ok = st.st_mode & stat.S_IXOTH
+            if not ok:
+                out.append(p)  # every denying component: each needs the fix
+    return out
 
 
 class _BadReport(ValueError):
@@ -210,9 +259,19 @@ def _libraries(value: Any) -> tuple[LibraryCheck, ...]:
 
 
 def parse_probe_run(
-    env: TfEnvConfig, run: RunResult, *, started_at: float, timeout: float
+    env: TfEnvConfig,
+    run: RunResult,
+    *,
+    started_at: float,
+    timeout: float,
+    user: str | None = None,
+    python: str | None = None,
 ) -> TfProbeResult:
-    """Turn one finished probe child into a TfProbeResult. Never raises."""
+    """Turn one finished probe child into a TfProbeResult. Never raises.
+
+    ``user`` is who the child ran as (None: this process) and ``python`` the resolved
+    interpreter, used to explain a permission error.
+    """
     base: dict[str, Any] = {
         "env": env.name,
         "python": env.python,
@@ -222,6 +281,7 @@ def parse_probe_run(
         "signal_name": run.signal_name,
         "cpu_seconds": run.cpu_seconds,
         "max_rss_bytes": run.max_rss_bytes,
+        "abandoned_pid": run.abandoned_pid,
     }
     logs = meaningful_log_lines(run.stderr)
 
@@ -234,15 +294,65 @@ def parse_probe_run(
             return fail(ProbeStatus.MISSING_INTERPRETER, f"interpreter {env.python} not found")
         if run.error.startswith("unknown user"):
             return fail(ProbeStatus.REFUSED, f"run_as: {run.error}")
+        if run.error.startswith("permission denied"):
+            return _no_access(env, run, base, logs, user=user, python=python)
         return fail(ProbeStatus.ERROR, run.error)
     if run.timed_out:
         return fail(ProbeStatus.TIMEOUT, f"no answer within {timeout:g} s; process group killed")
     if run.cancelled:
         return fail(ProbeStatus.ERROR, "probe cancelled (daemon shutting down)")
     if run.signal_name is not None:
+        # TF/CUDA may crash at interpreter shutdown, after the report is complete: keep it.
+        done = _report_result(run, base, logs)
+        if done.status in (ProbeStatus.OK, ProbeStatus.IMPORT_FAILED):
+            note = (
+                f"probe process died by {run.signal_name} after writing a complete report "
+                "(at interpreter shutdown); the report is used"
+            )
+            return replace(done, log_lines=(*done.log_lines, note))
         meaning = _SIGNAL_MEANING.get(run.signal_name)
         detail = f": {meaning}" if meaning else ""
         return fail(ProbeStatus.CRASHED, f"probe killed by {run.signal_name}{detail}")
+    return _report_result(run, base, logs)
+
+
+def _no_access(
+    env: TfEnvConfig,
+    run: RunResult,
+    base: dict[str, Any],
+    logs: tuple[str, ...],
+    *,
+    user: str | None,
+    python: str | None,
+) -> TfProbeResult:
+    interpreter = python or env.python
+    denied = tuple(access_denials(interpreter, user)) if os.path.isabs(interpreter) else ()
+    who = user or _user_name(os.geteuid())
+    where = f": no search/execute permission on {', '.join(denied)}" if denied else ""
+    return TfProbeResult(
+        status=ProbeStatus.NO_ACCESS,
+        error=f"user {who} may not execute {interpreter}{where} ({run.error})",
+        log_lines=logs or _stderr_tail(run.stderr),
+        probe_user=who,
+        denied_paths=denied,
+        **base,
+    )
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _report_result(run: RunResult, base: dict[str, Any], logs: tuple[str, ...]) -> TfProbeResult:
+    """The result the child's stdout describes (BAD_OUTPUT/ERROR when it is no report)."""
+
+    def fail(status: ProbeStatus, error: str) -> TfProbeResult:
+        lines = logs or _stderr_tail(run.stderr)
+        return TfProbeResult(status=status, error=error, log_lines=lines, **base)
+
     if run.stdout_truncated:
         return fail(ProbeStatus.BAD_OUTPUT, f"probe wrote more than {len(run.stdout)} bytes")
     text = run.stdout.decode("utf-8", errors="replace").strip()
@@ -310,33 +420,59 @@ def probe_env(
 ) -> TfProbeResult:
     """Probe one env now (blocks up to ~``timeout`` s). Every failure is a status, not a raise.
 
-    As root, an env another user can write is refused (status REFUSED, ``refused_writers``)
-    unless ``run_as`` names that user, and then the child runs as that user; not as root, the
-    child runs as tfgpud's own user (see :mod:`tfgpud.probe_safety`).
+    A bare interpreter name is resolved on the probe's PATH first; that absolute path is both
+    checked and executed. As root, an env another user can write is refused (status REFUSED,
+    ``refused_writers``) unless ``run_as`` names that user, and then the child runs as that
+    user with that user's HOME; not as root, the child runs as tfgpud's own user (see
+    :mod:`tfgpud.probe_safety`). A child not run as a named user gets ``python -s``,
+    PYTHONNOUSERSITE=1 and a fresh private HOME, removed afterwards: no user site-packages,
+    and never the caller's (or tfgpud's) HOME.
     """
     started_at = time.time()
-    decision = decide_probe_user(env, euid=euid)
-    if decision.refused is not None:
-        log.warning("not probing TensorFlow env %s: %s", env.name, decision.refused)
+
+    def early(status: ProbeStatus, error: str, **kw: Any) -> TfProbeResult:
         return TfProbeResult(
             env=env.name,
             python=env.python,
-            status=ProbeStatus.REFUSED,
+            status=status,
             started_at=started_at,
             duration_seconds=time.time() - started_at,
-            error=decision.refused,
+            error=error,
+            **kw,
+        )
+
+    search_path = probe_environment(env)["PATH"]
+    python = resolve_interpreter(env.python, search_path)
+    if python is None:
+        return early(
+            ProbeStatus.MISSING_INTERPRETER,
+            f"interpreter {env.python} not found on PATH {search_path}",
+        )
+    decision = decide_probe_user(env, euid=euid, python=python, script=str(script))
+    if decision.refused is not None:
+        log.warning("not probing TensorFlow env %s: %s", env.name, decision.refused)
+        return early(
+            ProbeStatus.REFUSED,
+            decision.refused,
             log_lines=decision.evidence,
             refused_writers=decision.writers,
         )
     if env.run_as and decision.user is None:
         log.debug("env %s: run_as ignored, tfgpud is not root (probing as itself)", env.name)
-    argv = [env.python, str(script)]
+    as_named_user = decision.user is not None
+    argv = [python, str(script)] if as_named_user else [python, "-s", str(script)]
     if env.smoke_test:
         argv.append("--smoke")
+    home: str | None = None
     try:
+        if as_named_user:
+            environment = probe_environment(env, home=_home_of(decision.user))
+        else:
+            home = tempfile.mkdtemp(prefix="tfgpud-probe-home-")
+            environment = probe_environment(env, home=home, user_site=False)
         run = runner(
             argv,
-            env=probe_environment(env, home=_home_of(decision.user)),
+            env=environment,
             timeout=timeout,
             max_output=MAX_OUTPUT,
             cwd="/",
@@ -345,15 +481,13 @@ def probe_env(
         )
     except Exception as exc:  # an injected or future runner must not break polls
         log.exception("probe runner failed for env %s", env.name)
-        return TfProbeResult(
-            env=env.name,
-            python=env.python,
-            status=ProbeStatus.ERROR,
-            started_at=started_at,
-            duration_seconds=time.time() - started_at,
-            error=f"runner failed: {type(exc).__name__}: {exc}",
-        )
-    return parse_probe_run(env, run, started_at=started_at, timeout=timeout)
+        return early(ProbeStatus.ERROR, f"runner failed: {type(exc).__name__}: {exc}")
+    finally:
+        if home is not None:
+            shutil.rmtree(home, ignore_errors=True)
+    return parse_probe_run(
+        env, run, started_at=started_at, timeout=timeout, user=decision.user, python=python
+    )
 
 
 # --- cadence ------------------------------------------------------------------------------------
@@ -388,7 +522,8 @@ def driver_fingerprint(nvml: NvmlReading) -> tuple[str | None, frozenset[str]]:
     return (nvml.driver_version, frozenset(g.uuid for g in nvml.gpus))
 
 
-# REFUSED costs only a few stat() calls to re-check, and chown/chmod fixes change no mtime.
+# REFUSED and NO_ACCESS are fixed by chown/chmod/setfacl, which change no mtime; an
+# IMPORT_FAILED env may get TensorFlow installed (also caught by the site dirs' mtimes).
 _RETRY_STATUSES = frozenset(
     {
         ProbeStatus.TIMEOUT,
@@ -396,6 +531,9 @@ _RETRY_STATUSES = frozenset(
         ProbeStatus.ERROR,
         ProbeStatus.BAD_OUTPUT,
         ProbeStatus.REFUSED,
+        ProbeStatus.NO_ACCESS,
+        ProbeStatus.IMPORT_FAILED,
+        ProbeStatus.MISSING_INTERPRETER,
     }
 )
 
@@ -403,11 +541,12 @@ _RETRY_STATUSES = frozenset(
 @dataclass
 class _EnvState:
     env: TfEnvConfig
-    started: float | None = None  # caller's clock, at the last start
+    started: float | None = None  # caller's (monotonic) clock, at the last start
     driver: tuple[str | None, frozenset[str]] | None = None  # at the last start
     installed: Fingerprint | None = None  # after the last finished probe
     result: TfProbeResult | None = None
     thread: threading.Thread | None = None
+    abandoned_pid: int | None = None  # the last probe's child, killed but not yet gone
     runs: int = 0
     reasons: list[str] = field(default_factory=list)
 
@@ -417,7 +556,9 @@ class TfProbeScheduler:
 
     Due: at start; every ``interval`` s; after a failed probe (timeout, crash, bad output)
     every ``retry_seconds``; and at once when the driver version, the NVML GPU set, or the
-    env's installed TensorFlow/nvidia packages changed. Never two probes of one env at once.
+    env's installed TensorFlow/nvidia packages changed. Never two probes of one env at once
+    (nor while the previous probe's killed child still exists), and at most
+    ``max_concurrent`` probes at once across envs (the others wait for a later call).
     Methods are safe to call from one controlling thread while probes run.
     """
 
@@ -430,6 +571,7 @@ class TfProbeScheduler:
         probe: ProbeFn = _default_probe,
         retry_seconds: float = 900.0,
         on_result: Callable[[], None] | None = None,
+        max_concurrent: int = 1,
     ) -> None:
         self._on_result = on_result  # called on the probe's thread after each result lands
         self._states = {e.name: _EnvState(e) for e in envs}
@@ -437,6 +579,7 @@ class TfProbeScheduler:
         self._timeout = timeout
         self._retry = min(retry_seconds, interval)
         self._probe = probe
+        self._max_concurrent = max(1, max_concurrent)
         self._lock = threading.Lock()
         self._cancel = threading.Event()
         self._closed = False
@@ -455,6 +598,7 @@ class TfProbeScheduler:
             timeout=config.timeout_seconds,
             probe=probe,
             on_result=on_result,
+            max_concurrent=config.max_concurrent_probes,
         )
 
     def _due(self, st: _EnvState, nvml: NvmlReading | None, now: float) -> str | None:
@@ -481,16 +625,27 @@ class TfProbeScheduler:
     def maybe_start(self, nvml: NvmlReading | None, now: float) -> tuple[str, ...]:
         """Start a probe of each env that is due and not running; return their names.
 
-        Returns at once: the probes run on worker threads. ``now`` is any monotonic-enough
-        clock in seconds (the caller's); ``nvml`` None means "not read this poll".
+        Returns at once: the probes run on worker threads. ``now`` is the caller's monotonic
+        clock in seconds (``time.monotonic()``; results keep wall-clock ``started_at``);
+        ``nvml`` None means "not read this poll". At most ``max_concurrent`` run at once.
         """
         started: list[str] = []
         with self._lock:
             if self._closed:
                 return ()
+            busy = sum(
+                1 for st in self._states.values() if st.thread is not None and st.thread.is_alive()
+            )
+            lingering = abandoned_children()
             for name, st in self._states.items():
+                if busy >= self._max_concurrent:
+                    break
                 if st.thread is not None and st.thread.is_alive():
                     continue
+                if st.abandoned_pid is not None:
+                    if st.abandoned_pid in lingering:
+                        continue  # its last child is still stuck in the kernel
+                    st.abandoned_pid = None
                 reason = self._due(st, nvml, now)
                 if reason is None:
                     continue
@@ -505,6 +660,7 @@ class TfProbeScheduler:
                     target=self._run, args=(st,), name=f"tfprobe-{name}", daemon=True
                 )
                 st.thread.start()
+                busy += 1
                 started.append(name)
         return tuple(started)
 
@@ -526,6 +682,7 @@ class TfProbeScheduler:
         with self._lock:
             st.result = result
             st.installed = fingerprint
+            st.abandoned_pid = result.abandoned_pid
         log.info(
             "TensorFlow env %s: %s, %d GPU(s), %.1f s",
             st.env.name,
@@ -581,6 +738,7 @@ class TfProbeScheduler:
                     continue
                 st.started, st.driver, st.installed = prev.started, prev.driver, prev.installed
                 st.result, st.runs = prev.result, prev.runs
+                st.abandoned_pid = prev.abandoned_pid
 
     def close(self, timeout: float = 2.0) -> None:
         """Cancel running probes (their process groups are killed) and join within ``timeout``."""

@@ -1,8 +1,11 @@
 """TensorFlow jobs running now, and whether each computes on a GPU or on the CPU.
 
 A process "has TensorFlow" when ``libtensorflow_framework.so`` is in its ``/proc/PID/maps``; it
-is on the ``gpu`` when it holds a GPU context (its pid is in NVML's compute process list, or it
-holds ``/dev/nvidiaN`` open), on the ``cpu`` otherwise.
+is on the ``gpu`` when it holds a GPU context, on the ``cpu`` otherwise. With NVML up, only NVML's
+compute process list tells: holding ``/dev/nvidiaN`` open proves nothing, because ``cuInit``
+opens the device nodes even when TensorFlow then skips GPU registration (missing cuDNN, the most
+common CPU fallback). Only when NVML is down or unknown is an open ``/dev/nvidiaN`` taken as a
+GPU context (the best evidence left).
 
 Cost on a machine with thousands of processes: every scan reads ``/proc/PID/stat`` of each pid
 (one small read: name, state, start time, virtual size). Only *candidates* — a name matching
@@ -212,6 +215,7 @@ class WorkloadScanner:
             self._patterns, self._match = names, _names_matcher(names)
             for e in self._entries.values():
                 e.candidate = self._match(e.comm.decode("utf-8", "replace"))
+        nvml_up = nvml is not None and nvml.up
         gpu_pids = frozenset(
             p.pid for g in (nvml.gpus if nvml is not None and nvml.up else ()) for p in g.processes
         )
@@ -234,7 +238,7 @@ class WorkloadScanner:
             if not (entry.candidate or pid in gpu_pids):
                 continue
             counts.candidates += 1
-            tf = self._inspect(pid, entry, counts, gpu_pids, now)
+            tf = self._inspect(pid, entry, counts, gpu_pids, now, nvml_up)
             if tf is not None:
                 found.append(tf)
         self._entries = live
@@ -243,7 +247,11 @@ class WorkloadScanner:
             log.warning(
                 "cannot read the memory maps of %d candidate process(es), e.g. pid %d: "
                 "TensorFlow jobs among them are not seen. Reading other users' processes needs "
-                "root or CAP_SYS_PTRACE (systemd: AmbientCapabilities=CAP_SYS_PTRACE)",
+                "CAP_SYS_PTRACE in the host's user namespace; the packaged unit has none "
+                "(PrivateUsers=yes, empty CapabilityBoundingSet=), so AmbientCapabilities= alone "
+                "does nothing: add a drop-in (`systemctl edit tfgpud`) with PrivateUsers=no, "
+                "CapabilityBoundingSet=CAP_SYS_PTRACE and AmbientCapabilities=CAP_SYS_PTRACE "
+                "(README: 'Seeing other users' TensorFlow jobs')",
                 counts.unreadable,
                 min(pid for pid, e in live.items() if e.unreadable),
             )
@@ -286,7 +294,13 @@ class WorkloadScanner:
         return entry.user
 
     def _inspect(
-        self, pid: int, entry: _Entry, counts: _Counts, gpu_pids: frozenset[int], now: float
+        self,
+        pid: int,
+        entry: _Entry,
+        counts: _Counts,
+        gpu_pids: frozenset[int],
+        now: float,
+        nvml_up: bool,
     ) -> TfProcess | None:
         if entry.tf_library is None:
             if entry.unreadable:
@@ -311,7 +325,9 @@ class WorkloadScanner:
                 return None
         if entry.tf is None:
             entry.tf = self._facts(pid, entry)
-        on_gpu = pid in gpu_pids or self._holds_gpu(pid, entry)
+        # NVML's list is the truth when NVML answers: an open /dev/nvidiaN is no GPU context
+        # (cuInit opens the nodes before TensorFlow gives up on a missing cuDNN).
+        on_gpu = pid in gpu_pids if nvml_up else self._holds_gpu(pid, entry)
         if on_gpu:
             entry.cpu_since = None
         elif entry.cpu_since is None:
@@ -360,7 +376,8 @@ class WorkloadScanner:
         )
 
     def _holds_gpu(self, pid: int, entry: _Entry) -> bool:
-        """True when the process has /dev/nvidiaN open (a CUDA context). Re-checked on a TTL."""
+        """True when the process has /dev/nvidiaN open: taken as a CUDA context only while NVML
+        is down (cuInit opens the nodes even when no context follows). Re-checked on a TTL."""
         now = self._clock()
         if entry.gpu_fds or now - entry.fds_checked_at < self._fd_recheck:
             return entry.gpu_fds  # a context, once made, lives as long as the process
