@@ -1,0 +1,101 @@
+"""Structured journal logging, received on a real journald-protocol socket.
+
+systemd-python's journal.send() writes datagrams to /run/systemd/journal/socket. This machine
+runs no journald, so the test binds that socket itself and reads what the daemon sends when its
+stderr is "the journal" (JOURNAL_STREAM names stderr's device:inode, as systemd sets it).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from daemon_harness import DaemonProcess
+from helpers import write_scenario
+
+from tfgpud.alerts import message_id
+
+JOURNAL_SOCKET = Path("/run/systemd/journal/socket")
+U0 = "GPU-dddddddd-0000-4000-8000-000000000000"
+U1 = "GPU-dddddddd-0000-4000-8000-000000000001"
+
+
+def _journal_available() -> bool:
+    try:
+        import systemd.journal  # noqa: F401
+    except ImportError:
+        return False
+    return os.geteuid() == 0 and not JOURNAL_SOCKET.exists()
+
+
+pytestmark = pytest.mark.skipif(
+    not _journal_available(),
+    reason="needs systemd-python, root, and no running journald to stand in for",
+)
+
+
+@pytest.fixture
+def journal() -> Iterator[socket.socket]:
+    JOURNAL_SOCKET.parent.mkdir(parents=True, exist_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(JOURNAL_SOCKET))
+    sock.settimeout(0.5)
+    try:
+        yield sock
+    finally:
+        sock.close()
+        JOURNAL_SOCKET.unlink()
+
+
+def _entries(sock: socket.socket, want: int, budget: float = 15.0) -> list[dict[str, str]]:
+    import time
+
+    out: list[dict[str, str]] = []
+    deadline = time.monotonic() + budget
+    while time.monotonic() < deadline and len(out) < want:
+        try:
+            data = sock.recv(1 << 16)
+        except TimeoutError:
+            continue
+        fields: dict[str, str] = {}
+        for line in data.split(b"\n"):
+            if b"=" in line:
+                k, v = line.split(b"=", 1)
+                fields[k.decode()] = v.decode(errors="replace")
+        out.append(fields)
+    return out
+
+
+def test_transitions_and_xids_reach_the_journal_with_fields(
+    tmp_path: Path, fakedriver: Path, scenario_path: Path, journal: socket.socket
+) -> None:
+    write_scenario(
+        scenario_path,
+        [{"uuid": U0, "xids": [79]}, {"uuid": U1, "lost": True}],
+        driver_version="550.54.15",
+    )
+    with DaemonProcess(
+        tmp_path,
+        config_body="[alerts]\nfor_seconds = 0\n",
+        scenario=scenario_path,
+    ) as d:
+        d.stderr_path.touch()
+        st = d.stderr_path.stat()
+        d.env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+        d.start()
+        entries = _entries(journal, want=50, budget=4.0)
+        assert d.stop() == 0
+    by_code = {e.get("FINDING_CODE"): e for e in entries if "FINDING_CODE" in e}
+    lost = by_code["gpu-lost"]
+    assert lost["SUBJECT"] == "GPU-unknown-index-1"  # lost from the start: no UUID to read
+    assert lost["SEVERITY"] == "critical" and lost["PRIORITY"] == "3"
+    assert lost["MESSAGE_ID"] == message_id("gpu-lost")
+    assert lost["SYSLOG_IDENTIFIER"] == "tfgpud"
+    assert lost["MESSAGE"].startswith("FIRING [critical] gpu-lost")
+    xid = [e for e in entries if e.get("GPU_UUID") == U0]
+    assert xid and "Xid 79" in xid[0]["MESSAGE"] and xid[0]["PRIORITY"] == "4"
+    # Nothing went to stderr in the plain format while the journal was in use.
+    assert "<3>" not in d.stderr() and "FIRING" not in d.stderr()
