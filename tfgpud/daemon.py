@@ -139,6 +139,26 @@ def status_document(snap: Snapshot | None, host: str) -> dict[str, Any]:
     return doc
 
 
+def identify_lost(nvml: NvmlReading | None, baseline: tuple[KnownGpu, ...]) -> NvmlReading | None:
+    """Give a GPU that was lost before NVML ever told its UUID the identity it must have.
+
+    A GPU lost before this process read it (a daemon restart after it fell off the bus) has no
+    UUID. When exactly one such GPU and exactly one expected GPU unseen by UUID remain, they
+    are the same GPU: reporting both `gpu-lost` (placeholder) and `gpu-vanished` (baseline)
+    would count one failure twice and hide which GPU it is.
+    """
+    if nvml is None or not nvml.up:
+        return nvml
+    unknown = [g for g in nvml.gpus if g.uuid.startswith("GPU-unknown")]
+    seen = {g.uuid for g in nvml.gpus}
+    missing = [k for k in baseline if k.uuid not in seen]
+    if len(unknown) != 1 or len(missing) != 1:
+        return nvml
+    g, k = unknown[0], missing[0]
+    named = replace(g, uuid=k.uuid, name=g.name or k.name, pci_bus_id=g.pci_bus_id or k.pci_bus_id)
+    return replace(nvml, gpus=tuple(named if x is g else x for x in nvml.gpus))
+
+
 class Daemon:
     """One tfgpud process. Construct, then ``run()``; returns the exit code."""
 
@@ -287,6 +307,7 @@ class Daemon:
             workloads, run = timed("workloads", lambda: self._workloads.scan(nvml, now, names))
             runs.append(run)
         known, expected = self._baseline(nvml, now)
+        nvml = identify_lost(nvml, known)
         snap = Snapshot(
             taken_at=now,
             sequence=self.polls + 1,

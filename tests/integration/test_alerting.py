@@ -92,6 +92,22 @@ def test_restart_with_one_gpu_fewer_reports_it_vanished(
     assert baseline_uuids(tmp_path / "state") == [U0, U1]  # still expected
 
 
+def test_restart_with_a_gpu_lost_before_it_could_be_read_names_it_once(
+    tmp_path: Path, fakedriver: Path, scenario_path: Path
+) -> None:
+    learn_two(tmp_path, scenario_path)
+    # GPU 1 fell off the bus while the daemon was down: NVML cannot even tell its UUID now.
+    write_scenario(scenario_path, [gpu(0), {**gpu(1), "lost": True}])
+    with DaemonProcess(tmp_path, scenario=scenario_path, interval=INTERVAL) as d:
+        d.start()
+        f = findings(d)
+        assert ("gpu-lost", U1) in f  # the baseline says which GPU it must be
+        assert ("gpu-vanished", U1) not in f  # and it is not counted twice
+        assert not any(s.startswith("GPU-unknown") for _, s in f)
+        assert NAME in f[("gpu-lost", U1)]["summary"]
+        d.stop()
+
+
 def test_restart_with_the_driver_down_reports_every_gpu_vanished(
     tmp_path: Path, fakedriver: Path, scenario_path: Path
 ) -> None:
