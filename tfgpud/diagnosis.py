@@ -189,6 +189,22 @@ def rule_driver_library_mismatch(s: Snapshot, c: Config) -> Iterable[Finding]:
     )
     if not mismatch:
         return
+    if s.nvml.library_stale:
+        yield _find(
+            "driver-library-mismatch",
+            CRIT,
+            HOST,
+            "tfgpud still has the previous driver's NVML library loaded (the driver was "
+            f"upgraded and its module reloaded; kernel module now {module or '?'})",
+            [
+                f"NVML: {s.nvml.error}",
+                f"/sys/module/nvidia/version: {module or 'unknown'}",
+                f"libnvidia-ml mapped by tfgpud: {s.nvml.library_path or '?'} (deleted on disk)",
+            ],
+            "Restart tfgpud so it loads the new library: `sudo systemctl restart tfgpud` (other "
+            "long-running GPU programs need a restart too).",
+        )
+        return
     yield _find(
         "driver-library-mismatch",
         CRIT,

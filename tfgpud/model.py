@@ -97,6 +97,9 @@ class NvmlReading:
     nvml_version: str | None = None
     gpus: tuple[GpuReading, ...] = ()
     device_count: int | None = None
+    # The library this process loaded was deleted (replaced by a driver upgrade): the mismatch
+    # is in tfgpud's own process, and restarting tfgpud is the fix.
+    library_stale: bool = False
 
     @property
     def cuda_driver_version_str(self) -> str | None:

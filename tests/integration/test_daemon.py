@@ -336,3 +336,32 @@ def test_reload_to_a_shorter_interval_applies_at_once(
         took, _ = d.wait_metric(lambda m: m["tfgpud_polls_total"] >= before + 5, timeout=10)
         assert took < 5, took
         assert d.stop() == 0
+
+
+def test_driver_upgrade_under_a_running_daemon_says_restart_tfgpud(
+    tmp_path: Path, fakedriver: Path, scenario_path: Path
+) -> None:
+    import shutil
+
+    two_gpus(scenario_path)
+    libdir = tmp_path / "driver-550"
+    libdir.mkdir()
+    lib = libdir / "libnvidia-ml.so.1"
+    shutil.copy(fakedriver / "libnvidia-ml.so.1", lib)
+    with DaemonProcess(
+        tmp_path / "d",
+        config_body=f'[nvml]\nlibrary = "{lib}"\n',
+        scenario=scenario_path,
+        with_library=False,
+    ) as d:
+        d.start()
+        assert d.metrics()["tfgpud_nvml_up"] == 1
+        # The upgrade replaces the library file and reloads the module: this process still
+        # maps the old (now deleted) file, and NVML answers "version mismatch".
+        lib.unlink()
+        two_gpus(scenario_path, init_error="LIB_RM_VERSION_MISMATCH")
+        d.wait_metric(lambda m: m.get("tfgpud_nvml_up") == 0)
+        _, status = d.get("/status")
+        assert "systemctl restart tfgpud" in status
+        assert "previous driver's NVML library" in status
+        assert d.stop() == 0

@@ -74,15 +74,23 @@ def _text(value: bytes | str) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
-def _loaded_library_path() -> str | None:
+def _loaded_library() -> tuple[str | None, bool]:
+    """Path of the libnvidia-ml this process has mapped, and whether that file was deleted
+    since (a driver upgrade replaced it: only a restart of this process loads the new one)."""
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
             for line in maps:
                 if "libnvidia-ml.so" in line:
-                    return line.split(None, 5)[-1].strip()
+                    path = line.split(None, 5)[-1].strip()
+                    deleted = path.endswith(" (deleted)")
+                    return path.removesuffix(" (deleted)"), deleted
     except OSError:
         pass
-    return None
+    return None, False
+
+
+def _loaded_library_path() -> str | None:
+    return _loaded_library()[0]
 
 
 def _proc_name(proc_root: str, pid: int) -> str | None:
@@ -316,12 +324,20 @@ class NvmlSession:
             error=error_name(code),
         )
 
+    def _down(self, error: str, code: int) -> NvmlReading:
+        if code != pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH:
+            return NvmlReading(up=False, error=error, error_code=code)
+        path, deleted = _loaded_library()
+        return NvmlReading(
+            up=False, error=error, error_code=code, library_path=path, library_stale=deleted
+        )
+
     def poll(self) -> NvmlReading:
         """Read the driver and every GPU. Never raises for driver or GPU trouble."""
         with self._lock:
             err = self._ensure_up()
             if err is not None:
-                return NvmlReading(up=False, error=err[0], error_code=err[1])
+                return self._down(err[0], err[1])
             try:
                 driver = self._q(pynvml.nvmlSystemGetDriverVersion)
                 cuda = self._q(pynvml.nvmlSystemGetCudaDriverVersion)
@@ -334,7 +350,7 @@ class NvmlSession:
             except DriverGone as gone:
                 log.warning("NVML lost the driver: %s", gone)
                 self._drop(gone.code)
-                return NvmlReading(up=False, error=error_name(gone.code), error_code=gone.code)
+                return self._down(error_name(gone.code), gone.code)
             return NvmlReading(
                 up=True,
                 library_path=self._library_path,
