@@ -5,8 +5,9 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Any
 
-from tfgpud.config import TfEnvConfig, parse_config
+from tfgpud.config import Config, TfEnvConfig, parse_config
 from tfgpud.doctor import run_doctor
 from tfgpud.model import (
     GpuReading,
@@ -53,26 +54,41 @@ def probe_without_cuda_libs(env: TfEnvConfig, timeout: float) -> TfProbeResult:
     )
 
 
-def test_cli_python_is_probed_as_env_cli_and_report_reads_top_down() -> None:
+def doctor(
+    config: Config,
+    probe: Any = None,
+    *,
+    python: str | None = None,
+    as_json: bool = True,
+    read_nvml: Any = None,
+) -> tuple[int, str]:
+    """run_doctor on the injected PCI/NVML readings; returns (exit code, output)."""
     out = io.StringIO()
+    code = run_doctor(
+        config,
+        python=python,
+        as_json=as_json,
+        out=out,
+        read_pci=fake_pci,
+        read_nvml=read_nvml or fake_nvml,
+        probe=probe or probe_without_cuda_libs,
+    )
+    return code, out.getvalue()
+
+
+def test_cli_python_is_probed_as_env_cli_and_report_reads_top_down(tmp_path: Path) -> None:
     probed: list[str] = []
 
     def probe(env: TfEnvConfig, timeout: float) -> TfProbeResult:
         probed.append(f"{env.name}={env.python}")
         return probe_without_cuda_libs(env, timeout)
 
-    cfg = parse_config('[[tensorflow.envs]]\nname = "ignored"\npython = "/x"\n')
-    code = run_doctor(
-        cfg,
-        python="/opt/v/bin/python",
-        as_json=False,
-        out=out,
-        read_pci=fake_pci,
-        read_nvml=fake_nvml,
-        probe=probe,
+    cfg = parse_config(
+        f'[daemon]\nstate_dir = "{tmp_path}"\n'
+        '[[tensorflow.envs]]\nname = "ignored"\npython = "/x"\n'
     )
+    code, text = doctor(cfg, probe, python="/opt/v/bin/python", as_json=False)
     assert code == 2 and probed == ["cli=/opt/v/bin/python"]
-    text = out.getvalue()
     order = [
         "Hardware (PCI bus)",
         "Driver (NVML)",
@@ -87,7 +103,6 @@ def test_cli_python_is_probed_as_env_cli_and_report_reads_top_down() -> None:
 
 
 def test_json_output_and_healthy_exit(tmp_path: Path) -> None:
-    out = io.StringIO()
 
     def healthy(env: TfEnvConfig, timeout: float) -> TfProbeResult:
         from tfgpud.model import TfGpu
@@ -107,16 +122,8 @@ def test_json_output_and_healthy_exit(tmp_path: Path) -> None:
         f'[daemon]\nstate_dir = "{tmp_path}"\n'
         '[[tensorflow.envs]]\nname = "main"\npython = "/opt/main/bin/python"\n'
     )
-    code = run_doctor(
-        cfg,
-        python=None,
-        as_json=True,
-        out=out,
-        read_pci=fake_pci,
-        read_nvml=fake_nvml,
-        probe=healthy,
-    )
-    doc = json.loads(out.getvalue())
+    code, text = doctor(cfg, healthy)
+    doc = json.loads(text)
     assert code == 0 and doc["exit_code"] == 0 and doc["findings"] == []
     assert doc["snapshot"]["tf"][0]["env"] == "main"
     assert doc["snapshot"]["nvml"]["gpus"][0]["uuid"] == "GPU-a"
@@ -126,17 +133,9 @@ def test_broken_collector_is_reported_not_raised(tmp_path: Path) -> None:
     def broken(library: str | None) -> NvmlReading:
         raise RuntimeError("nvml exploded")
 
-    out = io.StringIO()
-    code = run_doctor(
-        parse_config(f'[daemon]\nstate_dir = "{tmp_path}"\n'),
-        python=None,
-        as_json=False,
-        out=out,
-        read_pci=fake_pci,
-        read_nvml=broken,
-        probe=probe_without_cuda_libs,
-    )
-    assert "Driver (NVML)\n  not read (collector failed)" in out.getvalue()
+    config = parse_config(f'[daemon]\nstate_dir = "{tmp_path}"\n')
+    code, text = doctor(config, as_json=False, read_nvml=broken)
+    assert "Driver (NVML)\n  not read (collector failed)" in text
     assert code == 0  # one healthy-looking PCI GPU, no envs: nothing to report
 
 
@@ -149,33 +148,14 @@ def test_doctor_reads_the_daemons_baseline(tmp_path: Path) -> None:
     state.save(1000.0)
     state.close()
     config = parse_config(f'[daemon]\nstate_dir = "{tmp_path}"\n')
-    out = io.StringIO()
-    code = run_doctor(
-        config,
-        python=None,
-        as_json=True,
-        out=out,
-        read_pci=fake_pci,
-        read_nvml=fake_nvml,
-        probe=probe_without_cuda_libs,
-    )
-    doc = json.loads(out.getvalue())
+    code, text = doctor(config)
+    doc = json.loads(text)
     vanished = [f for f in doc["findings"] if f["code"] == "gpu-vanished"]
     assert [f["subject"] for f in vanished] == ["GPU-b"]
     assert "00000000:02:00.0" in vanished[0]["summary"]
     assert code == 2
     # A corrupt state file is reported, and doctor never moves or rewrites it.
     (tmp_path / "baseline.json").write_text("{not json")
-    out = io.StringIO()
-    run_doctor(
-        config,
-        python=None,
-        as_json=True,
-        out=out,
-        read_pci=fake_pci,
-        read_nvml=fake_nvml,
-        probe=probe_without_cuda_libs,
-    )
-    codes = {f["code"] for f in json.loads(out.getvalue())["findings"]}
+    codes = {f["code"] for f in json.loads(doctor(config)[1])["findings"]}
     assert "baseline-state-error" in codes
     assert (tmp_path / "baseline.json").read_text() == "{not json"
