@@ -1582,6 +1582,10 @@ def worst_severity(findings: Iterable[Finding]) -> Severity | None:
     return max((f.severity for f in findings), key=lambda sev: sev.rank, default=None)
 
 
+FALLBACK_CODES = frozenset({"tf-cpu-fallback", "tf-partial-visibility"})
+
+
 def cpu_fallback_envs(findings: Iterable[Finding]) -> frozenset[str]:
-    """Envs with an active ``tf-cpu-fallback`` (for the ``tfgpud_tf_cpu_fallback`` metric)."""
-    return frozenset(f.subject for f in findings if f.code == "tf-cpu-fallback")
+    """Envs where GPUs exist but TensorFlow sees fewer (``tf-cpu-fallback`` or
+    ``tf-partial-visibility``): the ``tfgpud_tf_cpu_fallback`` metric."""
+    return frozenset(f.subject for f in findings if f.code in FALLBACK_CODES)

@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from tfgpud import __version__
+from tfgpud.diagnosis import cpu_fallback_envs
 from tfgpud.model import GpuReading, Snapshot
 
 log = logging.getLogger(__name__)
@@ -23,8 +24,6 @@ log = logging.getLogger(__name__)
 WATCHED_XIDS = (48, 62, 64, 74, 79, 94, 95, 119, 120)
 # Per-GPU cap on process series; the rest are summed into pid="other".
 MAX_PROCESS_SERIES = 16
-
-FALLBACK_CODES = frozenset({"tf-cpu-fallback", "tf-partial-visibility"})
 
 
 def _gauge(name: str, doc: str, labels: Iterable[str] = ()) -> GaugeMetricFamily:
@@ -259,7 +258,7 @@ def _tf_families(snap: Snapshot) -> Iterator[Metric]:
         "1 if the probe's smoke test (a matmul on GPU:0) worked; only where it ran.",
         env,
     )
-    falling = {f.subject for f in snap.findings if f.code in FALLBACK_CODES}
+    falling = cpu_fallback_envs(snap.findings)
     for r in snap.tf:
         success.add_metric([r.env], 1.0 if r.ok else 0.0)
         duration.add_metric([r.env], r.duration_seconds)

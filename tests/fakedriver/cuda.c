@@ -493,15 +493,17 @@ FD_EXPORT CUresult cuCtxSetCurrent(CUcontext ctx)
     return end(__func__, ctx ? CUDA_ERROR_INVALID_CONTEXT : CUDA_SUCCESS);
 }
 
-/* Everything needing a context: no context ever exists. */
-#define NO_CONTEXT(name)                                                                      \
+/* Calls that always fail the same way (after the scenario checks): `code` once it loaded. */
+#define FIXED_ERROR(name, code)                                                               \
     FD_EXPORT CUresult name(void);                                                            \
     CUresult name(void)                                                                       \
     {                                                                                         \
         const fd_scenario *sc = NULL;                                                         \
         int rc = begin(&sc);                                                                  \
-        return end(#name, rc ? rc : CUDA_ERROR_INVALID_CONTEXT);                              \
+        return end(#name, rc ? rc : (code));                                                  \
     }
+/* Everything needing a context: no context ever exists. */
+#define NO_CONTEXT(name) FIXED_ERROR(name, CUDA_ERROR_INVALID_CONTEXT)
 NO_CONTEXT(cuCtxGetDevice)
 NO_CONTEXT(cuCtxSynchronize)
 NO_CONTEXT(cuCtxGetApiVersion)
@@ -512,14 +514,7 @@ NO_CONTEXT(cuMemGetInfo)
 NO_CONTEXT(cuMemGetInfo_v2)
 
 /* Creating contexts or touching device memory is beyond the simulation. */
-#define UNSUPPORTED(name)                                                                     \
-    FD_EXPORT CUresult name(void);                                                            \
-    CUresult name(void)                                                                       \
-    {                                                                                         \
-        const fd_scenario *sc = NULL;                                                         \
-        int rc = begin(&sc);                                                                  \
-        return end(#name, rc ? rc : CUDA_ERROR_NOT_SUPPORTED);                                \
-    }
+#define UNSUPPORTED(name) FIXED_ERROR(name, CUDA_ERROR_NOT_SUPPORTED)
 UNSUPPORTED(cuDevicePrimaryCtxRetain)
 UNSUPPORTED(cuDevicePrimaryCtxRelease)
 UNSUPPORTED(cuDevicePrimaryCtxRelease_v2)

@@ -89,10 +89,6 @@ def _loaded_library() -> tuple[str | None, bool]:
     return None, False
 
 
-def _loaded_library_path() -> str | None:
-    return _loaded_library()[0]
-
-
 def _proc_name(proc_root: str, pid: int) -> str | None:
     # Plain strings, not pathlib: this runs for every GPU process on every poll.
     try:
@@ -152,7 +148,7 @@ class NvmlSession:
             pynvml.nvmlInit()
         except pynvml.NVMLError as exc:
             return (error_name(exc.value), int(exc.value))
-        self._library_path = _loaded_library_path()
+        self._library_path = _loaded_library()[0]
         return None
 
     def _ensure_up(self) -> tuple[str, int] | None:
