@@ -14,6 +14,7 @@ whenever it changes, so a test changes the simulated machine by calling write_sc
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -23,6 +24,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from tfgpud.codes import CODES
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
@@ -203,34 +206,20 @@ def run_python(
     return PythonResult(proc.returncode, proc.stdout, proc.stderr, data)
 
 
-# DESIGN.md "Finding codes", copied: the contract this module implements.
-DESIGN_CODES = [
-    "no-nvidia-gpu",
-    "nvml-library-missing",
-    "driver-not-loaded",
-    "driver-library-mismatch",
-    "nouveau-bound",
-    "device-nodes-missing",
-    "nvml-no-permission",
-    "gpu-lost",
-    "gpu-vanished",
-    "gpu-appeared",
-    "gpu-xid-critical",
-    "gpu-memory-pressure",
-    "tf-cpu-fallback",
-    "tf-cpu-only-build",
-    "tf-gpus-hidden-by-env",
-    "tf-cuda-libs-missing",
-    "tf-libcuda-missing",
-    "tf-driver-too-old",
-    "tf-driver-dso-mismatch",
-    "tf-compute-capability-unsupported",
-    "tf-cudnn-mismatch",
-    "tf-device-permission",
-    "tf-partial-visibility",
-    "tf-ptx-jit-only",
-    "tf-import-failed",
-    "tf-import-crashed",
-    "tf-probe-timeout",
-    "tf-job-on-cpu",
-]
+# Every finding code, from the one table of codes.
+DESIGN_CODES = list(CODES)
+
+
+def emitted_codes() -> set[str]:
+    """The codes the rules in tfgpud/diagnosis/ can emit: each first argument of a
+    ``finding("code", ...)`` call and each ``TfCheck("code", ...)`` row, read from the source."""
+    found: set[str] = set()
+    for path in sorted((REPO_ROOT / "tfgpud" / "diagnosis").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call) or not node.args:
+                continue
+            name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+            first = node.args[0]
+            if name in ("finding", "TfCheck") and isinstance(first, ast.Constant):
+                found.add(str(first.value))
+    return found

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tfgpud import compat, runner, tfprobe
+from tfgpud import runner, tfprobe
 from tfgpud.collectors.tensorflow import (
     TfProbeScheduler,
     meaningful_log_lines,
@@ -25,7 +25,7 @@ from tfgpud.collectors.tensorflow import (
     probe_environment,
 )
 from tfgpud.config import Config, TensorflowConfig, TfEnvConfig
-from tfgpud.diagnosis import diagnose
+from tfgpud.diagnosis import compat, diagnose
 from tfgpud.model import GpuReading, NvmlReading, ProbeStatus, Snapshot, TfProbeResult
 from tfgpud.probe_safety import SAFE_PATH
 from tfgpud.runner import RunResult

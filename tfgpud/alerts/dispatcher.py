@@ -1,0 +1,202 @@
+"""The alert path of one poll: transitions, the journal, the sinks and ``alerts.json``.
+
+``AlertDispatcher.process()`` is called once per poll and never blocks: each sink has its own
+bounded queue and thread, so a receiver that hangs or fails costs the poll loop nothing.
+Transitions at or above ``[alerts] min_severity`` are pushed. Messages for a sink whose URL is
+no longer configured are dropped at the next start, counted (sink ``removed``) and logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from tfgpud.alerts.sinks import (
+    AlertmanagerSink,
+    Delivery,
+    Poster,
+    Sink,
+    SinkWorker,
+    WebhookSink,
+    http_post,
+)
+from tfgpud.alerts.store import ALERTS_FILE, SavedState, load_state, save_state
+from tfgpud.alerts.transitions import Alert, Transitions, log_transition
+from tfgpud.config import AlertsConfig
+from tfgpud.model import AlertStats, Finding, Severity, SinkStats
+
+log = logging.getLogger("tfgpud.alerts")
+
+REMOVED_SINK = "removed"  # SinkStats name counting messages left for sinks no longer configured
+
+
+class AlertDispatcher:
+    """Transitions + journal + sinks. ``process()`` is called once per poll and never blocks."""
+
+    def __init__(
+        self,
+        config: AlertsConfig,
+        state_dir: Path | None,
+        host: str,
+        post: Poster = http_post,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.instance = config.instance or host
+        self._state_path = state_dir / ALERTS_FILE if state_dir is not None else None
+        self._clock = clock
+        self._wall = wall
+        self._min_rank = Severity(config.min_severity).rank
+        saved = (
+            load_state(self._state_path, self._min_rank)
+            if self._state_path is not None
+            else SavedState()
+        )
+        self.transitions = Transitions(config.for_seconds, saved.firing)
+        # Firing alerts that were pushed to the sinks: their resolve is pushed too, whatever
+        # their severity by then. An alert is pushed once its severity reaches min_severity.
+        self._pushed: set[tuple[str, str]] = set(saved.pushed)
+        self.workers: list[SinkWorker] = []
+        sinks: list[Sink] = [
+            AlertmanagerSink(f"alertmanager[{i}]", am, self.instance, config.resend_seconds)
+            for i, am in enumerate(config.alertmanager)
+        ]
+        sinks += [
+            WebhookSink(f"webhook[{i}]", wh, self.instance) for i, wh in enumerate(config.webhook)
+        ]
+        self._outbox_keys: list[str] = []
+        for sink in sinks:
+            self.workers.append(
+                SinkWorker(sink, config.queue_size, config.max_retry_seconds, post, clock, wall)
+            )
+            key, n = sink.url, 1
+            while key in self._outbox_keys:  # the same URL twice: map them by order
+                n += 1
+                key = f"{sink.url}#{n}"
+            self._outbox_keys.append(key)
+        # Messages left undelivered by the previous process go back to the sink with that URL
+        # (so a reordered or extended list maps them right); those of a removed sink are lost.
+        for w, key in zip(self.workers, self._outbox_keys, strict=True):
+            w.restore(saved.outbox.get(key, ()))
+        self.removed_dropped = 0
+        for key, deliveries in saved.outbox.items():
+            if key in self._outbox_keys or not deliveries:
+                continue
+            self.removed_dropped += len(deliveries)
+            log.warning(
+                "dropped %d undelivered alert message(s) for %s: no [[alerts.alertmanager]] or "
+                "[[alerts.webhook]] has that URL any more",
+                len(deliveries),
+                key,
+            )
+        # Alertmanager needs firing alerts refreshed; -inf = send at the first poll (restart).
+        self._last_push: dict[tuple[str, str], float] = {
+            a.key: float("-inf") for a in self.transitions.firing if a.key in self._pushed
+        }
+        expired = any(w.dropped for w in self.workers)
+        # None: alerts.json does not match memory yet (a message was dropped while loading).
+        self._saved_sig: tuple[int, ...] | None = (
+            None if expired or self.removed_dropped else self._sig()
+        )
+        self._save_error: str | None = None
+
+    def start(self) -> None:
+        for w in self.workers:
+            w.start()
+
+    def stop(self, timeout: float = 1.0) -> None:
+        """Stop the sink threads, then save what is still undelivered for the next start."""
+        deadline = time.monotonic() + timeout
+        kept = self._state_path is not None
+        for w in self.workers:
+            w.stop(max(0.0, deadline - time.monotonic()), kept=kept)
+        if kept:
+            self._save()
+
+    def _wanted(self, a: Alert) -> bool:
+        return a.finding.severity.rank >= self._min_rank
+
+    def _sig(self) -> tuple[int, ...]:
+        return tuple(w.changes for w in self.workers)
+
+    def _push(self, d: Delivery, workers: Iterable[SinkWorker] | None = None) -> None:
+        for w in self.workers if workers is None else workers:
+            w.put(d)
+
+    def process(self, findings: Iterable[Finding], now: float) -> AlertStats:
+        """Update transitions for this poll's findings, log them, queue deliveries, and save
+        ``alerts.json`` when the firing set or an outbox changed (at most once per call)."""
+        try:
+            transitions = self.transitions.update(findings, now)
+            mono, wall = self._clock(), self._wall()
+            changed = bool(transitions)
+            for t in transitions:
+                log_transition(t)
+                key = t.alert.key
+                if t.state == "firing":
+                    if not self._wanted(t.alert):
+                        continue
+                    self._pushed.add(key)
+                    self._last_push[key] = mono
+                else:
+                    # Pushed when it fired (or since): its resolve is, whatever its severity now.
+                    if key not in self._pushed:
+                        continue
+                    self._pushed.discard(key)
+                    self._last_push.pop(key, None)
+                self._push(Delivery(t.state, t.alert, mono, wall))
+            for a in self.transitions.firing:
+                if a.key not in self._pushed and self._wanted(a):
+                    # Fired below min_severity and has risen to it: announce it now.
+                    self._pushed.add(a.key)
+                    self._last_push[a.key] = mono
+                    self._push(Delivery("firing", a, mono, wall))
+                    changed = True
+            self._resend(mono, wall)
+            if changed or self._sig() != self._saved_sig:
+                self._save()
+        except Exception:
+            log.exception("alert processing failed")
+        return self.stats()
+
+    def _resend(self, mono: float, wall: float) -> None:
+        refreshed = [w for w in self.workers if w.sink.resends_firing]
+        for a in self.transitions.firing:
+            if a.key not in self._pushed:
+                continue
+            last = self._last_push.get(a.key, float("-inf"))
+            if mono - last >= self.config.resend_seconds:
+                self._last_push[a.key] = mono
+                self._push(Delivery("firing", a, mono, wall), refreshed)
+
+    def _save(self) -> None:
+        """Write the firing set and every sink's outbox atomically. Never raises."""
+        if self._state_path is None:
+            return
+        sig = self._sig()  # before the snapshot: a change after it is saved next time
+        outbox = {
+            key: pending
+            for w, key in zip(self.workers, self._outbox_keys, strict=True)
+            if (pending := w.pending())
+        }
+        try:
+            save_state(self._state_path, self.transitions.firing, self._pushed, outbox)
+        except OSError as exc:
+            msg = f"cannot write {self._state_path}: {exc.strerror or exc}"
+            if msg != self._save_error:
+                log.error("%s; a restart may re-announce or lose alerts", msg)
+            self._save_error = msg
+            return
+        if self._save_error:
+            log.info("%s written again", self._state_path)
+            self._save_error = None
+        self._saved_sig = sig
+
+    def stats(self) -> AlertStats:
+        sinks = [w.stats() for w in self.workers]
+        if self.removed_dropped:
+            sinks.append(SinkStats(REMOVED_SINK, dropped=self.removed_dropped))
+        return AlertStats(firing=len(self.transitions.firing), sinks=tuple(sinks))

@@ -1,0 +1,376 @@
+"""Where alerts go: a :class:`Sink` says how to address and render messages; a
+:class:`SinkWorker` delivers them to it from its own bounded queue and thread.
+
+Alertmanager (API v2; firing alerts re-sent every ``resend_seconds``) and generic JSON webhooks
+(one POST per transition). A message that cannot be delivered is retried with exponential backoff
+(1 s doubling to 60 s) for up to ``max_retry_seconds`` from when it was first queued, then
+dropped and counted (``tfgpud_alerts_dropped_total``). A redirect (3xx) is a failed delivery:
+urllib would turn the POST into a body-less GET.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from tfgpud.alerts.transitions import Alert, State, alertname, finding_fields
+from tfgpud.codes import message_id
+from tfgpud.config import AlertmanagerConfig, WebhookConfig
+from tfgpud.model import SinkStats
+
+log = logging.getLogger("tfgpud.alerts")
+
+BACKOFF_FIRST_SECONDS = 1.0
+BACKOFF_MAX_SECONDS = 60.0
+AM_BATCH = 64  # alerts per Alertmanager POST
+
+
+def rfc3339(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class Delivery:
+    """One message waiting for a sink."""
+
+    state: State
+    alert: Alert
+    created: float  # monotonic time it was queued (in this process: the retry bound)
+    created_at: float | None = None  # wall-clock time it was first queued (kept across restarts)
+
+
+@dataclass
+class Request:
+    url: str
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class Sink(Protocol):
+    """What a SinkWorker needs from a receiver: where it is, how messages coalesce, how a batch
+    becomes one HTTP request, and whether firing alerts are re-sent while they last."""
+
+    name: str
+    url: str  # where messages go; also the key of its outbox in alerts.json
+    timeout: float
+    batch: int  # messages per request
+    resends_firing: bool  # True: every firing alert is re-sent each [alerts] resend_seconds
+
+    def queue_key(self, d: Delivery) -> tuple[Any, ...]:
+        """Messages with the same key replace each other in the queue (the newest wins)."""
+        ...
+
+    def render(self, batch: list[Delivery], now: float) -> Request:
+        """The request that delivers ``batch`` (at most ``batch`` messages)."""
+        ...
+
+
+class AlertmanagerSink:
+    """``POST /api/v2/alerts``. Only the newest state of an alert is worth delivering; firing
+    alerts are refreshed, so Alertmanager resolves them by itself if the daemon dies."""
+
+    def __init__(self, name: str, cfg: AlertmanagerConfig, instance: str, resend: float) -> None:
+        self.name = name
+        self.timeout = cfg.timeout_seconds
+        self.url = cfg.url.rstrip("/") + "/api/v2/alerts"
+        self.instance = instance
+        self.valid_for = 4 * resend  # Alertmanager resolves it by itself if refreshes stop
+        self.batch = AM_BATCH
+        self.resends_firing = True
+
+    def queue_key(self, d: Delivery) -> tuple[Any, ...]:
+        return d.alert.key
+
+    def render(self, batch: list[Delivery], now: float) -> Request:
+        return Request(
+            self.url,
+            json.dumps([am_alert(d, self.instance, now, self.valid_for) for d in batch]).encode(),
+            {"Content-Type": "application/json"},
+        )
+
+
+def am_alert(d: Delivery, instance: str, now: float, valid_for: float) -> dict[str, Any]:
+    """One Alertmanager v2 ``postableAlert``."""
+    f = d.alert.finding
+    ends = d.alert.ends_at if d.state == "resolved" and d.alert.ends_at else now + valid_for
+    return {
+        "labels": {
+            "alertname": alertname(f.code),
+            "severity": f.severity.value,
+            "instance": instance,
+            "code": f.code,
+            "subject": f.subject,
+            "origin": "tfgpud",
+        },
+        "annotations": {
+            "summary": f.summary,
+            "description": "\n".join([f.summary, *f.evidence]),
+            "fix": f.fix,
+        },
+        "startsAt": rfc3339(d.alert.starts_at),
+        "endsAt": rfc3339(ends),
+    }
+
+
+class WebhookSink:
+    """One JSON POST per transition (nothing is coalesced: each is an event)."""
+
+    def __init__(self, name: str, cfg: WebhookConfig, instance: str) -> None:
+        self.name = name
+        self.timeout = cfg.timeout_seconds
+        self.url = cfg.url
+        self.headers = {"Content-Type": "application/json", **cfg.headers}
+        self.instance = instance
+        self.batch = 1
+        self.resends_firing = False
+
+    def queue_key(self, d: Delivery) -> tuple[Any, ...]:
+        return (*d.alert.key, d.state, d.alert.starts_at)
+
+    def render(self, batch: list[Delivery], now: float) -> Request:
+        return Request(
+            self.url, json.dumps(webhook_event(batch[0], self.instance)).encode(), self.headers
+        )
+
+
+def webhook_event(d: Delivery, instance: str) -> dict[str, Any]:
+    """The generic webhook body (documented in README.md)."""
+    a, f = d.alert, d.alert.finding
+    return {
+        "version": 1,
+        "status": d.state,
+        "alertname": alertname(f.code),
+        "instance": instance,
+        **finding_fields(f),
+        "starts_at": rfc3339(a.starts_at),
+        "ends_at": rfc3339(a.ends_at) if d.state == "resolved" and a.ends_at else None,
+        "message_id": message_id(f.code),
+    }
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is a failed delivery: urllib would re-send a POST answered 301/302/303 as a
+    GET without the body and report success. The error names where it pointed."""
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: Any,
+        code: int,
+        msg: str,
+        headers: Any,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        raise urllib.error.HTTPError(
+            req.full_url,
+            code,
+            f"HTTP {code} {msg}: redirected to {newurl} (not followed: set the sink's url to "
+            "the final address)",
+            headers,
+            fp,
+        )
+
+
+_opener = urllib.request.build_opener(_RefuseRedirects)
+
+
+def http_post(req: Request, timeout: float) -> None:
+    """POST; raises OSError/URLError on any failure (non-2xx, redirects included)."""
+    r = urllib.request.Request(req.url, data=req.body, headers=req.headers, method="POST")
+    try:
+        with _opener.open(r, timeout=timeout) as resp:  # any other non-2xx raises HTTPError
+            resp.read(65536)
+    except urllib.error.HTTPError as exc:
+        exc.close()  # the answer's connection: not left for the garbage collector
+        raise
+
+
+Poster = Callable[[Request, float], None]
+
+
+class SinkWorker:
+    """A bounded queue and a thread delivering to one sink, with backoff and a retry bound."""
+
+    def __init__(
+        self,
+        sink: Sink,
+        queue_size: int,
+        max_retry_seconds: float,
+        post: Poster = http_post,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.sink = sink
+        self.queue_size = queue_size
+        self.max_retry_seconds = max_retry_seconds
+        self._post = post
+        self._clock = clock
+        self._wall = wall
+        self._queue: OrderedDict[tuple[Any, ...], Delivery] = OrderedDict()
+        self._inflight: list[Delivery] = []  # taken by the thread, not delivered yet
+        self._cond = threading.Condition()
+        self._stop = False
+        self._backoff = 0.0
+        self._next_try = 0.0
+        self.sent = self.failed = self.dropped = 0
+        self.changes = 0  # bumped whenever the set of undelivered messages changes
+        self._thread: threading.Thread | None = None
+
+    def put(self, d: Delivery) -> None:
+        """Queue ``d`` (replacing an older message for the same key). Never blocks for long."""
+        if d.created_at is None:
+            d = replace(d, created_at=self._wall() - max(0.0, self._clock() - d.created))
+        with self._cond:
+            key = self.sink.queue_key(d)
+            if key in self._queue:
+                del self._queue[key]  # superseded, not lost: the newer message says more
+            elif len(self._queue) >= self.queue_size:
+                self._queue.popitem(last=False)
+                self.dropped += 1
+                log.warning("alert queue of %s full: dropped the oldest message", self.sink.name)
+            self._queue[key] = d
+            self.changes += 1
+            self._cond.notify()
+
+    def restore(self, saved: Iterable[Delivery]) -> None:
+        """Queue messages a previous process left undelivered (from ``alerts.json``), keeping
+        their original creation time: one older than ``max_retry_seconds`` is dropped."""
+        now, wall = self._clock(), self._wall()
+        expired = 0
+        for d in saved:
+            age = max(0.0, wall - (d.created_at if d.created_at is not None else wall))
+            if age >= self.max_retry_seconds:
+                expired += 1
+                continue
+            self.put(replace(d, created=now - age))
+        if expired:
+            with self._cond:
+                self.dropped += expired
+                self.changes += 1
+            log.warning(
+                "%s: dropped %d alert message(s) left undelivered by the previous run: older "
+                "than max_retry_seconds (%.0f s)",
+                self.sink.name,
+                expired,
+                self.max_retry_seconds,
+            )
+
+    def pending(self) -> list[Delivery]:
+        """The undelivered messages, oldest first: the one being tried, then the queue."""
+        with self._cond:
+            queued = list(self._queue.values())
+            keys = set(self._queue)
+            inflight = [d for d in self._inflight if self.sink.queue_key(d) not in keys]
+            return inflight + queued
+
+    def stats(self) -> SinkStats:
+        with self._cond:
+            return SinkStats(self.sink.name, self.sent, self.failed, self.dropped, len(self._queue))
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._run, name=f"alerts-{self.sink.name}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, timeout: float, kept: bool = False) -> None:
+        """Stop the thread (waiting up to ``timeout`` for a delivery in progress). ``kept``:
+        the caller saves :meth:`pending` for the next start, else undelivered messages are lost.
+        """
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        pending = len(self.pending())
+        if pending and kept:
+            log.info(
+                "%s: %d undelivered alert message(s) kept for the next start",
+                self.sink.name,
+                pending,
+            )
+        elif pending:
+            log.warning(
+                "%s: %d undelivered alert message(s) given up at stop", self.sink.name, pending
+            )
+
+    def _take(self) -> list[Delivery] | None:
+        with self._cond:
+            while True:
+                if self._stop:
+                    return None
+                wait = self._next_try - self._clock()
+                if self._queue and wait <= 0:
+                    break
+                self._cond.wait(wait if self._queue else None)
+            batch: list[Delivery] = []
+            while self._queue and len(batch) < self.sink.batch:
+                batch.append(self._queue.popitem(last=False)[1])
+            self._inflight = batch
+            return batch
+
+    def _run(self) -> None:
+        while (batch := self._take()) is not None:
+            self.deliver(batch)
+
+    def deliver(self, batch: list[Delivery]) -> bool:
+        """One attempt (the thread's body; tests call it directly). True when delivered."""
+        try:
+            self._post(self.sink.render(batch, self._wall()), self.sink.timeout)
+        except Exception as exc:  # noqa: BLE001 - any failure means: retry later
+            self._failed(batch, exc)
+            return False
+        with self._cond:
+            if self._backoff:
+                log.info("alerts to %s delivered again", self.sink.name)
+            self.sent += len(batch)
+            self._backoff = 0.0
+            self._next_try = 0.0
+            self._inflight = []
+            self.changes += 1
+        return True
+
+    def _failed(self, batch: list[Delivery], exc: Exception) -> None:
+        now = self._clock()
+        with self._cond:
+            self._inflight = []
+            self.failed += len(batch)
+            first = not self._backoff
+            self._backoff = min(2 * self._backoff or BACKOFF_FIRST_SECONDS, BACKOFF_MAX_SECONDS)
+            self._next_try = now + self._backoff
+            keep = [d for d in batch if now - d.created < self.max_retry_seconds]
+            expired = len(batch) - len(keep)
+            self.dropped += expired
+            for d in reversed(keep):
+                key = self.sink.queue_key(d)
+                if key not in self._queue:  # else a newer message replaced it meanwhile
+                    self._queue[key] = d
+                    self._queue.move_to_end(key, last=False)
+                else:
+                    self.changes += 1  # superseded by a newer message: gone from the outbox
+            overflow = max(0, len(self._queue) - self.queue_size)
+            for _ in range(overflow):
+                self._queue.popitem(last=False)
+            self.dropped += overflow
+            if expired or overflow:
+                self.changes += 1
+        if first or expired:
+            log.warning(
+                "cannot deliver %d alert message(s) to %s (%s): %s; retrying with backoff "
+                "for up to %.0f s%s",
+                len(batch),
+                self.sink.name,
+                self.sink.url,
+                getattr(exc, "reason", None) or exc,
+                self.max_retry_seconds,
+                f"; {expired} message(s) dropped after that" if expired else "",
+            )
