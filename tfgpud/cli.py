@@ -32,6 +32,7 @@ from tfgpud.config import (
     parse_listen,
 )
 from tfgpud.model import to_jsonable
+from tfgpud.views import render_status_text
 
 EX_OK = 0
 EX_FAILURE = 1
@@ -165,20 +166,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         json.dump(doc, sys.stdout, indent=2, sort_keys=True)
         print()
         return EX_OK
-    print(f"tfgpud {doc.get('version', '?')} on {doc.get('host', '?')}: {doc.get('summary', '')}")
-    for g in doc.get("gpus", []):
-        state = "LOST" if g.get("lost") else "ok"
-        print(f"  GPU {g['index']}  {g.get('name') or '?':<28} {g['uuid']}  {state}")
-    for t in doc.get("tensorflow", []):
-        seen = t.get("visible_gpus")
-        print(f"  TF env {t['env']}: {t['status']}, sees {'?' if seen is None else seen} GPU(s)")
-    findings = doc.get("findings", [])
-    if not findings:
-        print("  no findings")
-    for f in findings:
-        print(f"  [{f['severity']}] {f['code']} ({f['subject']}): {f['summary']}")
-        if f.get("fix"):
-            print(f"      fix: {f['fix']}")
+    print(render_status_text(doc), end="")
     return EX_OK
 
 

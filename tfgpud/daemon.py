@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType, MappingProxyType
-from typing import Any
 
 from tfgpud import __version__
 from tfgpud.alerts import AlertDispatcher
@@ -28,10 +27,12 @@ from tfgpud.collectors.workloads import WorkloadScanner
 from tfgpud.config import Config, ConfigError, load_config, parse_listen
 from tfgpud.diagnosis import diagnose
 from tfgpud.exporter import Exposition, make_registry
-from tfgpud.model import CollectorRun, KnownGpu, NvmlReading, Snapshot, to_jsonable
+from tfgpud.model import CollectorRun, KnownGpu, NvmlReading, Snapshot
+from tfgpud.poll import Expected, PressureTracker, Readings, build_snapshot
 from tfgpud.server import Endpoints, HttpServer
 from tfgpud.state import Baseline
 from tfgpud.systemd import Notifier
+from tfgpud.views import status_document, summarize
 from tfgpud.webconfig import WebConfigError, WebSecurity
 
 log = logging.getLogger(__name__)
@@ -48,115 +49,6 @@ class HostPaths:
     sys: Path = Path("/sys")
     proc: Path = Path("/proc")
     dev: Path = Path("/dev")
-
-
-def summarize(snap: Snapshot) -> str:
-    """One line for systemd's STATUS= and the page: GPUs, driver, envs, findings."""
-    parts = []
-    nv = snap.nvml
-    if nv is not None and nv.up:
-        lost = sum(1 for g in nv.gpus if g.lost)
-        gpus = f"{len(nv.gpus)} GPU{'s' if len(nv.gpus) != 1 else ''}"
-        parts.append(gpus + (f" ({lost} lost)" if lost else ""))
-        parts.append(f"driver {nv.driver_version or '?'}")
-        if nv.cuda_driver_version_str:
-            parts.append(f"CUDA {nv.cuda_driver_version_str}")
-    else:
-        pci = len(snap.pci.gpus) if snap.pci else 0
-        why = nv.error if nv is not None else "not polled"
-        parts.append(f"NVML unavailable ({why}), {pci} NVIDIA GPU(s) on PCI")
-    for r in snap.tf:
-        seen = f"{len(r.gpus)} GPU(s)" if r.ok else r.status.value
-        parts.append(f"TF[{r.env}]: {seen}")
-    worst = [f for f in snap.findings if f.severity.value != "info"]
-    parts.append(f"{len(worst)} problem(s)" if worst else "no problems")
-    return ", ".join(parts)
-
-
-def status_document(snap: Snapshot | None, host: str) -> dict[str, Any]:
-    """The /status JSON (also what the HTML page and `tfgpud status` render)."""
-    if snap is None:
-        return {"host": host, "version": __version__, "summary": "starting", "findings": []}
-    nv = snap.nvml
-    doc: dict[str, Any] = {
-        "host": host,
-        "version": __version__,
-        "taken_at": snap.taken_at,
-        "polls": snap.sequence,
-        "summary": summarize(snap),
-        "pci_gpus": len(snap.pci.gpus) if snap.pci else None,
-        "expected_gpus": snap.expected_gpus,
-        "driver": {
-            "up": bool(nv and nv.up),
-            "error": nv.error if nv else None,
-            "driver_version": nv.driver_version if nv else None,
-            "cuda_driver_version": nv.cuda_driver_version_str if nv else None,
-        },
-        "gpus": [
-            {
-                "index": g.index,
-                "uuid": g.uuid,
-                "name": g.name,
-                "pci_bus_id": g.pci_bus_id,
-                "lost": g.lost,
-                "memory_total_bytes": g.memory_total_bytes,
-                "memory_used_bytes": g.memory_used_bytes,
-                "compute_capability": g.compute_capability_str,
-                "processes": [
-                    {"pid": p.pid, "name": p.name, "used_memory_bytes": p.used_memory_bytes}
-                    for p in g.processes
-                ],
-            }
-            for g in (nv.gpus if nv else ())
-        ],
-        "tensorflow": [
-            {
-                "env": r.env,
-                "python": r.python,
-                "status": r.status.value,
-                "tf_version": r.tf_version,
-                "visible_gpus": len(r.gpus) if r.ok else None,
-                "probed_at": r.started_at,
-            }
-            for r in snap.tf
-        ],
-        "tf_processes": [
-            {
-                "pid": p.pid,
-                "placement": p.placement,
-                "user": p.user,
-                "cmdline": p.cmdline,
-                "started_at": p.started_at,
-            }
-            for p in snap.tf_processes or ()
-        ],
-        "collectors": [
-            {"name": c.name, "success": c.success, "duration_seconds": c.duration_seconds}
-            for c in snap.collectors
-        ],
-        "findings": [to_jsonable(f) for f in snap.findings],
-    }
-    return doc
-
-
-def identify_lost(nvml: NvmlReading | None, baseline: tuple[KnownGpu, ...]) -> NvmlReading | None:
-    """Give a GPU that was lost before NVML ever told its UUID the identity it must have.
-
-    A GPU lost before this process read it (a daemon restart after it fell off the bus) has no
-    UUID. When exactly one such GPU and exactly one expected GPU unseen by UUID remain, they
-    are the same GPU: reporting both `gpu-lost` (placeholder) and `gpu-vanished` (baseline)
-    would count one failure twice and hide which GPU it is.
-    """
-    if nvml is None or not nvml.up:
-        return nvml
-    unknown = [g for g in nvml.gpus if g.uuid.startswith("GPU-unknown")]
-    seen = {g.uuid for g in nvml.gpus}
-    missing = [k for k in baseline if k.uuid not in seen]
-    if len(unknown) != 1 or len(missing) != 1:
-        return nvml
-    g, k = unknown[0], missing[0]
-    named = replace(g, uuid=k.uuid, name=g.name or k.name, pci_bus_id=g.pci_bus_id or k.pci_bus_id)
-    return replace(nvml, gpus=tuple(named if x is g else x for x in nvml.gpus))
 
 
 class Daemon:
@@ -181,8 +73,7 @@ class Daemon:
         self._probe_landed = False
         self._last_poll_end = 0.0
         self._last_status = ""
-        self._pressure_since: dict[str, float] = {}
-        # The persisted baseline (state.py) and alert delivery (alerts.py); issue 5.
+        self._pressure = PressureTracker()
         self._state = Baseline.open(config.daemon.state_dir, config.expect.gpus)
         self._alerts = AlertDispatcher(config.alerts, Path(config.daemon.state_dir), self.host)
         self._nvml = NvmlSession(config.nvml.library, proc_root=self.paths.proc)
@@ -255,16 +146,6 @@ class Daemon:
         self._state.flush_if_dirty(now)  # a write that failed earlier is retried (backoff 30 s)
         return self._state.gpus, self._state.expected
 
-    def _pressure(self, nvml: NvmlReading | None, now: float) -> Mapping[str, float]:
-        ratio = self.config.memory.pressure_ratio
-        current: dict[str, float] = {}
-        for g in nvml.gpus if nvml is not None else ():
-            total, used = g.memory_total_bytes, g.memory_used_bytes
-            if total and used is not None and used / total >= ratio:
-                current[g.uuid] = self._pressure_since.get(g.uuid, now)
-        self._pressure_since = current
-        return MappingProxyType(dict(current))
-
     def poll_once(self) -> Snapshot:
         """Run every collector, diagnose, publish the snapshot. Never raises.
 
@@ -306,23 +187,23 @@ class Daemon:
             names = self.config.workloads.process_names
             workloads, run = timed("workloads", lambda: self._workloads.scan(nvml, now, names))
             runs.append(run)
-        known, expected = self._baseline(nvml, now)
-        nvml = identify_lost(nvml, known)
-        snap = Snapshot(
+        readings = Readings(
             taken_at=now,
-            sequence=self.polls + 1,
             pci=pci,
             nvml=nvml,
             tf=self._tf.results(),
+            collectors=tuple(runs),
+            workloads=workloads,
             xid_counts=MappingProxyType(self._xids.counts()),
             xid_events=self._xids.events(),
-            collectors=tuple(runs),
-            baseline=known,
-            expected_gpus=expected,
-            baseline_problems=self._state.problems(),
-            pressure_since=self._pressure(nvml, now),
-            tf_processes=workloads.processes if workloads is not None else None,
-            workloads=workloads.scan if workloads is not None else None,
+        )
+        known, expected = self._baseline(nvml, now)
+        snap = build_snapshot(
+            readings,
+            Expected(known, expected, self._state.problems()),
+            self._pressure,
+            self.config.memory.pressure_ratio,
+            sequence=self.polls + 1,
         )
         try:
             findings = diagnose(snap, self.config)

@@ -15,19 +15,22 @@ from typing import TextIO
 
 from tfgpud.collectors.base import timed
 from tfgpud.collectors.tensorflow import probe_env
+from tfgpud.collectors.workloads import WorkloadScanner
 from tfgpud.config import Config, TfEnvConfig
 from tfgpud.diagnosis import diagnose, worst_severity
 from tfgpud.model import (
     CollectorRun,
     Finding,
-    KnownGpu,
     NvmlReading,
     PciReading,
     Snapshot,
     TfProbeResult,
+    WorkloadsReading,
     to_jsonable,
 )
+from tfgpud.poll import Expected, PressureTracker, Readings, build_snapshot
 from tfgpud.state import BASELINE_FILE, Baseline, StateFileError
+from tfgpud.views import render_report
 
 PciReader = Callable[[Path, Path, Path], PciReading]
 NvmlReader = Callable[[str | None], NvmlReading]
@@ -68,7 +71,8 @@ def collect_snapshot(
     probe: EnvProber = _probe,
     now: Callable[[], float] = time.time,
 ) -> Snapshot:
-    """Run pci, nvml and one probe per env (only ``python``, as env "cli", when given)."""
+    """Run pci, nvml, one probe per env (only ``python``, as env "cli", when given) and the
+    workloads scan once, and build the snapshot as the daemon's poll does."""
     runs: list[CollectorRun] = []
     pci, run = timed("pci", lambda: read_pci(sys_root, proc_root, dev_root))
     runs.append(run)
@@ -88,33 +92,42 @@ def collect_snapshot(
         runs.append(run)
         if result is not None:
             results.append(result)
-    baseline, expected, problems = _read_baseline(config)
-    return Snapshot(
-        taken_at=now(),
+    taken_at = now()
+    workloads = None
+    if config.workloads.enabled:
+        names = config.workloads.process_names
+
+        def scan() -> WorkloadsReading:
+            return WorkloadScanner(proc_root).scan(nvml, taken_at, names)
+
+        workloads, run = timed("workloads", scan)
+        runs.append(run)
+    readings = Readings(
+        taken_at=taken_at,
         pci=pci,
         nvml=nvml,
         tf=tuple(results),
         collectors=tuple(runs),
-        baseline=baseline,
-        expected_gpus=expected,
-        baseline_problems=problems,
+        workloads=workloads,
     )
+    ratio = config.memory.pressure_ratio
+    return build_snapshot(readings, _read_baseline(config), PressureTracker(), ratio)
 
 
-def _read_baseline(config: Config) -> tuple[tuple[KnownGpu, ...], int | None, tuple[str, ...]]:
+def _read_baseline(config: Config) -> Expected:
     """The daemon's persisted baseline, read-only (doctor never writes state)."""
     expect = config.expect.gpus
     fixed = expect if isinstance(expect, int) else None
     path = Path(config.daemon.state_dir) / BASELINE_FILE
     if path.exists() and not os.access(path, os.R_OK):
-        return (), fixed, ()  # e.g. a user running doctor: the daemon's state is not theirs
+        return Expected(count=fixed)  # e.g. a user running doctor: the daemon's state is not theirs
     try:
         b = Baseline.read(config.daemon.state_dir, expect)
     except StateFileError as exc:
-        return (), fixed, (str(exc),)
+        return Expected(count=fixed, problems=(str(exc),))
     if not b.gpus and fixed is None:
-        return (), None, ()
-    return b.gpus, b.expected, ()
+        return Expected()
+    return Expected(b.gpus, b.expected)
 
 
 def run_doctor(
@@ -158,84 +171,5 @@ def run_doctor(
         }
         out.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     else:
-        out.write(render_report(snap, findings, code))
+        out.write(render_report(snap, findings, code, socket.gethostname()))
     return code
-
-
-def _gib(n: int | None) -> str:
-    return "?" if n is None else f"{n / 1024**3:.1f} GiB"
-
-
-def render_report(snap: Snapshot, findings: Sequence[Finding], code: int) -> str:
-    """The report a person reads top to bottom: hardware, driver, each env, findings."""
-    lines: list[str] = [
-        f"tfgpud doctor on {socket.gethostname()} at "
-        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(snap.taken_at))}",
-        "",
-        "Hardware (PCI bus)",
-    ]
-    pci = snap.pci
-    if pci is None:
-        lines.append("  not read (collector failed)")
-    else:
-        lines.append(f"  {len(pci.gpus)} NVIDIA GPU(s)")
-        lines += [
-            f"  {g.address}  device {g.device_id}  driver {g.driver or '-'}" for g in pci.gpus
-        ]
-        lines.append(f"  nvidia module: {pci.nvidia_module_version or 'not loaded'}")
-        if pci.nouveau_loaded:
-            lines.append("  nouveau module: loaded")
-        lines.append(f"  /dev nodes: {' '.join(pci.device_nodes) or 'none'}")
-    lines += ["", "Driver (NVML)"]
-    nvml = snap.nvml
-    if nvml is None:
-        lines.append("  not read (collector failed)")
-    elif not nvml.up:
-        lines.append(f"  not available: {nvml.error}")
-    else:
-        lines.append(
-            f"  driver {nvml.driver_version}, supports CUDA {nvml.cuda_driver_version_str or '?'}"
-            f" ({nvml.library_path or 'libnvidia-ml.so.1'})"
-        )
-        for g in nvml.gpus:
-            state = "LOST" if g.lost else f"mem {_gib(g.memory_used_bytes)}/"
-            state += "" if g.lost else _gib(g.memory_total_bytes)
-            lines.append(
-                f"  GPU {g.index}  {g.name or '?'}  {g.uuid}  cc {g.compute_capability_str or '?'}"
-                f"  {g.pci_bus_id or '?'}  {state}"
-            )
-    for r in snap.tf:
-        lines += ["", f"TensorFlow env `{r.env}` ({r.python})"]
-        if not r.ok:
-            lines.append(f"  probe {r.status.value} after {r.duration_seconds:.1f} s: {r.error}")
-            continue
-        b = r.build_info
-        build = (
-            f"CUDA {b.get('cuda_version')}, cuDNN {b.get('cudnn_version')}"
-            if b.get("cuda_version")
-            else "CPU-only build"
-        )
-        lines.append(
-            f"  TensorFlow {r.tf_version} ({build}), Python {r.python_version or '?'}; "
-            f"probe {r.duration_seconds:.1f} s"
-        )
-        lines.append(f"  GPUs TensorFlow sees: {len(r.gpus)}")
-        lines += [f"    {g.name}  {g.device_name or ''}" for g in r.gpus]
-        for lib in r.libraries:
-            where = lib.path if lib.loaded else f"MISSING ({lib.error})"
-            lines.append(f"  {lib.soname:<20} {where}")
-        for k, v in sorted(r.environment.items()):
-            lines.append(f"  {k}={v}")
-        if r.smoke_ok is not None:
-            lines.append(f"  smoke test: {'ok' if r.smoke_ok else r.smoke_error}")
-    lines += ["", f"Findings ({len(findings)})"]
-    if not findings:
-        lines.append("  none: TensorFlow can use every GPU this machine has")
-    for f in findings:
-        lines += ["", f"  [{f.severity.value.upper()}] {f.code}  ({f.subject})", f"  {f.summary}"]
-        lines += [f"    - {e}" for e in f.evidence]
-        if f.fix:
-            lines.append(f"  Fix: {f.fix}")
-    verdict = {0: "healthy", 1: "warnings", 2: "critical"}[code]
-    lines += ["", f"Result: {verdict} (exit {code})", ""]
-    return "\n".join(lines)

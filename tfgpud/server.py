@@ -11,7 +11,6 @@ must carry good basic-auth credentials when users are configured.
 from __future__ import annotations
 
 import contextlib
-import html
 import json
 import logging
 import socket
@@ -26,6 +25,7 @@ from typing import Any
 from prometheus_client import exposition
 from prometheus_client.registry import CollectorRegistry
 
+from tfgpud.views import render_page
 from tfgpud.webconfig import WebSecurity
 
 log = logging.getLogger(__name__)
@@ -177,66 +177,6 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             with contextlib.suppress(OSError):
                 self._send(500, b"internal error\n", "text/plain; charset=utf-8")
-
-
-def _or_dash(value: object) -> str:
-    return "-" if value is None else html.escape(str(value))
-
-
-def render_page(status: dict[str, Any]) -> str:
-    """A small page a person can read: GPUs, driver, TensorFlow envs, findings."""
-    e = html.escape
-    rows = []
-    for g in status.get("gpus", []):
-        mem = ""
-        if g.get("memory_total_bytes"):
-            used = (g.get("memory_used_bytes") or 0) / 2**30
-            mem = f"{used:.1f} / {g['memory_total_bytes'] / 2**30:.1f} GiB"
-        state = "lost" if g.get("lost") else "ok"
-        rows.append(
-            f"<tr><td>{g['index']}</td><td>{e(g.get('name') or '?')}</td>"
-            f"<td><code>{e(g['uuid'])}</code></td><td>{e(g.get('pci_bus_id') or '')}</td>"
-            f"<td>{mem}</td><td class={state}>{state}</td></tr>"
-        )
-    envs = []
-    for t in status.get("tensorflow", []):
-        envs.append(
-            f"<tr><td>{e(t['env'])}</td><td>{e(t.get('tf_version') or '-')}</td>"
-            f"<td>{e(t['status'])}</td><td>{_or_dash(t.get('visible_gpus'))}</td></tr>"
-        )
-    findings = []
-    for f in status.get("findings", []):
-        evidence = "".join(f"<li>{e(x)}</li>" for x in f.get("evidence", []))
-        fix = f"<p><b>Fix:</b> {e(f['fix'])}</p>" if f.get("fix") else ""
-        findings.append(
-            f"<div class='f {e(f['severity'])}'><h3>[{e(f['severity'])}] {e(f['code'])} "
-            f"— {e(f['subject'])}</h3><p>{e(f['summary'])}</p><ul>{evidence}</ul>{fix}</div>"
-        )
-    driver = status.get("driver") or {}
-    nvml = (
-        f"driver {e(driver.get('driver_version') or '?')}, "
-        f"CUDA {e(driver.get('cuda_driver_version') or '?')}"
-        if driver.get("up")
-        else f"NVML unavailable ({e(str(driver.get('error') or 'not polled yet'))})"
-    )
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>tfgpud — {e(status.get("host", ""))}</title>
-<meta http-equiv="refresh" content="10">
-<style>body{{font-family:sans-serif;max-width:60em;margin:1em auto}}
-td,th{{padding:.2em .6em;text-align:left}} .lost{{color:#b00}} .f{{border-left:4px solid #888;
-padding-left:.6em;margin:.6em 0}} .critical{{border-color:#b00}} .warning{{border-color:#d80}}
-.info{{border-color:#48c}}</style></head><body>
-<h1>tfgpud on {e(status.get("host", ""))}</h1>
-<p>{e(status.get("summary", ""))}</p>
-<h2>Driver</h2><p>{nvml}; {status.get("pci_gpus", "?")} NVIDIA GPU(s) on the PCI bus.</p>
-<h2>GPUs</h2><table><tr><th>#</th><th>name</th><th>UUID</th><th>PCI</th><th>memory</th>
-<th>state</th></tr>{"".join(rows) or "<tr><td colspan=6>none</td></tr>"}</table>
-<h2>TensorFlow</h2><table><tr><th>env</th><th>version</th><th>probe</th><th>GPUs seen</th></tr>
-{"".join(envs) or "<tr><td colspan=4>no env configured</td></tr>"}</table>
-<h2>Findings</h2>{"".join(findings) or "<p>none</p>"}
-<p><a href="/metrics">/metrics</a> · <a href="/status">/status</a> ·
-<a href="/healthz">/healthz</a></p></body></html>
-"""
 
 
 class HttpServer:

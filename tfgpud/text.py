@@ -7,9 +7,11 @@ import pwd
 GIB = 1024**3
 
 
-def gib(n: int | None) -> str:
-    """Bytes as ``"12.3 GiB"``; ``"?"`` when unknown."""
-    return "?" if n is None else f"{n / GIB:.1f} GiB"
+def gib(n: int | None, *, unit: bool = True) -> str:
+    """Bytes as ``"12.3 GiB"`` (``"12.3"`` without the unit); ``"?"`` when unknown."""
+    if n is None:
+        return "?"
+    return f"{n / GIB:.1f} GiB" if unit else f"{n / GIB:.1f}"
 
 
 def duration(seconds: float) -> str:

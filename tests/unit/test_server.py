@@ -10,7 +10,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from tfgpud import server as server_mod
-from tfgpud.server import Endpoints, HttpServer, render_page
+from tfgpud.server import Endpoints, HttpServer
+from tfgpud.views import render_page
 
 
 def _broken_status() -> dict[str, Any]:
