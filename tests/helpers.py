@@ -207,7 +207,7 @@ def run_python(
 
 
 # Every finding code, from the one table of codes.
-DESIGN_CODES = list(CODES)
+ALL_CODES = list(CODES)
 
 
 def emitted_codes() -> set[str]:

@@ -20,7 +20,8 @@ from tfgpud.model import GpuReading, Snapshot
 
 log = logging.getLogger(__name__)
 
-# Pre-created at 0 per GPU so `increase()` sees the first event of these (reference §5).
+# Pre-created at 0 per GPU so `increase()` sees the first event of these critical and warning
+# Xids (docs/diagnosis-facts.md).
 WATCHED_XIDS = (48, 62, 64, 74, 79, 94, 95, 119, 120)
 # Per-GPU cap on process series; the rest are summed into pid="other".
 MAX_PROCESS_SERIES = 16
@@ -113,7 +114,7 @@ def _families(snap: Snapshot) -> Iterator[Metric]:
 
 
 def _alert_families(snap: Snapshot) -> Iterator[Metric]:
-    """The baseline's GPUs, and alert delivery (alerts.py): what fires, and per sink what was
+    """The baseline's GPUs, and alert delivery (tfgpud.alerts): what fires, and per sink what was
     sent, failed, dropped."""
     if snap.baseline:
         # Identity of the expected GPUs, so an alert on a vanished one can name it.

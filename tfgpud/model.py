@@ -156,7 +156,7 @@ class TfProbeResult:
     returncode: int | None = None
     signal_name: str | None = None
     error: str | None = None
-    # Added by the TF probe (issue 4); all optional so older records still build.
+    # Filled from the TF probe's report; all optional so older records still build.
     python_version: str | None = None
     traceback: tuple[str, ...] = ()  # tail of the import traceback when TF failed to import
     library_search_dirs: tuple[str, ...] = ()  # where the probe looked for the CUDA libraries
@@ -167,7 +167,7 @@ class TfProbeResult:
     cpu_seconds: float | None = None  # the probe child's user+system CPU time
     max_rss_bytes: int | None = None
     # REFUSED for safety: who besides root can write the env's code (user names, "group:x",
-    # "everyone"); see tfgpud.probe_safety.
+    # "everyone"); see tfgpud.collectors.tensorflow.safety.
     refused_writers: tuple[str, ...] = ()
     # NO_ACCESS: the user the probe ran as, and the paths whose permissions stop it.
     probe_user: str | None = None
@@ -221,7 +221,7 @@ class TfProcess:
     started_at: float | None = None  # unix time
     python: str | None = None  # the executable, to match against configured envs
     allow_growth: bool | None = None  # TF_FORCE_GPU_ALLOW_GROWTH=true in its environment
-    # Added by the workloads collector (issue 7); optional so older records still build.
+    # Filled by the workloads collector; optional so older records still build.
     cpu_since: float | None = None  # unix time since which it has been seen computing on the CPU
     tensorflow_library: str | None = None  # the libtensorflow_framework.so it mapped (its env)
     # CUDA_VISIBLE_DEVICES, TF_FORCE_GPU_ALLOW_GROWTH, TF_GPU_ALLOCATOR when set and readable

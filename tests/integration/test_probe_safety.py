@@ -20,10 +20,10 @@ import pytest
 from daemon_harness import DaemonProcess
 
 from tfgpud.collectors.tensorflow import probe_env
+from tfgpud.collectors.tensorflow.safety import decide_probe_user, path_writers
 from tfgpud.config import Config, TensorflowConfig, TfEnvConfig
 from tfgpud.diagnosis import diagnose
 from tfgpud.model import ProbeStatus, Snapshot, TfProbeResult
-from tfgpud.probe_safety import decide_probe_user, path_writers
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, setuid)")
 
@@ -311,7 +311,7 @@ def test_variables_that_redirect_code_are_refused_as_root(env_dir: Path, var: st
 
 
 def test_system_python_checks_debian_local_dist_packages() -> None:
-    from tfgpud.probe_safety import code_plan
+    from tfgpud.collectors.tensorflow.safety import code_plan
 
     local = sorted(Path("/usr/local/lib").glob("python3*/dist-packages"))
     if not Path("/usr/bin/python3").exists() or not local:

@@ -1,4 +1,4 @@
-"""Transitions, journal fields, payloads and delivery (tfgpud/alerts.py), without a network."""
+"""Transitions, journal fields, payloads and delivery (tfgpud/alerts/), without a network."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import DESIGN_CODES, emitted_codes
+from helpers import ALL_CODES, emitted_codes
 
 from tfgpud.alerts import (
     MESSAGE_IDS,
@@ -37,7 +37,7 @@ from tfgpud.alerts import (
 from tfgpud.config import AlertmanagerConfig, AlertsConfig, WebhookConfig
 from tfgpud.model import Finding, Severity
 
-ALERTABLE_CODES = [*DESIGN_CODES, "baseline-state-error"]
+ALERTABLE_CODES = [*ALL_CODES, "baseline-state-error"]
 U1 = "GPU-aaaaaaaa-0000-4000-8000-000000000001"
 VANISHED = Finding(
     "gpu-vanished",

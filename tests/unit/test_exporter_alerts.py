@@ -1,4 +1,4 @@
-"""The alert-delivery and baseline series the exporter adds (issue 5)."""
+"""The alert-delivery and baseline series the exporter adds."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tfgpud import runner, tfprobe
+from tfgpud import runner
 from tfgpud.collectors.tensorflow import (
     TfProbeScheduler,
     meaningful_log_lines,
@@ -24,10 +24,11 @@ from tfgpud.collectors.tensorflow import (
     probe_env,
     probe_environment,
 )
+from tfgpud.collectors.tensorflow.child import tfprobe
+from tfgpud.collectors.tensorflow.safety import SAFE_PATH
 from tfgpud.config import Config, TensorflowConfig, TfEnvConfig
 from tfgpud.diagnosis import compat, diagnose
 from tfgpud.model import GpuReading, NvmlReading, ProbeStatus, Snapshot, TfProbeResult
-from tfgpud.probe_safety import SAFE_PATH
 from tfgpud.runner import RunResult
 
 ENV = TfEnvConfig(name="main", python="/opt/venv/bin/python")

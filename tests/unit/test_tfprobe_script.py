@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from tfgpud import tfprobe
 from tfgpud.collectors.tensorflow import PROBE_SCRIPT
+from tfgpud.collectors.tensorflow.child import tfprobe
 
 NO_TF_PYTHON = shutil.which("python3", path="/usr/bin")
 

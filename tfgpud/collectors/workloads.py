@@ -28,7 +28,6 @@ import fnmatch
 import logging
 import math
 import os
-import pwd
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -44,6 +43,7 @@ from tfgpud.model import (
     WorkloadsReading,
     frozen_map,
 )
+from tfgpud.text import user_name
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +141,7 @@ def _names_matcher(patterns: Iterable[str]) -> Callable[[str], bool]:
 def _user(uid: int, cache: dict[int, str]) -> str:
     name = cache.get(uid)
     if name is None:
-        try:
-            name = pwd.getpwuid(uid).pw_name
-        except KeyError:
-            name = str(uid)  # a uid without a passwd entry (containers): show the number
+        name = user_name(uid) or str(uid)  # no passwd entry (containers): show the number
         cache[uid] = name
     return name
 

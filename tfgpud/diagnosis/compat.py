@@ -1,4 +1,4 @@
-"""CUDA / driver / TensorFlow compatibility facts (reference §2 and §4), as data.
+"""CUDA / driver / TensorFlow compatibility facts (sources in docs/diagnosis-facts.md), as data.
 
 Pure lookups; nothing here touches the machine.
 """

@@ -24,7 +24,7 @@ from tfgpud.model import (
     Snapshot,
 )
 
-# Xids worth waking someone for (reference §5), with what they mean.
+# Xids worth waking someone for (docs/diagnosis-facts.md), with what they mean.
 CRITICAL_XIDS: dict[int, str] = {
     48: "double-bit ECC error",
     62: "internal micro-controller halt",

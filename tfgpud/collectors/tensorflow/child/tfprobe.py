@@ -1,6 +1,7 @@
 """TensorFlow's view of the GPUs, reported from INSIDE one Python environment.
 
-Run by path with the env's own interpreter (``/opt/venv/bin/python tfprobe.py [--smoke]``).
+Run by path with the env's own interpreter (``/opt/venv/bin/python tfprobe.py [--smoke]``);
+its directory, then first on ``sys.path``, holds nothing the env could import by mistake.
 Uses only the standard library and TensorFlow — the env need not have tfgpud installed — and
 stays valid Python 3.8 so old envs can run it. Prints exactly one JSON object on stdout and
 exits 0, also when TensorFlow cannot be imported (``import_error``), so the parent can tell
@@ -34,7 +35,7 @@ ENV_VARS = (
     "TF_GPU_ALLOCATOR",
     "CUDA_DEVICE_ORDER",
 )
-# Soname versions TF's loader asks for, by CUDA major (kept in step with tfgpud.compat).
+# Soname versions TF's loader asks for, by CUDA major (kept in step with tfgpud.diagnosis.compat).
 _CUDA_SONAMES = {
     11: ("11.0", "11", "11", "10", "11", "11"),
     12: ("12", "12", "12", "11", "11", "12"),
@@ -267,11 +268,6 @@ def probe(smoke: bool) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    # Run by path, Python puts this file's folder first on sys.path; tfgpud's modules there
-    # (config, platform-like names) must not shadow what TensorFlow or the env imports.
-    here = os.path.dirname(os.path.abspath(__file__))
-    if sys.path and os.path.abspath(sys.path[0] or os.curdir) == here:
-        del sys.path[0]
     # TF may print to stdout; keep stdout for the one JSON line by pointing fd 1 at stderr.
     real_stdout = os.dup(1)
     os.dup2(2, 1)

@@ -12,8 +12,8 @@ their targets, whose directories above are checked too):
 * the interpreter: a bare name (``python3``) is first resolved on the probe's PATH, and that
   absolute path is what is checked and executed; every symlink hop, the final file, and every
   directory above each of them; ``lib*/libpython3*.so*`` of its prefix;
-* the probe script (``tfprobe.py``), the directories above it, and its whole directory (it is
-  ``sys.path[0]`` while the script's own imports run);
+* the probe script (``child/tfprobe.py``), the directories above it, and its whole directory
+  (``child/``, which holds nothing else: it is ``sys.path[0]`` while the probe runs);
 * ``pyvenv.cfg`` and, for a venv, its ``home =`` base interpreter (``venv --copies`` included);
 * the interpreter's import path, **recursively** (every file and directory below, so a writable
   sub-package or ``__pycache__`` is found): the stdlib (``lib/python3.X`` of the base prefix,
@@ -34,7 +34,7 @@ closed), as is any ``PYTHON*`` variable other than ``PYTHONPATH`` and a few flag
 unchecked code), ``HOME``, ``GCONV_PATH`` and ``LD_*`` other than ``LD_LIBRARY_PATH``
 (``LD_PRELOAD``, ``LD_AUDIT``) in the ``environment`` table of an env probed as root. The probe
 run as root also gets ``-s``, ``PYTHONNOUSERSITE=1`` and a fresh private ``HOME`` (see
-:func:`tfgpud.collectors.tensorflow.probe_env`), so no user site-packages are imported.
+:func:`tfgpud.collectors.tensorflow.launch.probe_env`), so no user site-packages are imported.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from tfgpud.config import TfEnvConfig
+from tfgpud.text import user_name
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +94,7 @@ class ProbeDecision:
 
 
 def _user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return f"uid {uid}"
+    return user_name(uid) or f"uid {uid}"
 
 
 def _group_name(gid: int) -> str:
@@ -522,3 +520,45 @@ def decide_probe_user(
         evidence=tuple(evidence),
         checked=checked,
     )
+
+
+def _ids(user: str | None) -> tuple[int, int, set[int]] | None:
+    if user is None:
+        return os.geteuid(), os.getegid(), {os.getegid(), *os.getgroups()}
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        return None
+    return pw.pw_uid, pw.pw_gid, set(os.getgrouplist(pw.pw_name, pw.pw_gid))
+
+
+def access_denials(python: str, user: str | None) -> list[str]:
+    """The paths (directories above the interpreter, or the interpreter itself, also along its
+    symlink target) whose mode keeps ``user`` (None: this process) from executing ``python``.
+    ACLs are not read; a path this process cannot stat ends that line."""
+    ids = _ids(user)
+    if ids is None or ids[0] == 0:
+        return []
+    uid, _, gids = ids
+    out: list[str] = []
+    seen: set[str] = set()
+    for target in (os.path.abspath(python), os.path.realpath(python)):
+        parts = target.split(os.sep)
+        for i in range(1, len(parts) + 1):
+            p = os.sep.join(parts[:i]) or "/"
+            if p in seen:
+                continue
+            seen.add(p)
+            try:
+                st = os.stat(p)
+            except OSError:
+                break
+            if st.st_uid == uid:
+                ok = st.st_mode & stat.S_IXUSR
+            elif st.st_gid in gids:
+                ok = st.st_mode & stat.S_IXGRP
+            else:
+                ok = st.st_mode & stat.S_IXOTH
+            if not ok:
+                out.append(p)  # every denying component: each needs the fix
+    return out

@@ -1,0 +1,280 @@
+"""When each env is probed: at start, on change (driver, GPU inventory, the env's install), on a
+slow interval, with retries; probes run on worker threads so none delays a poll or a scrape.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from tfgpud.collectors.tensorflow.launch import probe_env
+from tfgpud.config import TensorflowConfig, TfEnvConfig
+from tfgpud.model import (
+    NvmlReading,
+    ProbeStatus,
+    TfProbeResult,
+)
+from tfgpud.runner import abandoned_children
+
+log = logging.getLogger("tfgpud.collectors.tensorflow")
+
+
+class ProbeFn(Protocol):
+    def __call__(
+        self, env: TfEnvConfig, *, timeout: float, cancel: threading.Event
+    ) -> TfProbeResult: ...
+
+
+def _default_probe(env: TfEnvConfig, *, timeout: float, cancel: threading.Event) -> TfProbeResult:
+    return probe_env(env, timeout=timeout, cancel=cancel)
+
+
+Fingerprint = tuple[tuple[str, int | None], ...]
+
+
+def install_fingerprint(paths: Iterable[str]) -> Fingerprint:
+    """(path, mtime in ns or None) for each path: changes when pip adds, removes or upgrades."""
+    out: list[tuple[str, int | None]] = []
+    for p in paths:
+        try:
+            out.append((p, os.stat(p).st_mtime_ns))
+        except OSError:
+            out.append((p, None))
+    return tuple(out)
+
+
+def driver_fingerprint(nvml: NvmlReading) -> tuple[str | None, frozenset[str]]:
+    """What about the driver changes TF's answer: its version and the set of GPU UUIDs."""
+    return (nvml.driver_version, frozenset(g.uuid for g in nvml.gpus))
+
+
+# REFUSED and NO_ACCESS are fixed by chown/chmod/setfacl, which change no mtime; an
+# IMPORT_FAILED env may get TensorFlow installed (also caught by the site dirs' mtimes).
+_RETRY_STATUSES = frozenset(
+    {
+        ProbeStatus.TIMEOUT,
+        ProbeStatus.CRASHED,
+        ProbeStatus.ERROR,
+        ProbeStatus.BAD_OUTPUT,
+        ProbeStatus.REFUSED,
+        ProbeStatus.NO_ACCESS,
+        ProbeStatus.IMPORT_FAILED,
+        ProbeStatus.MISSING_INTERPRETER,
+    }
+)
+
+
+@dataclass
+class _EnvState:
+    env: TfEnvConfig
+    started: float | None = None  # caller's (monotonic) clock, at the last start
+    driver: tuple[str | None, frozenset[str]] | None = None  # at the last start
+    installed: Fingerprint | None = None  # after the last finished probe
+    result: TfProbeResult | None = None
+    thread: threading.Thread | None = None
+    abandoned_pid: int | None = None  # the last probe's child, killed but not yet gone
+    runs: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+
+class TfProbeScheduler:
+    """Decides when each env is probed and runs the probes on background threads.
+
+    Due: at start; every ``interval`` s; after a failed probe (timeout, crash, bad output)
+    every ``retry_seconds``; and at once when the driver version, the NVML GPU set, or the
+    env's installed TensorFlow/nvidia packages changed. Never two probes of one env at once
+    (nor while the previous probe's killed child still exists), and at most
+    ``max_concurrent`` probes at once across envs (the others wait for a later call).
+    Methods are safe to call from one controlling thread while probes run.
+    """
+
+    def __init__(
+        self,
+        envs: Sequence[TfEnvConfig],
+        *,
+        interval: float,
+        timeout: float,
+        probe: ProbeFn = _default_probe,
+        retry_seconds: float = 900.0,
+        on_result: Callable[[], None] | None = None,
+        max_concurrent: int = 1,
+    ) -> None:
+        self._on_result = on_result  # called on the probe's thread after each result lands
+        self._states = {e.name: _EnvState(e) for e in envs}
+        self._interval = interval
+        self._timeout = timeout
+        self._retry = min(retry_seconds, interval)
+        self._probe = probe
+        self._max_concurrent = max(1, max_concurrent)
+        self._lock = threading.Lock()
+        self._cancel = threading.Event()
+        self._closed = False
+
+    @classmethod
+    def from_config(
+        cls,
+        config: TensorflowConfig,
+        *,
+        probe: ProbeFn = _default_probe,
+        on_result: Callable[[], None] | None = None,
+    ) -> TfProbeScheduler:
+        return cls(
+            config.envs,
+            interval=config.interval_seconds,
+            timeout=config.timeout_seconds,
+            probe=probe,
+            on_result=on_result,
+            max_concurrent=config.max_concurrent_probes,
+        )
+
+    def _due(self, st: _EnvState, nvml: NvmlReading | None, now: float) -> str | None:
+        if st.started is None:
+            return "first probe"
+        if nvml is not None and st.driver is not None:
+            version, uuids = driver_fingerprint(nvml)
+            if version != st.driver[0]:
+                return f"driver version changed: {st.driver[0]} -> {version}"
+            if uuids != st.driver[1]:
+                return "NVML GPU set changed"
+        if st.installed is not None and install_fingerprint(p for p, _ in st.installed) != (
+            st.installed
+        ):
+            return "installed packages changed"
+        elapsed = now - st.started
+        if elapsed >= self._interval:
+            return "interval elapsed"
+        failed = st.result is not None and st.result.status in _RETRY_STATUSES
+        if failed and elapsed >= self._retry and st.result is not None:
+            return f"retry after {st.result.status.value}"
+        return None
+
+    def maybe_start(self, nvml: NvmlReading | None, now: float) -> tuple[str, ...]:
+        """Start a probe of each env that is due and not running; return their names.
+
+        Returns at once: the probes run on worker threads. ``now`` is the caller's monotonic
+        clock in seconds (``time.monotonic()``; results keep wall-clock ``started_at``);
+        ``nvml`` None means "not read this poll". At most ``max_concurrent`` run at once.
+        """
+        started: list[str] = []
+        with self._lock:
+            if self._closed:
+                return ()
+            busy = sum(
+                1 for st in self._states.values() if st.thread is not None and st.thread.is_alive()
+            )
+            lingering = abandoned_children()
+            for name, st in self._states.items():
+                if busy >= self._max_concurrent:
+                    break
+                if st.thread is not None and st.thread.is_alive():
+                    continue
+                if st.abandoned_pid is not None:
+                    if st.abandoned_pid in lingering:
+                        continue  # its last child is still stuck in the kernel
+                    st.abandoned_pid = None
+                reason = self._due(st, nvml, now)
+                if reason is None:
+                    continue
+                st.started = now
+                if nvml is not None:
+                    st.driver = driver_fingerprint(nvml)
+                st.runs += 1
+                st.reasons.append(reason)
+                del st.reasons[:-10]
+                log.info("probing TensorFlow env %s (%s)", name, reason)
+                st.thread = threading.Thread(
+                    target=self._run, args=(st,), name=f"tfprobe-{name}", daemon=True
+                )
+                st.thread.start()
+                busy += 1
+                started.append(name)
+        return tuple(started)
+
+    def _run(self, st: _EnvState) -> None:
+        try:
+            result = self._probe(st.env, timeout=self._timeout, cancel=self._cancel)
+        except Exception as exc:  # a worker thread must always leave a result
+            log.exception("probe of env %s failed", st.env.name)
+            result = TfProbeResult(
+                env=st.env.name,
+                python=st.env.python,
+                status=ProbeStatus.ERROR,
+                started_at=time.time(),
+                duration_seconds=0.0,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+        paths = (st.env.python, *result.package_dirs)
+        fingerprint = install_fingerprint(paths)
+        with self._lock:
+            st.result = result
+            st.installed = fingerprint
+            st.abandoned_pid = result.abandoned_pid
+        log.info(
+            "TensorFlow env %s: %s, %d GPU(s), %.1f s",
+            st.env.name,
+            result.status.value,
+            len(result.gpus),
+            result.duration_seconds,
+        )
+        if self._on_result is not None:
+            self._on_result()
+
+    def results(self) -> tuple[TfProbeResult, ...]:
+        """The latest finished result of each env (envs never probed yet are absent)."""
+        with self._lock:
+            return tuple(st.result for st in self._states.values() if st.result is not None)
+
+    def running(self) -> tuple[str, ...]:
+        with self._lock:
+            return tuple(
+                n
+                for n, st in self._states.items()
+                if st.thread is not None and st.thread.is_alive()
+            )
+
+    def runs(self, name: str) -> int:
+        """How many probes of env ``name`` were started (for tests and the benchmark)."""
+        with self._lock:
+            return self._states[name].runs
+
+    def last_reason(self, name: str) -> str | None:
+        with self._lock:
+            reasons = self._states[name].reasons
+            return reasons[-1] if reasons else None
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no probe is running; return False if ``timeout`` passed first."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            threads = [st.thread for st in self._states.values() if st.thread is not None]
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in threads)
+
+    def adopt(self, old: TfProbeScheduler) -> None:
+        """Carry over the last results (and schedule) of envs whose configuration is unchanged,
+        so a reload does not blank their metrics and findings until they are probed again.
+        A probe still running in ``old`` is cancelled with it; that env is probed anew."""
+        with old._lock, self._lock:
+            for name, st in self._states.items():
+                prev = old._states.get(name)
+                if prev is None or prev.env != st.env or prev.result is None:
+                    continue
+                if prev.thread is not None and prev.thread.is_alive():
+                    continue
+                st.started, st.driver, st.installed = prev.started, prev.driver, prev.installed
+                st.result, st.runs = prev.result, prev.runs
+                st.abandoned_pid = prev.abandoned_pid
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Cancel running probes (their process groups are killed) and join within ``timeout``."""
+        with self._lock:
+            self._closed = True
+        self._cancel.set()
+        if not self.wait_idle(timeout):
+            log.warning("TensorFlow probes still running after %.1f s: %s", timeout, self.running())
