@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import FrameType, MappingProxyType
+from types import FrameType
 
 from tfgpud import __version__
 from tfgpud.alerts import AlertDispatcher
@@ -36,6 +36,25 @@ from tfgpud.views import status_document, summarize
 from tfgpud.webconfig import WebConfigError, WebSecurity
 
 log = logging.getLogger(__name__)
+
+
+def name_threads(named: set[int]) -> None:
+    """Give each Python thread its name in the kernel too (``/proc/PID/task/TID/comm``: what
+    ``top -H``, ``ps -L`` and the benchmarks show), so the cost of each thread can be told apart.
+    The main thread keeps the process's name. ``named`` holds the thread ids done before (only
+    new threads are written; ids of threads gone are dropped, the kernel reuses them)."""
+    threads = threading.enumerate()
+    named.intersection_update(t.native_id for t in threads)
+    for t in threads:
+        tid = t.native_id
+        if tid is None or tid in named or t is threading.main_thread():
+            continue
+        named.add(tid)
+        try:
+            with open(f"/proc/self/task/{tid}/comm", "w", encoding="utf-8") as f:
+                f.write(t.name.encode()[:15].decode("utf-8", "ignore"))  # the kernel keeps 15
+        except OSError:
+            pass  # the thread ended meanwhile, or /proc is not ours to write
 
 
 class StartupError(Exception):
@@ -83,6 +102,7 @@ class Daemon:
         self._registry = make_registry(lambda: self._snapshot)
         self._exposition = Exposition(self._registry, lambda: self._snapshot)
         self._http: HttpServer | None = None
+        self._named: set[int] = set()  # thread ids given their name (name_threads)
         self.polls = 0
 
     # -- signals -----------------------------------------------------------------------------
@@ -187,6 +207,7 @@ class Daemon:
             names = self.config.workloads.process_names
             workloads, run = timed("workloads", lambda: self._workloads.scan(nvml, now, names))
             runs.append(run)
+        xids = self._xids.view()
         readings = Readings(
             taken_at=now,
             pci=pci,
@@ -194,8 +215,8 @@ class Daemon:
             tf=self._tf.results(),
             collectors=tuple(runs),
             workloads=workloads,
-            xid_counts=MappingProxyType(self._xids.counts()),
-            xid_events=self._xids.events(),
+            xid_counts=xids.counts,
+            xid_events=xids.events,
         )
         known, expected = self._baseline(nvml, now)
         snap = build_snapshot(
@@ -238,6 +259,7 @@ class Daemon:
         self._alerts.start()
         snap = self.poll_once()
         self._http.start()
+        name_threads(self._named)
         addr = self._http.address
         scheme = self._http.scheme
         log.info(
@@ -287,6 +309,12 @@ class Daemon:
         log.info("configuration reloaded from %s", self.config_path)
 
     def main_loop(self) -> None:
+        """Sleep until the next poll (or a signal, or a landed probe); poll; repeat.
+
+        WATCHDOG=1 goes out with a poll whenever the next ping would fall due before the next
+        poll, so at the default interval the pings cost no wake-up of their own; only an
+        interval longer than the ping period adds wake-ups for pings in between.
+        """
         interval = self.config.daemon.interval_seconds
         next_poll = time.monotonic() + interval
         wd = self.notifier.watchdog_interval
@@ -307,7 +335,8 @@ class Daemon:
                 # A shorter interval applies now, not after the old one has run out.
                 next_poll = min(next_poll, self._last_poll_end + interval)
             due = time.monotonic() >= next_poll
-            if due or self._probe_landed:
+            polled = due or self._probe_landed
+            if polled:
                 self._probe_landed = False
                 snap = self.poll_once()
                 line = summarize(snap)
@@ -316,10 +345,12 @@ class Daemon:
                     self.notifier.status(line)
                 if due:  # an extra poll for a landed probe keeps the regular cadence
                     next_poll = max(next_poll + interval, time.monotonic() if interval else 0.0)
-            if wd and time.monotonic() >= next_ping:
-                # Only this loop pings: if a poll hangs, pings stop and systemd steps in.
+                name_threads(self._named)  # threads started by the poll (probes, reapers)
+            now = time.monotonic()
+            # Only this loop pings: if a poll hangs, pings stop and systemd steps in.
+            if wd and (now >= next_ping or (polled and next_ping < next_poll)):
                 self.notifier.watchdog()
-                next_ping = time.monotonic() + wd
+                next_ping = now + wd
 
     def shutdown(self, budget: float = 1.8) -> None:
         """Stop everything within ``budget`` seconds (systemd is told to expect ~2 s): HTTP,

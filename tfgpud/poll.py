@@ -21,6 +21,7 @@ from tfgpud.model import (
     Snapshot,
     TfProbeResult,
     WorkloadsReading,
+    XidCode,
     XidEvent,
 )
 
@@ -35,7 +36,9 @@ class Readings:
     tf: tuple[TfProbeResult, ...] = ()
     collectors: tuple[CollectorRun, ...] = ()
     workloads: WorkloadsReading | None = None
-    xid_counts: Mapping[tuple[str, int], int] = field(default_factory=lambda: MappingProxyType({}))
+    xid_counts: Mapping[tuple[str, XidCode], int] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
     xid_events: tuple[XidEvent, ...] = ()
 
 

@@ -11,7 +11,6 @@ import ctypes
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +18,8 @@ from typing import Any, TypeVar
 
 import pynvml
 
-from tfgpud.model import GpuProcess, GpuReading, NvmlReading, XidEvent
+from tfgpud.model import GpuProcess, GpuReading, NvmlReading
+from tfgpud.xids import XidLog, XidView
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,6 +47,12 @@ _ERROR_NAMES: dict[int, str] = {
 
 XID_EVENT = pynvml.nvmlEventTypeXidCriticalError
 REGISTER_RETRY_SECONDS = 30.0  # a GPU whose Xid registration failed is tried again this often
+# One NVML wait lasts this long when nothing happens: an Xid ends it at once, so this bounds only
+# how late a changed GPU set (a GPU back after a reset, NVML re-initialised) is registered, and
+# costs one wake-up per wait.
+XID_WAIT_MS = 30_000
+# After an event wait failed (not a timeout), wait this long before building a new set.
+XID_RETRY_MS = 1_000
 
 
 def error_name(code: int) -> str:
@@ -116,7 +122,13 @@ class NvmlSession:
         self._clock = clock
         self._up = False
         self._lock = threading.Lock()
+        # Held by the Xid thread for as long as it uses the event set, waits included; poll()
+        # never blocks on it (a driver loss it finds while a wait is in progress is finished by
+        # whoever holds this lock next: see _drop).
         self._event_lock = threading.Lock()
+        self._shutdown_due = False  # NVML must be shut down (and the event set freed) first
+        self._waiting = False  # the Xid thread is inside an NVML event wait
+        self._changed = threading.Event()  # wakes an idle Xid thread: NVML up, GPUs changed
         self._next_attempt = 0.0
         self._backoff = 0.0
         self._last_error: tuple[str, int] | None = None
@@ -154,6 +166,10 @@ class NvmlSession:
     def _ensure_up(self) -> tuple[str, int] | None:
         if self._up:
             return None
+        if self._shutdown_due and not self._finish_shutdown(blocking=False):
+            # The Xid thread is in a wait on the lost session's event set; until it returns,
+            # re-initialising would only add a reference to that session.
+            return self._last_error
         now = self._clock()
         if now < self._next_attempt and self._last_error is not None:
             return self._last_error
@@ -164,6 +180,7 @@ class NvmlSession:
             self._up, self._last_error, self._backoff = True, None, 0.0
             self._generation += 1
             self._identity.clear()  # indexes may have moved while the driver was away
+            self._changed.set()
             return None
         # No library at all: back off up to 30 s (a dlopen search each poll is waste).
         # Any other init error is a loaded-but-unhappy driver: retry every poll, it is cheap.
@@ -176,32 +193,56 @@ class NvmlSession:
         return err
 
     def _drop(self, code: int) -> None:
-        with self._event_lock:
-            self._free_events()
-            self._up = False
+        """The driver went away (poll thread, under ``_lock``): NVML is down from now on. The
+        event set is freed and NVML shut down at once, or, while the Xid thread waits on the
+        set, by that thread when its wait returns (never under a wait in progress)."""
+        self._up = False
+        self._shutdown_due = True
         self._last_error = (error_name(code), code)
         self._next_attempt = 0.0
-        with contextlib.suppress(pynvml.NVMLError):
-            pynvml.nvmlShutdown()
+        self._finish_shutdown(blocking=False)
+
+    def _finish_shutdown(self, blocking: bool, timeout: float = -1) -> bool:
+        """Free the event set and shut NVML down if that is due; False when the Xid thread
+        holds the set (it finishes the job itself when its wait returns)."""
+        if not self._event_lock.acquire(blocking, timeout):
+            return False
+        try:
+            self._shutdown_locked()
+        finally:
+            self._event_lock.release()
+        return True
+
+    def _shutdown_locked(self) -> None:
+        if self._shutdown_due:
+            self._free_events()
+            with contextlib.suppress(pynvml.NVMLError):
+                pynvml.nvmlShutdown()
+            self._shutdown_due = False
+
+    @property
+    def waiting(self) -> bool:
+        """True while the Xid thread is blocked in an NVML event wait."""
+        return self._waiting
 
     def close(self, timeout: float = 1.0) -> None:
         """Shut NVML down if this session initialised it.
 
-        If the Xid thread is stuck inside a hung NVML wait, give up after ``timeout`` rather
-        than hang the shutdown: the process is exiting and the driver cleans up after it.
+        While the Xid thread is blocked in an event wait, NVML is left to the process exit (the
+        driver frees what the wait holds) rather than waiting up to the wait's length; a
+        drain in progress is waited for up to ``timeout``.
         """
-        with self._lock:  # same order as poll() -> _drop(): _lock, then _event_lock
-            if not self._event_lock.acquire(timeout=timeout):
-                log.warning("NVML event wait did not return; exiting without nvmlShutdown")
+        with self._lock:
+            if self._up:
+                self._up = False
+                self._shutdown_due = True
+            if not self._shutdown_due or self._finish_shutdown(blocking=False):
                 return
-            try:
-                self._free_events()
-                if self._up:
-                    self._up = False
-                    with contextlib.suppress(pynvml.NVMLError):
-                        pynvml.nvmlShutdown()
-            finally:
-                self._event_lock.release()
+            if self._waiting:
+                log.debug("an Xid wait is in progress; NVML is left to the process exit")
+                return
+            if not self._finish_shutdown(blocking=True, timeout=timeout):
+                log.warning("NVML event wait did not return; exiting without nvmlShutdown")
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -390,7 +431,7 @@ class NvmlSession:
         exactly the GPU trouble that raised the event)."""
         if self._events is None or self._events[0][1] != self._generation:
             return
-        self._pending.extend(self._drain(self._events[1], self._events[2], 0))
+        self._pending.extend(self._drain(self._events[1], self._events[2], 0)[0])
 
     def _free_events(self) -> None:
         if self._events is not None:
@@ -398,46 +439,56 @@ class NvmlSession:
                 pynvml.nvmlEventSetFree(self._events[1])
             self._events = None
 
+    def wake(self) -> None:
+        """Wake an idle :meth:`wait_xids` (one that has no event set to wait on)."""
+        self._changed.set()
+
     def wait_xids(self, uuids: Iterable[str], timeout_ms: int) -> list[tuple[str, int]]:
         """Block up to ``timeout_ms`` for Xid events on the GPUs named; return (uuid, xid).
 
-        The event set persists across calls (events are not lost between waits) and is
-        rebuilt when the GPU set changes or NVML was re-initialised. Returns [] when NVML is
-        down, after sleeping the timeout so a caller's loop does not spin.
+        One NVML wait for the whole timeout, not slices of it: a thread that waits here wakes
+        for an event or the deadline only. The event set persists across calls (events are not
+        lost between waits) and is rebuilt at the start of a call when the GPU set changed or
+        NVML was re-initialised, so a change made during a wait applies when it returns. With
+        nothing to wait on (NVML down, no GPU registered) it sleeps until :meth:`wake` or the
+        timeout, and returns [].
         """
         wanted = frozenset(uuids)
-        deadline = time.monotonic() + timeout_ms / 1000.0
-        events: list[tuple[str, int]] = []
-        while not events:
-            remaining = int((deadline - time.monotonic()) * 1000)
-            if remaining <= 0:
-                return events
-            # Short slices under the lock: a poll that finds the driver gone can free the set
-            # and shut NVML down between two slices, never under a wait in progress.
-            with self._event_lock:
-                registered = self._event_set_for(wanted) if self._up and wanted else None
-                if registered is None or not registered[1]:
-                    idle = True
-                else:
-                    idle = False
-                    events = self._drain(registered[0], registered[1], min(remaining, 100))
-                if self._pending:
-                    events = [*self._pending, *events]
-                    self._pending.clear()
-            if idle:
-                time.sleep(min(remaining, 100) / 1000.0)
+        self._changed.clear()  # a wake() from here on ends the idle sleep below
+        idle_ms = timeout_ms
+        with self._event_lock:
+            self._shutdown_locked()
+            registered = self._event_set_for(wanted) if self._up and wanted else None
+            events, self._pending = self._pending, []
+            if not events and registered is not None and registered[1]:
+                self._waiting = True
+                try:
+                    events, failed = self._drain(registered[0], registered[1], timeout_ms)
+                finally:
+                    self._waiting = False
+                self._shutdown_locked()  # a driver loss poll() found during the wait
+                if not failed:
+                    return events
+                idle_ms = min(timeout_ms, XID_RETRY_MS)  # the set is gone: do not spin
+        if not events:
+            self._changed.wait(idle_ms / 1000.0)
         return events
 
-    def _drain(self, event_set: Any, by_handle: dict[int, str], wait: int) -> list[tuple[str, int]]:
+    def _drain(
+        self, event_set: Any, by_handle: dict[int, str], wait: int
+    ) -> tuple[list[tuple[str, int]], bool]:
+        """Events from ``event_set``: the first within ``wait`` ms, then what is already
+        queued. Returns (events, failed); on a failure other than a timeout the set is freed."""
         events: list[tuple[str, int]] = []
         while True:
             try:
                 data = pynvml.nvmlEventSetWait_v2(event_set, wait)
             except pynvml.NVMLError as exc:
-                if int(exc.value) != pynvml.NVML_ERROR_TIMEOUT:
-                    self._free_events()
-                    time.sleep(wait / 1000.0)
-                return events
+                if int(exc.value) == pynvml.NVML_ERROR_TIMEOUT:
+                    return events, False
+                log.debug("NVML event wait failed: %s", error_name(int(exc.value)))
+                self._free_events()
+                return events, True
             uuid = by_handle.get(ctypes.cast(data.device, ctypes.c_void_p).value or 0)
             if uuid is not None and data.eventType & XID_EVENT:
                 events.append((uuid, int(data.eventData)))
@@ -445,15 +496,16 @@ class NvmlSession:
 
 
 class XidWatcher:
-    """A thread blocked in ``nvmlEventSetWait_v2``; counts Xid events per (uuid, xid)."""
+    """A thread blocked in ``nvmlEventSetWait_v2``; records each Xid in an :class:`XidLog`."""
 
-    def __init__(self, session: NvmlSession, wait_ms: int = 500, keep: int = 256) -> None:
+    def __init__(
+        self, session: NvmlSession, wait_ms: int = XID_WAIT_MS, xids: XidLog | None = None
+    ) -> None:
         self._session = session
         self._wait_ms = wait_ms
         self._lock = threading.Lock()
         self._uuids: tuple[str, ...] = ()
-        self._counts: dict[tuple[str, int], int] = {}
-        self._events: deque[XidEvent] = deque(maxlen=keep)
+        self.xids = xids or XidLog()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tfgpud-xid", daemon=True)
 
@@ -462,16 +514,14 @@ class XidWatcher:
 
     def watch(self, uuids: Iterable[str]) -> None:
         """Set the GPUs to listen on (healthy ones from the last poll)."""
+        wanted = tuple(sorted(set(uuids)))
         with self._lock:
-            self._uuids = tuple(sorted(set(uuids)))
+            changed, self._uuids = wanted != self._uuids, wanted
+        if changed:
+            self._session.wake()
 
-    def counts(self) -> dict[tuple[str, int], int]:
-        with self._lock:
-            return dict(self._counts)
-
-    def events(self) -> tuple[XidEvent, ...]:
-        with self._lock:
-            return tuple(self._events)
+    def view(self) -> XidView:
+        return self.xids.view()
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -483,18 +533,17 @@ class XidWatcher:
                 log.exception("Xid watcher failed; retrying")
                 self._stop.wait(1.0)
                 continue
-            if got:
-                now = time.time()
-                with self._lock:
-                    for uuid, xid in got:
-                        self._counts[(uuid, xid)] = self._counts.get((uuid, xid), 0) + 1
-                        self._events.append(XidEvent(uuid=uuid, xid=xid, at=now))
-                for uuid, xid in got:
-                    log.warning("Xid %d on GPU %s", xid, uuid, extra={"GPU_UUID": uuid})
+            now = time.time()
+            for uuid, xid in got:
+                self.xids.record(uuid, xid, now)
+                log.warning("Xid %d on GPU %s", xid, uuid, extra={"GPU_UUID": uuid})
 
     def stop(self, timeout: float = 2.0) -> None:
+        """Stop the thread. One blocked in an NVML wait is not waited for: it is a daemon
+        thread, and the wait may last ``wait_ms``."""
         self._stop.set()
-        if self._thread.is_alive():
+        self._session.wake()
+        if self._thread.is_alive() and not self._session.waiting:
             self._thread.join(timeout)
 
 
