@@ -9,10 +9,9 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import shutil
 import sys
-import tempfile
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -139,17 +138,9 @@ def by_label(result: DiscoveryResult) -> dict[str, DiscoveredEnv]:
 
 
 @pytest.fixture
-def fs() -> Iterator[Path]:
-    """A scratch tree every user can traverse (pytest's tmp_path is 0700)."""
-    d = Path(tempfile.mkdtemp(prefix="tfgpud-discovery-"))
-    d.chmod(0o755)
-    try:
-        yield d
-    finally:
-        for p in [d, *d.rglob("*")]:
-            if not p.is_symlink():
-                p.chmod(0o755)
-        shutil.rmtree(d)
+def fs(shared_tmp: Path) -> Path:
+    """The tree's root: traversable by `nobody`, for the test that drops to it."""
+    return shared_tmp
 
 
 # --- what is found, and what is not -------------------------------------------------------------
@@ -280,7 +271,8 @@ def test_two_tensorflow_distributions_the_newest_installed_is_the_one(fs: Path) 
 def test_environments_txt_entries_are_followed_anywhere_if_real_conda_dirs(fs: Path) -> None:
     make_prefix(fs, "/data/alice/envs/gpu", marker="conda", tf=("tensorflow", "2.20.0"))
     make_prefix(fs, "/data/alice/plainvenv")  # TF, but no conda-meta: not a conda env
-    (fs / "data/alice/link").symlink_to(fs / "data/alice/envs/gpu")
+    other = make_prefix(fs, "/data/bob/envs/other", marker="conda")  # listed only via a link
+    (fs / "data/alice/link").symlink_to(other)
     listing = fs / "home/alice/.conda/environments.txt"
     listing.parent.mkdir(parents=True)
     listing.write_text(
@@ -768,3 +760,57 @@ def test_searched_lines_say_what_was_searched(fs: Path) -> None:
     assert lines[0] == "root /home: searched (1 entries)"
     assert lines[1] == "root /srv: missing"
     assert lines[2].startswith("1 home directories checked")
+
+
+def test_fifos_and_devices_where_metadata_should_be_are_never_read(fs: Path) -> None:
+    prefix = make_prefix(fs, "/home/a/env")
+    meta = prefix / "lib/python3.11/site-packages/tensorflow-2.21.0.dist-info/METADATA"
+    meta.unlink()
+    os.mkfifo(meta)  # opened for reading, a FIFO without a writer blocks forever
+    (prefix / "pyvenv.cfg").unlink()
+    os.mkfifo(prefix / "pyvenv.cfg")
+    kdir = fs / "usr/share/jupyter/kernels/k"
+    kdir.mkdir(parents=True)
+    (kdir / "kernel.json").symlink_to("/dev/zero")
+    listing = fs / "home/a/.conda/environments.txt"
+    listing.parent.mkdir()
+    os.mkfifo(listing)
+
+    results: list[DiscoveryResult] = []
+    worker = threading.Thread(
+        target=lambda: results.append(
+            discover(fs, homes=("/home/a",), kernel_dirs=("/usr/share/jupyter/kernels",))
+        ),
+        daemon=True,  # left blocked if this ever regresses: the assertion says why
+    )
+    worker.start()
+    worker.join(30)
+    assert results, "discovery blocked on a FIFO"
+
+    (env,) = results[0].envs  # named by its dist-info directory: METADATA is not a file
+    assert env.tensorflow == Distribution("tensorflow", "2.21.0")
+    assert env.python_version == "3.11"
+
+
+def test_pseudo_filesystems_are_not_entered_from_root(fs: Path) -> None:
+    make_prefix(fs, "/proc/1/root/venv")
+    make_prefix(fs, "/run/user/1000/venv")
+    make_prefix(fs, "/data/venv")
+    result = discover(fs, roots=("/",))
+    assert [e.env for e in result.envs] == ["data-venv"]
+
+
+def test_disabled_searches_nothing(fs: Path) -> None:
+    make_prefix(fs, "/home/a/env")
+    result = discover(fs, enabled=False, homes=("/home/a",))
+    assert (result.envs, result.dirs_visited, result.searched) == ((), 0, ())
+
+
+def test_a_kernelspec_nested_past_the_json_parser_is_skipped(fs: Path) -> None:
+    make_prefix(fs, "/data/k")
+    kdir = fs / "usr/share/jupyter/kernels"
+    make_kernel(kdir, "ok", ["/data/k/bin/python"])
+    (kdir / "deep").mkdir()
+    (kdir / "deep" / "kernel.json").write_text("[" * 60_000 + "]" * 60_000)
+    found = discover(fs, roots=(), kernel_dirs=("/usr/share/jupyter/kernels",))
+    assert [e.env for e in found.envs] == ["data-k"]

@@ -121,6 +121,7 @@ _INTERPRETER = re.compile(r"python(\d+(\.\d+)?)?")
 _NOT_ENTERED = frozenset(
     {".git", ".hg", ".svn", "node_modules", "__pycache__", "site-packages", "dist-packages"}
 )
+_PSEUDO_FS = frozenset({"/proc", "/sys", "/dev", "/run"})  # never entered, even from root /
 
 
 class EnvKind(StrEnum):
@@ -206,10 +207,25 @@ def normalize_name(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def _read_head(path: str, limit: int = MAX_FILE_BYTES) -> str:
-    """The first ``limit`` bytes of a file as text; raise OSError."""
-    with open(path, "rb") as fh:
-        return fh.read(limit).decode("utf-8", errors="replace")
+def _read_head(path: str, limit: int = MAX_FILE_BYTES) -> str | None:
+    """The first ``limit`` bytes of a regular file as text; None for anything else (a FIFO
+    would block the reader forever, a device never end). Raise OSError."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        return None  # not even opened: opening some devices has effects
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None  # swapped since the stat
+        chunks, left = [], limit
+        while left > 0:
+            chunk = os.read(fd, left)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks).decode("utf-8", errors="replace")
+    finally:
+        os.close(fd)
 
 
 def _headers(text: str) -> list[tuple[str, str]]:
@@ -680,13 +696,15 @@ class _Discovery:
             if self.recognise(here, vhere, names, budget):
                 continue
             for e in entries:
-                how = None if e.name in _NOT_ENTERED else self.enters(e, top)
+                child = vpath.rstrip("/") + "/" + e.name
+                if e.name in _NOT_ENTERED or child in _PSEUDO_FS:
+                    continue
+                how = self.enters(e, top)
                 if how is None:
                     continue
                 if depth + 1 > self.s.max_depth:
                     self.beyond_depth += 1
                     continue
-                child = vpath.rstrip("/") + "/" + e.name
                 queue.append((e.path, child, depth + 1, linked or how == "link"))
         if budget.hit:
             self.note(f"{vroot}: stopped after {budget.used} entries (max_entries_per_root)")
@@ -766,7 +784,7 @@ class _Discovery:
         text = self.read(os.path.join(real, "kernel.json"), vspec)
         try:
             spec = json.loads(text) if text is not None else None
-        except ValueError:
+        except (ValueError, RecursionError):  # malformed, or nested past the parser's depth
             return
         if not isinstance(spec, dict):
             return
@@ -827,8 +845,9 @@ def discover_envs(
     system_prefixes: Sequence[str] = SYSTEM_PREFIXES,
     clock: Callable[[], float] = time.monotonic,
 ) -> DiscoveryResult:
-    """Find the TensorFlow envs of this machine now (see the module docstring). Never raises
-    for what it finds: unreadable places are counted, bounds are reported in ``truncated``.
+    """Find the TensorFlow envs of this machine now (see the module docstring); nothing when
+    ``settings.enabled`` is false. Never raises for what it finds: unreadable places are
+    counted, bounds are reported in ``truncated``; only a regular file is ever opened.
 
     Paths in ``settings.roots``, ``homes``, ``kernel_dirs``, ``system_prefixes`` and in the
     files read (environments.txt, kernel.json) are taken inside ``fsroot``; the paths of the
@@ -836,6 +855,8 @@ def discover_envs(
     ``fsroot``. ``homes`` defaults to :func:`default_homes` (only when ``fsroot`` is ``/``).
     """
     start = clock()
+    if not settings.enabled:
+        return DiscoveryResult(envs=(), found=0)
     d = _Discovery(settings, fsroot)
     for root in settings.roots:
         d.walk(root)
