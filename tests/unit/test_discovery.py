@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import shutil
 import sys
 import threading
 from collections.abc import Sequence
@@ -252,6 +253,11 @@ def test_system_interpreter_with_debian_dist_packages(fs: Path) -> None:
         ("/usr/local", "system", "searched"),  # no interpreter there: nothing found
     ]
     assert discover(fs, roots=(), system=False, system_prefixes=("/usr",)).envs == ()
+    # In Debian's unversioned dist-packages: the version of the interpreter's name.
+    shutil.rmtree(site)
+    dist_info(fs / "usr/lib/python3/dist-packages", "tensorflow", "2.15.1")
+    (env,) = discover(fs, roots=(), system_prefixes=("/usr",)).envs
+    assert env.python_version == "3.11" and env.site_packages.endswith("python3/dist-packages")
 
 
 def test_two_tensorflow_distributions_the_newest_installed_is_the_one(fs: Path) -> None:

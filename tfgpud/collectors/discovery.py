@@ -7,7 +7,8 @@ Where it looks (``[tensorflow.discover]``):
   directory holding ``pyvenv.cfg`` is a venv, one holding ``conda-meta/`` a conda env, one with
   ``bin/python3*`` and a standard library (``lib/python3.X/os.py``) a Python install (pyenv,
   ``/opt/python3.12``); none of them is entered further. Version-control, ``node_modules``,
-  ``__pycache__`` and ``site-packages`` directories are not entered either.
+  ``__pycache__`` and ``site-packages`` directories are not entered either, nor ``/proc``,
+  ``/sys``, ``/dev`` and ``/run``.
 * **conda**: ``envs/*`` of each conda install met on the walk, and each user's
   ``~/.conda/environments.txt``. A listed path is followed wherever it is (conda records envs
   created with ``-p`` anywhere) but only when it is a real directory — not a symlink — holding
@@ -27,9 +28,10 @@ users NSS does not enumerate are found only by the roots walk.
 Bounds: ``max_depth`` levels below a root; ``max_entries_per_root`` directory entries read per
 root (the env inspections inside it included; everything outside the roots shares one more such
 budget); ``max_entries_per_dir`` entries of any one directory; small file reads
-(:data:`MAX_FILE_BYTES`). A symlink to a directory is followed only when its target lies inside
-the same root, and no directory is read twice (by device and inode), so loops end. What cannot
-be read is counted and skipped. What hit a bound is named in ``truncated``.
+(:data:`MAX_FILE_BYTES`, regular files only: a FIFO or a device is never opened). A symlink
+to a directory is followed only when its target lies inside the same root (an env reached that
+way is named by where it is), and no directory is read twice (by device and inode), so loops
+end. What cannot be read is counted and skipped. What hit a bound is named in ``truncated``.
 
 An interpreter counts only when its site-packages holds a TensorFlow distribution
 (:data:`TF_DISTRIBUTIONS`, or any ``tensorflow*``/``tf-nightly*`` distribution whose
@@ -351,7 +353,7 @@ class _Prefix:
 
     python: str
     sites: list[tuple[str, str]]  # (site-packages path, "3.11" of its lib dir or "")
-    version: str | None
+    version: str | None  # pyvenv.cfg's; else "3.11" of the interpreter's python3.X name
 
 
 @dataclass
@@ -500,6 +502,8 @@ class _Discovery:
                 (os.path.join(real, "local", "lib", f"python{v}", "dist-packages"), v)
                 for _, v in libdirs
             ]
+        if version is None and guesses:
+            version = guesses[-1]
         return _Prefix(python, [(p, v) for p, v in sites if os.path.isdir(p)], version)
 
     def tensorflow_in(
@@ -613,7 +617,7 @@ class _Discovery:
                 owner=_user(uid),
                 tensorflow=dists[0],
                 site_packages=site,
-                python_version=found.version or pyver or None,
+                python_version=found.version or pyver or None,  # pyvenv.cfg's is exact
                 other_tensorflow=tuple(dists[1:]),
                 cuda_wheels=tuple(cuda),
                 cuda_requirements=tuple(reqs),
@@ -707,7 +711,7 @@ class _Discovery:
                     continue
                 queue.append((e.path, child, depth + 1, linked or how == "link"))
         if budget.hit:
-            self.note(f"{vroot}: stopped after {budget.used} entries (max_entries_per_root)")
+            self.note(f"{budget.name}: stopped after {budget.used} entries (max_entries_per_root)")
         state = "truncated" if budget.hit else "searched"
         self.searched.append(SearchedPlace(vroot, "root", state, budget.used))
 
@@ -875,7 +879,7 @@ def discover_envs(
         for home in homes:
             d.kernels(f"{home.rstrip('/')}/{USER_KERNEL_DIR}", record=False)
     if d.outside.hit:
-        d.note(f"outside the roots: stopped after {d.outside.used} entries")
+        d.note(f"{d.outside.name}: stopped after {d.outside.used} entries (max_entries_per_root)")
     labels = env_labels(c.vprefix for c in d.candidates.values())
     found = sorted(d.candidates.values(), key=lambda c: (c.vprefix, c.env.python))
     envs = [replace(c.env, env=labels[c.vprefix]) for c in found]
