@@ -25,8 +25,8 @@ from tfgpud.collectors.discovery import (
     merge_envs,
     plan_discovered_probe,
 )
+from tfgpud.collectors.tensorflow.safety import decide_probe_user
 from tfgpud.config import DiscoverConfig, TfEnvConfig
-from tfgpud.probe_safety import decide_probe_user
 from tfgpud.runner import run_bounded
 
 pytestmark = pytest.mark.skipif(

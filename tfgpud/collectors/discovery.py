@@ -58,8 +58,8 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
-from tfgpud import compat
 from tfgpud.config import DiscoverConfig, TfEnvConfig
+from tfgpud.diagnosis import compat
 from tfgpud.model import frozen_map
 
 SYSTEM_KERNEL_DIRS = ("/usr/share/jupyter/kernels", "/usr/local/share/jupyter/kernels")
@@ -985,7 +985,7 @@ def plan_probe(
     """How the probe of a discovered env may run, never with more privilege than its owner.
 
     ``writers`` are who besides root can change the env's code (user names, ``group:NAME``,
-    ``everyone``), as :func:`tfgpud.probe_safety.path_writers` reports them over the whole
+    ``everyone``), as :func:`~tfgpud.collectors.tensorflow.safety.path_writers` reports them over
     import path; ``owner_group`` is the owner's private group (one with no other member), whose
     write access is the owner's own. Anyone else among the writers: not run. Owner root: as
     ``unprivileged_user`` (or as tfgpud itself when it is unprivileged and cannot switch).
