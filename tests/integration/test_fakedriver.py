@@ -594,7 +594,8 @@ EVENT_WAITS_IN_THREADS = textwrap.dedent(
     sets = []
     for i in range(2):
         es = N.nvmlEventSetCreate()
-        N.nvmlDeviceRegisterEvents(N.nvmlDeviceGetHandleByIndex(i), N.nvmlEventTypeXidCriticalError, es)
+        h = N.nvmlDeviceGetHandleByIndex(i)
+        N.nvmlDeviceRegisterEvents(h, N.nvmlEventTypeXidCriticalError, es)
         sets.append(es)
     got = {}
 
