@@ -671,6 +671,8 @@ MALFORMED = [
     ("bad init_error", 'init_error = "BROKEN"\n', 1, "init_error must be one of"),
     ("unterminated", 'nvml_version = "12.5\n', 1, "unterminated string"),
     ("negative", "[[gpu]]\npower_mw = -1\n", 2, "out of range"),
+    ("cudnn_version 0", "cudnn_version = 0\n", 1, "out of range [1, 2147483647]"),
+    ("cudart_version text", 'cudart_version = "12.5"\n', 1, "expected integer for key 'cudart"),
     (
         "parallel arrays",
         "[[gpu]]\nprocess_pids = [1, 2]\nprocess_memory = [\n  10,\n]\n",
