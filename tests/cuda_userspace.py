@@ -45,7 +45,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,8 +187,8 @@ def make_wheel_venv(
             f"{dest} is on another filesystem than {base_sp}: the hard-linked TensorFlow "
             "needs both on one"
         )
-    subprocess.run(
-        [sys.executable, "-m", "venv", "--without-pip", str(dest)],
+    subprocess.run(  # from base_venv's Python: the same version as the TensorFlow it shares
+        [str(base_venv / "bin" / "python"), "-m", "venv", "--without-pip", str(dest)],
         check=True,
         capture_output=True,
         timeout=120,

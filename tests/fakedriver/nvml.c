@@ -831,7 +831,8 @@ static long long now_ms(void)
  * symlink), or until its deadline: no wake-ups of its own, so that measurements of a client
  * measure the client. A safety re-check every FD_WAIT_RECHECK_MS catches what a watch cannot
  * see (a state change made by another thread of the process, a file system without inotify
- * events). Without inotify (no instance left) it re-checks every FD_WAIT_POLL_MS.
+ * events). With nothing watched (no inotify instance left, the directory gone) it re-checks
+ * every FD_WAIT_POLL_MS.
  *
  * One inotify instance per process (closing one costs milliseconds of wall time). Of the
  * threads waiting, one (the leader) sleeps in poll() on it and is the only one to read it;
@@ -910,7 +911,7 @@ static bool watch_update(void)
     const char *path = getenv("TFGPUD_FAKE_DRIVER");
     if (!path)
         path = "";
-    if (ws.fd >= 0 && !ws.stale && strcmp(path, ws.path) == 0)
+    if (ws.fd >= 0 && !ws.stale && ws.n > 0 && strcmp(path, ws.path) == 0)
         return false;
     if (ws.fd < 0) {
         ws.fd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
@@ -986,7 +987,7 @@ static void wait_change(unsigned long seen, long long left)
 {
     pthread_once(&wait_once, wait_init);
     pthread_mutex_lock(&wait_mu);
-    long long ms = ws.fd >= 0 ? FD_WAIT_RECHECK_MS : FD_WAIT_POLL_MS;
+    long long ms = ws.n > 0 ? FD_WAIT_RECHECK_MS : FD_WAIT_POLL_MS;
     if (left < ms)
         ms = left;
     if (ws.seq != seen) {
@@ -997,8 +998,8 @@ static void wait_change(unsigned long seen, long long left)
         ws.leader = true;
         bool retargeted = watch_update(), changed = false;
         int fd = ws.fd;
-        if (fd < 0 && ms > FD_WAIT_POLL_MS)
-            ms = FD_WAIT_POLL_MS; /* inotify just became unavailable */
+        if (ws.n == 0 && ms > FD_WAIT_POLL_MS)
+            ms = FD_WAIT_POLL_MS; /* nothing is watched: no inotify, or no directory */
         pthread_mutex_unlock(&wait_mu);
         if (!retargeted)
             changed = watch_sleep(fd, ms);

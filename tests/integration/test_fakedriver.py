@@ -582,6 +582,43 @@ def test_event_wait_blocks_until_the_scenario_changes(
         assert latency < 1.0, out
 
 
+def test_event_wait_follows_a_symlinked_scenario(fakedriver: Path, tmp_path: Path) -> None:
+    """A scenario path that is a symlink: a rewrite of the file it points to wakes the wait."""
+    gpus: list[dict[str, Any]] = [{"uuid": "GPU-00000000-0000-0000-0000-0000000000d0"}]
+    (tmp_path / "real").mkdir()
+    target = write_scenario(tmp_path / "real" / "machine.toml", gpus)
+    link = tmp_path / "scenario.toml"
+    link.symlink_to(target)
+    code = textwrap.dedent(
+        """
+        import json, os, threading, time
+        import pynvml as N
+        from helpers import write_scenario
+
+        N.nvmlInit()
+        es = N.nvmlEventSetCreate()
+        h = N.nvmlDeviceGetHandleByIndex(0)
+        N.nvmlDeviceRegisterEvents(h, N.nvmlEventTypeXidCriticalError, es)
+        gpus = json.loads(os.environ["GPUS"])
+        written = []
+        def rewrite():
+            time.sleep(0.3)
+            write_scenario(os.environ["TARGET"], [{**gpus[0], "xids": [62]}])
+            written.append(time.monotonic())
+        t = threading.Thread(target=rewrite)
+        t.start()
+        xid = N.nvmlEventSetWait_v2(es, 10000).eventData
+        returned = time.monotonic()
+        t.join()
+        print(json.dumps([xid, returned - written[0]]))
+        """
+    )
+    result = run_python(code, scenario=link, env={"GPUS": json.dumps(gpus), "TARGET": str(target)})
+    assert result.returncode == 0, result.stderr
+    xid, latency = result.data
+    assert xid == 62 and latency < 1.0, result.data
+
+
 EVENT_WAITS_IN_THREADS = textwrap.dedent(
     """
     import json, os, threading, time
