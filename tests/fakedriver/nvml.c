@@ -899,15 +899,6 @@ static void watch_add(const char *path)
  * i.e. a change before this moment may have gone unseen. */
 static bool watch_update(void)
 {
-    pid_t pid = getpid();
-    if (ws.pid != pid) {
-        if (ws.fd >= 0)
-            close(ws.fd); /* our copy of the parent's instance */
-        ws.fd = -1;
-        ws.pid = pid;
-        ws.stale = true;
-        ws.n = 0;
-    }
     const char *path = getenv("TFGPUD_FAKE_DRIVER");
     if (!path)
         path = "";
@@ -987,6 +978,17 @@ static void wait_change(unsigned long seen, long long left)
 {
     pthread_once(&wait_once, wait_init);
     pthread_mutex_lock(&wait_mu);
+    pid_t pid = getpid();
+    if (ws.pid != pid) {
+        /* first wait, or a forked child: the instance and the leader are the parent's */
+        if (ws.fd >= 0)
+            close(ws.fd);
+        ws.fd = -1;
+        ws.pid = pid;
+        ws.stale = true;
+        ws.n = 0;
+        ws.leader = false;
+    }
     long long ms = ws.n > 0 ? FD_WAIT_RECHECK_MS : FD_WAIT_POLL_MS;
     if (left < ms)
         ms = left;

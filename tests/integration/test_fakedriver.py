@@ -619,6 +619,50 @@ def test_event_wait_follows_a_symlinked_scenario(fakedriver: Path, tmp_path: Pat
     assert xid == 62 and latency < 1.0, result.data
 
 
+FORKED_WAIT = textwrap.dedent(
+    """
+    import json, os, threading, time
+    import pynvml as N
+    from helpers import write_scenario
+
+    path = os.environ["TFGPUD_FAKE_DRIVER"]
+    gpus = json.loads(os.environ["GPUS"])
+    N.nvmlInit()
+    es = N.nvmlEventSetCreate()
+    N.nvmlDeviceRegisterEvents(N.nvmlDeviceGetHandleByIndex(0), N.nvmlEventTypeXidCriticalError, es)
+    # the parent's thread is asleep in the wait (leading it) when the process forks
+    parent = threading.Thread(target=lambda: N.nvmlEventSetWait_v2(es, 3000))
+    parent.start()
+    time.sleep(0.3)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        t0 = time.monotonic()
+        try:
+            res = [N.nvmlEventSetWait_v2(es, 10000).eventData, time.monotonic() - t0]
+        except N.NVMLError as e:
+            res = [str(e), time.monotonic() - t0]
+        os.write(w, json.dumps(res).encode())
+        os._exit(0)
+    time.sleep(0.3)
+    write_scenario(path, [{**gpus[0], "xids": [92]}])
+    _, status = os.waitpid(pid, 0)
+    parent.join()
+    print(os.read(r, 1000).decode())
+    """
+)
+
+
+def test_event_wait_in_a_forked_child(fakedriver: Path, scenario_path: Path) -> None:
+    """A child forked while a parent thread waits has its own watch: not the parent's."""
+    gpus: list[dict[str, Any]] = [{"uuid": "GPU-00000000-0000-0000-0000-0000000000e0"}]
+    write_scenario(scenario_path, gpus)
+    result = run_python(FORKED_WAIT, scenario=scenario_path, env={"GPUS": json.dumps(gpus)})
+    assert result.returncode == 0, result.stderr
+    xid, waited = result.data
+    assert xid == 92 and waited < 1.5, result.data
+
+
 EVENT_WAITS_IN_THREADS = textwrap.dedent(
     """
     import json, os, threading, time
