@@ -40,6 +40,8 @@ apt-test-deps:
 	else echo "not root: not installing $(APT_TEST_PKGS); tests needing them are skipped"; fi
 
 # --- the simulated NVIDIA driver ----------------------------------------------------------------
+# build/fakedriver: libnvidia-ml.so.1, libcuda.so.1; build/fakedriver/cuda-userspace: the
+# simulated CUDA user-space (cudart, cuBLAS, cuFFT, cuSOLVER, cuSPARSE, cuDNN 9 and 8).
 
 fakedriver:
 	$(MAKE) -C tests/fakedriver OUT=$(abspath $(FAKEDRIVER))
