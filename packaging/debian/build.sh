@@ -49,6 +49,7 @@ rm -f "$SITE"/yaml/_yaml.*.so
 find "$SITE" -name '*.so' -exec strip --strip-unneeded --remove-section=.comment {} +
 # The launcher runs python3 -I (isolated: no CWD on sys.path, no PYTHON* variables).
 install -m 0755 "$HERE/tfgpud-launcher" "$VENV/bin/tfgpud"
+ln -s python3 "$VENV/bin/tfgpud-python"   # the name the launcher runs it under (see there)
 mkdir -p "$STAGE/usr/bin"
 ln -s /opt/tfgpud/bin/tfgpud "$STAGE/usr/bin/tfgpud"
 

@@ -7,6 +7,7 @@ into a scratch root; nothing is installed on this machine.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -19,6 +20,8 @@ from pathlib import Path
 import pytest
 from helpers import fakedriver_env, write_scenario
 from packaging_helpers import ANALYZE, SYS_PYTHON, build_deb, python_minor, verify
+
+from tfgpud.config import Config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -306,9 +309,11 @@ def test_launcher_is_isolated_from_the_current_directory(unpacked: Path, tmp_pat
     finds the packaged venv's site-packages (pyvenv.cfg sets the prefix)."""
     launcher = unpacked / "opt" / "tfgpud" / "bin" / "tfgpud"
     assert launcher.read_bytes() == (ROOT / "packaging" / "debian" / "tfgpud-launcher").read_bytes()
-    python = unpacked / "opt" / "tfgpud" / "bin" / "python3"
     local = tmp_path / "tfgpud"
-    local.write_text(launcher.read_text().replace("/opt/tfgpud/bin/python3", str(python)))
+    interpreter = unpacked / "opt" / "tfgpud" / "bin" / "tfgpud-python"
+    local.write_text(
+        launcher.read_text().replace("/opt/tfgpud/bin/tfgpud-python", str(interpreter))
+    )
     local.chmod(0o755)
     cwd = tmp_path / "cwd"
     cwd.mkdir()
@@ -326,3 +331,21 @@ def test_launcher_is_isolated_from_the_current_directory(unpacked: Path, tmp_pat
     )
     assert proc.returncode == 0, proc.stderr
     assert not marker.exists()
+
+
+def test_the_launcher_runs_python_under_its_own_name(unpacked: Path) -> None:
+    """The daemon and its ExecReload are not "python*" processes (the workloads scan's
+    default names), yet the interpreter finds the packaged venv."""
+    launcher = (unpacked / "opt" / "tfgpud" / "bin" / "tfgpud").read_text()
+    assert "exec /opt/tfgpud/bin/tfgpud-python -I -m tfgpud" in launcher
+    venv = unpacked / "opt" / "tfgpud"
+    assert os.readlink(venv / "bin" / "tfgpud-python") == "python3"
+    proc = subprocess.run(
+        [str(venv / "bin" / "tfgpud-python"), "-I", "-c",
+         "import sys, tfgpud; print(open('/proc/self/comm').read().strip(), sys.prefix)"],
+        capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"}, check=True,
+    )  # fmt: skip
+    comm, prefix = proc.stdout.split()
+    assert comm == "tfgpud-python" and prefix == str(venv)
+    names = Config().workloads.process_names
+    assert not any(fnmatch.fnmatch(comm, pattern) for pattern in names), names

@@ -266,6 +266,9 @@ def test_starts_and_is_ready_with_a_status_line(box: Box) -> None:
     assert st["ActiveState"] == "active" and st["SubState"] == "running", st
     assert st["StatusText"].startswith("1 GPU") and DRIVER in st["StatusText"], st
     assert st["UnitFileState"] == "enabled"
+    # Not a "python*" process that the workloads scan would inspect (nor its ExecReload).
+    comm = m.run("cat", f"/proc/{_main_pid(box)}/comm").stdout.strip()
+    assert comm == "tfgpud-python"
 
 
 def test_reload_of_a_valid_file_is_applied(box: Box) -> None:
@@ -297,6 +300,10 @@ def test_reload_of_an_invalid_file_fails_and_the_old_config_keeps_running(box: B
     _config(box)
     m.run("systemctl", "reload", "tfgpud")
     _wait("expected_gpus back to 1", lambda: _metric(box, "tfgpud_expected_gpus") == 1)
+    # ExecReload runs in a user namespace of its own: had the workloads scan taken it for a
+    # candidate, it would have warned that it cannot read its maps.
+    said = "\n".join(_messages_since(m, cursor, f"_SYSTEMD_UNIT={UNIT}"))
+    assert "cannot read the memory maps" not in said, said
 
 
 def test_tensorflow_probe_works_under_the_sandbox(box: Box) -> None:
@@ -340,6 +347,7 @@ def test_a_lost_gpu_is_in_the_journal_with_its_fields(box: Box) -> None:
     )
     e = entries[-1]
     assert e["_SYSTEMD_UNIT"] == UNIT and e["SYSLOG_IDENTIFIER"] == "tfgpud"
+    assert e["_COMM"] == "tfgpud-python" and e["_TRANSPORT"] == "journal"
     assert (e["SEVERITY"], e["SUBJECT"], e["PRIORITY"]) == ("critical", UUID, "3")
     assert e["MESSAGE_ID"] == message_id("gpu-lost")
     assert str(e["MESSAGE"]).startswith("FIRING [critical] gpu-lost")
@@ -448,4 +456,12 @@ def test_remove_then_purge_leave_nothing_behind(box: Box) -> None:
     user = m.run("getent", "passwd", "tfgpud", check=False).stdout.strip()
     print(f"[nspawn] after apt-get purge: files {sorted(left.items())}; user kept: {user!r}")
     assert left == {}
+    readme = " ".join((Path(__file__).resolve().parents[2] / "README.md").read_text().split())
+    for said in (
+        "keeping `/etc/tfgpud/tfgpud.toml`",
+        "`/etc/systemd/system/tfgpud.service` → `/dev/null`",
+        "no file of tfgpud's is left",
+        "The `tfgpud` user and group stay",
+    ):
+        assert said in readme, f"README's removal paragraph should say {said!r}"
     assert m.run("systemctl", "is-enabled", UNIT, check=False).stdout.strip() in ("", "not-found")
