@@ -95,6 +95,10 @@ def unusable_reason() -> str | None:
     """Why a machine cannot be booted here, or None."""
     if os.geteuid() != 0:
         return "systemd-nspawn needs root"
+    caps = re.search(r"^CapEff:\s*([0-9a-f]+)", Path("/proc/self/status").read_text(), re.M)
+    effective = int(caps.group(1), 16) if caps else 0
+    if not effective & (1 << 21):  # CAP_SYS_ADMIN: mounts, namespaces
+        return "no CAP_SYS_ADMIN (an unprivileged container?): systemd-nspawn cannot run here"
     for tool in ("systemd-nspawn", "debootstrap", "nsenter"):
         if shutil.which(tool) is None:
             return f"{tool} not installed (make apt-test-deps installs it as root)"

@@ -65,10 +65,15 @@ class Box:
     port: int
     deb: Path
     before: dict[str, str]  # path -> kind, before the package was installed
+    capture: Any  # pytest's capture manager: what say() prints is shown even when captured
     seconds: dict[str, float] = field(default_factory=dict)
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
+
+    def say(self, line: str) -> None:
+        with self.capture.global_and_fixture_disabled():
+            print(f"\n[nspawn] {line}")
 
 
 def _free_port() -> int:
@@ -214,22 +219,16 @@ def box(
         m.path(DROP_IN).write_text(
             f"[Service]\nEnvironment=TFGPUD_FAKE_DRIVER={SCENARIO}\nWatchdogSec=3s\nRestartSec=1s\n"
         )
-        b = Box(m, _free_port(), deb, before={})
+        capture = request.config.pluginmanager.getplugin("capturemanager")
+        b = Box(m, _free_port(), deb, before={}, capture=capture)
         _scenario(b, GPU)
         b.before = _tree(m)
         shutil.copy2(deb, m.path(f"/root/{deb.name}"))
         b.seconds.update(rootfs=rootfs_s, boot=boot_s)
         yield b
         total = time.monotonic() - started
-        reporter = request.config.pluginmanager.getplugin("terminalreporter")
-        if reporter is not None:
-            reporter.write_line(
-                f"\n[nspawn] {total:.0f} s in all: root file system {rootfs_s:.0f} s (cached "
-                f"after the first run), boot {boot_s:.1f} s, "
-                + ", ".join(
-                    f"{k} {v:.1f} s" for k, v in b.seconds.items() if k not in ("rootfs", "boot")
-                )
-            )
+        steps = ", ".join(f"{k} {v:.1f} s" for k, v in b.seconds.items())
+        b.say(f"{total:.0f} s in all (the root file system is cached after a first run): {steps}")
 
 
 def test_apt_installs_the_package_and_starts_nothing(box: Box) -> None:
@@ -240,7 +239,7 @@ def test_apt_installs_the_package_and_starts_nothing(box: Box) -> None:
     ).stdout  # fmt: skip
     status = m.run("dpkg-query", "-W", "-f=${Status}", "tfgpud").stdout
     assert status == "install ok installed"
-    print("[nspawn] apt: " + next(line for line in out.splitlines() if "newly installed" in line))
+    box.say("apt: " + next(line for line in out.splitlines() if "newly installed" in line))
     assert "sudo systemctl enable --now tfgpud" in out
     assert m.run("systemctl", "is-enabled", UNIT, check=False).stdout.strip() == "disabled"
     assert m.run("systemctl", "is-active", UNIT, check=False).stdout.strip() == "inactive"
@@ -332,7 +331,7 @@ def test_tensorflow_probe_works_under_the_sandbox(box: Box) -> None:
         line for line in (_get(box, "/metrics") or "").splitlines() if "tfgpud_tf_info{" in line
     ]
     assert tf_info and 'tf_version="2.21.0"' in tf_info[0], tf_info
-    print(f"[nspawn] TF findings (daemon == doctor): {sorted(daemon)}")
+    box.say(f"TF findings (daemon == doctor): {sorted(daemon)}")
     _config(box)  # later restarts need not import TensorFlow again
     m.run("systemctl", "reload", "tfgpud")
 
@@ -434,7 +433,7 @@ def test_security_exposure_under_systemd(box: Box) -> None:
     report = box.machine.run("systemd-analyze", "security", "--no-pager", UNIT).stdout
     score = exposure_score(report)
     open_items = [line.split()[1] for line in report.splitlines() if line.startswith("✗")]
-    print(f"[nspawn] systemd-analyze security {UNIT}: {score}; not restricted: {open_items}")
+    box.say(f"systemd-analyze security {UNIT}: {score}; not restricted: {open_items}")
     assert score <= MAX_EXPOSURE, report
 
 
@@ -444,7 +443,7 @@ def test_remove_then_purge_leave_nothing_behind(box: Box) -> None:
     m.run("apt-get", "remove", "-y", "tfgpud", env=apt, timeout=300)
     assert m.run("systemctl", "is-active", UNIT, check=False).stdout.strip() == "inactive"
     kept = _new_paths(box)
-    print(f"[nspawn] after apt-get remove: {sorted(kept.items())}")
+    box.say(f"after apt-get remove: {sorted(kept.items())}")
     # The admin's configuration, the learned baseline, the enablement (masked) stay.
     assert kept.get("/etc/tfgpud/tfgpud.toml") == "file"
     assert kept.get("/var/lib/tfgpud/baseline.json") == "file"
@@ -454,7 +453,7 @@ def test_remove_then_purge_leave_nothing_behind(box: Box) -> None:
     m.run("apt-get", "purge", "-y", "tfgpud", env=apt, timeout=300)
     left = _new_paths(box)
     user = m.run("getent", "passwd", "tfgpud", check=False).stdout.strip()
-    print(f"[nspawn] after apt-get purge: files {sorted(left.items())}; user kept: {user!r}")
+    box.say(f"after apt-get purge: files {sorted(left.items())}; user kept: {user!r}")
     assert left == {}
     readme = " ".join((Path(__file__).resolve().parents[2] / "README.md").read_text().split())
     for said in (
