@@ -6,20 +6,22 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 FAKEDRIVER := build/fakedriver
 CONFIG ?= config/local.toml
-APT_TEST_PKGS := prometheus prometheus-alertmanager libsystemd-dev pkg-config gcc make
-# packaging tests: the .deb is built with dpkg-deb and checked by lintian; TLS scrapes by curl
-APT_TEST_PKGS += curl openssl lintian shellcheck systemd
+APT_TEST_PKGS := prometheus prometheus-alertmanager gcc make
+# packaging tests: the .deb is built with dpkg-deb (its library dependencies by dpkg-shlibdeps)
+# and checked by lintian; TLS scrapes by curl
+APT_TEST_PKGS += curl openssl lintian shellcheck systemd dpkg-dev binutils
+# the package under a real systemd: a Debian 12 minbase booted in systemd-nspawn
+APT_TEST_PKGS += systemd-container debootstrap
 
-.PHONY: run demo test lint fakedriver bench apt-test-deps venv clean deb
+.PHONY: run demo test lint fakedriver bench apt-test-deps venv clean deb nspawn-rootfs
 
 # --- environments -----------------------------------------------------------------------------
 
-# Runtime venv: the daemon, its dependencies, TensorFlow (so the default config can probe it),
-# and systemd-python where libsystemd's headers are there to build it.
+# Runtime venv: the daemon, its dependencies, TensorFlow (so the default config can probe it).
+# The journal is written with its native protocol (tfgpud/systemd.py): no systemd-python.
 $(VENV)/.run-stamp: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -e '.[tensorflow]'
-	if pkg-config --exists libsystemd 2>/dev/null; then $(PIP) install -q -e '.[systemd]'; fi
 	touch $@
 
 $(VENV)/.test-stamp: $(VENV)/.run-stamp pyproject.toml
@@ -40,6 +42,8 @@ apt-test-deps:
 	else echo "not root: not installing $(APT_TEST_PKGS); tests needing them are skipped"; fi
 
 # --- the simulated NVIDIA driver ----------------------------------------------------------------
+# build/fakedriver: libnvidia-ml.so.1, libcuda.so.1; build/fakedriver/cuda-userspace: the
+# simulated CUDA user-space (cudart, cuBLAS, cuFFT, cuSOLVER, cuSPARSE, cuDNN 9 and 8).
 
 fakedriver:
 	$(MAKE) -C tests/fakedriver OUT=$(abspath $(FAKEDRIVER))
@@ -70,6 +74,12 @@ test: apt-test-deps $(VENV)/.test-stamp fakedriver
 # Debian package: /opt/tfgpud venv (no TensorFlow), unit, sysusers, tmpfiles, conffile.
 deb: $(VENV)/.run-stamp
 	PY=$(PY) bash packaging/debian/build.sh build/deb
+
+# The root file system tests/e2e/test_systemd_nspawn.py boots (Debian 12 minbase + systemd, a
+# TensorFlow venv), cached in build/nspawn/ by a hash of its contents; the test builds it itself
+# when missing (~1-3 min, as root), this target only warms the cache.
+nspawn-rootfs: $(VENV)/.run-stamp
+	$(PY) tests/e2e/nspawn.py
 
 bench: $(VENV)/.test-stamp fakedriver
 	$(PY) -m benchmarks

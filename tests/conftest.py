@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,3 +21,18 @@ def fakedriver() -> Path:
 def scenario_path(tmp_path: Path) -> Path:
     """Where a test writes its scenario (helpers.write_scenario); nothing is there yet."""
     return tmp_path / "scenario.toml"
+
+
+@pytest.fixture
+def shared_tmp() -> Iterator[Path]:
+    """A scratch dir every user can traverse (tmp_path is 0700: `nobody` cannot enter it),
+    removed afterwards even where the test made parts of it unreadable."""
+    d = Path(tempfile.mkdtemp(prefix="tfgpud-shared-"))
+    d.chmod(0o755)
+    try:
+        yield d
+    finally:
+        for p in [d, *d.rglob("*")]:
+            if not p.is_symlink() and p.is_dir():
+                p.chmod(0o755)
+        shutil.rmtree(d)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -223,3 +224,25 @@ def emitted_codes() -> set[str]:
             if name in ("finding", "TfCheck") and isinstance(first, ast.Constant):
                 found.add(str(first.value))
     return found
+
+
+def parse_journal_entry(data: bytes) -> dict[str, str]:
+    """A journald native-protocol datagram as journald reads it: ``KEY=value`` lines, or for a
+    value holding a newline ``KEY``, a newline, a 64-bit little-endian length, the bytes, a
+    newline."""
+    fields: dict[str, str] = {}
+    i = 0
+    while i < len(data):
+        nl = data.index(b"\n", i)
+        if b"=" in data[i:nl]:
+            key, value = data[i:nl].split(b"=", 1)
+            i = nl + 1
+        else:
+            key = data[i:nl]
+            (size,) = struct.unpack("<Q", data[nl + 1 : nl + 9])
+            value = data[nl + 9 : nl + 9 + size]
+            if data[nl + 9 + size : nl + 10 + size] != b"\n":
+                raise ValueError(f"field {key!r}: no newline after its {size} bytes")
+            i = nl + 10 + size
+        fields[key.decode()] = value.decode(errors="replace")
+    return fields

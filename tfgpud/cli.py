@@ -1,4 +1,4 @@
-"""Command line: ``tfgpud run | doctor | status | check-config | baseline | version``.
+"""Command line: ``tfgpud run | doctor | status | check-config | reload | baseline | version``.
 
 Exit codes: 0 ok; doctor 1 warnings / 2 critical; 1 runtime failure (e.g. port in use,
 daemon unreachable); 64 usage; 78 invalid configuration (EX_CONFIG). Errors are one paragraph
@@ -13,6 +13,7 @@ import getpass
 import json
 import logging
 import os
+import signal
 import ssl
 import sys
 import time
@@ -68,6 +69,51 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         _err(exc.render())
         return EX_CONFIG
     print(f"{args.path}: valid")
+    return EX_OK
+
+
+def _daemon_config_path(pid: int) -> Path | None:
+    """The file the ``tfgpud run`` process ``pid`` re-reads on SIGHUP (its ``--config``, else
+    the default); None if ``pid`` is not ``tfgpud run``.
+
+    Raises OSError when its command line cannot be read (no such process, no access)."""
+    raw = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    argv = [a.decode(errors="replace") for a in raw]
+    if "run" not in argv or not any(a == "tfgpud" or a.endswith("/tfgpud") for a in argv):
+        return None
+    for i, arg in enumerate(argv[:-1]):
+        if arg == "--config" or arg.startswith("--config="):
+            value = arg.partition("=")[2] or argv[i + 1]
+            # A relative path is the daemon's, not ours: resolve it in its working directory.
+            return Path(value) if value.startswith("/") else Path(f"/proc/{pid}/cwd", value)
+    return DEFAULT_CONFIG_PATH
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Validate the file the daemon would re-read, then send it SIGHUP; systemd's ExecReload.
+
+    An invalid file exits 78 and sends nothing, so `systemctl reload` fails while the daemon
+    keeps its running configuration (the daemon validates again on SIGHUP and keeps the old
+    one on any error). A PID that is not ``tfgpud run`` is not signalled (exit 1)."""
+    try:
+        path = _daemon_config_path(args.pid)
+    except OSError as exc:
+        _err(f"cannot read process {args.pid}: {exc.strerror or exc}; is tfgpud running?")
+        return EX_FAILURE
+    if path is None:
+        _err(f"process {args.pid} is not `tfgpud run`; not signalled")
+        return EX_FAILURE
+    try:
+        _check_web_config(load_config(path))
+    except ConfigError as exc:
+        _err(f"{exc.render()}\nNot reloaded: tfgpud keeps its running configuration.")
+        return EX_CONFIG
+    try:
+        os.kill(args.pid, signal.SIGHUP)
+    except OSError as exc:
+        _err(f"cannot signal process {args.pid}: {exc.strerror or exc}")
+        return EX_FAILURE
+    print(f"{path}: valid; asked tfgpud (pid {args.pid}) to reload it")
     return EX_OK
 
 
@@ -280,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="validate a configuration file (exit 78 if invalid)")
     p.add_argument("path", type=Path)
     p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser(
+        "reload", help="validate the daemon's configuration file, then make it re-read it (SIGHUP)"
+    )
+    p.add_argument("--pid", type=int, required=True, help="the daemon's PID ($MAINPID)")
+    p.set_defaults(func=cmd_reload)
 
     p = sub.add_parser("baseline", help="show or change the GPUs this machine is expected to have")
     p.add_argument("--config", metavar="PATH")

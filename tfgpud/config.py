@@ -82,12 +82,50 @@ class TfEnvConfig(_Section):
     smoke_test: bool = False
 
 
+class DiscoverConfig(_Section):
+    """``[tensorflow.discover]``: find TensorFlow envs nobody configured (metadata only)."""
+
+    enabled: bool = True
+    # Walked for venvs, conda envs and Python installs (bounded by the max_* keys below).
+    roots: tuple[Annotated[str, Field(min_length=1, max_length=4096)], ...] = (
+        "/home",
+        "/opt",
+        "/srv",
+        "/root",
+    )
+    jupyter: bool = True  # kernelspecs in the standard data dirs and each user's ~/.local/share
+    conda: bool = True  # each user's ~/.conda/environments.txt and envs/ of conda installs
+    system: bool = True  # the system interpreters' own site-packages (/usr, /usr/local)
+    max_envs: Annotated[int, Field(ge=1, le=256)] = 32
+    interval_seconds: Annotated[float, Field(ge=1, le=7 * 86400)] = 3600.0
+    # Directory levels below a root that are entered (an env at /home/alice/a/b/c/venv is 5).
+    max_depth: Annotated[int, Field(ge=1, le=32)] = 6
+    # Directory entries read per root (and once more for everything outside the roots).
+    max_entries_per_root: Annotated[int, Field(ge=100, le=10_000_000)] = 200_000
+    # Entries read from any one directory: a directory of a million data files costs no more.
+    max_entries_per_dir: Annotated[int, Field(ge=100, le=1_000_000)] = 10_000
+
+    @field_validator("roots")
+    @classmethod
+    def _check_roots(cls, roots: tuple[str, ...]) -> tuple[str, ...]:
+        if len(roots) > 32:
+            raise ValueError(f"at most 32 roots (got {len(roots)})")
+        for root in roots:
+            if not root.startswith("/") or root.startswith("//") or os.path.normpath(root) != root:
+                raise ValueError(f"roots must be absolute, normalised paths (got {root!r})")
+        dupes = sorted({r for r in roots if roots.count(r) > 1})
+        if dupes:
+            raise ValueError(f"roots must be unique; repeated: {', '.join(dupes)}")
+        return roots
+
+
 class TensorflowConfig(_Section):
     interval_seconds: Annotated[float, Field(ge=1)] = 21600.0
     timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 120.0
     # Probes running at once across envs (each imports TF: ~0.5-1 GB of RAM, seconds of CPU).
     max_concurrent_probes: Annotated[int, Field(ge=1, le=64)] = 1
     envs: list[TfEnvConfig] = Field(default_factory=list)
+    discover: DiscoverConfig = Field(default_factory=DiscoverConfig)
 
     @field_validator("envs")
     @classmethod

@@ -41,7 +41,7 @@ sed -i "s|^command = .*|command = $SYSPY -m venv --without-pip /opt/tfgpud|" "$V
 #    postinst compiles it, prerm removes it.
 $PY -m pip install --quiet --disable-pip-version-check --no-compile --no-warn-script-location \
     --no-build-isolation --only-binary=:all: --target "$SITE" .
-rm -rf "$SITE/bin" "$SITE"/tfgpud-*.dist-info/direct_url.json
+rm -rf "${SITE:?}/bin" "$SITE"/tfgpud-*.dist-info/direct_url.json
 find "$SITE" -name __pycache__ -type d -prune -exec rm -rf {} +
 # PyYAML's C accelerator embeds its own libyaml (lintian: embedded-library); tfgpud parses one
 # small web config, which the pure-Python parser PyYAML falls back to does just as well.
@@ -49,6 +49,7 @@ rm -f "$SITE"/yaml/_yaml.*.so
 find "$SITE" -name '*.so' -exec strip --strip-unneeded --remove-section=.comment {} +
 # The launcher runs python3 -I (isolated: no CWD on sys.path, no PYTHON* variables).
 install -m 0755 "$HERE/tfgpud-launcher" "$VENV/bin/tfgpud"
+ln -s python3 "$VENV/bin/tfgpud-python"   # the name the launcher runs it under (see there)
 mkdir -p "$STAGE/usr/bin"
 ln -s /opt/tfgpud/bin/tfgpud "$STAGE/usr/bin/tfgpud"
 
@@ -82,8 +83,18 @@ install -m 0644 "$HERE/conffiles" "$STAGE/DEBIAN/conffiles"
 find "$STAGE" -path "$STAGE/DEBIAN" -prune -o -type d -exec chmod 0755 {} +
 find "$STAGE" -path "$STAGE/DEBIAN" -prune -o -type f -exec chmod go-w,a+r {} +
 SIZE=$(du -sk --apparent-size --exclude=DEBIAN "$STAGE" | cut -f1)
+# The C libraries the wheels' extension modules link (bcrypt needs glibc >= 2.34), with the
+# versions dpkg-shlibdeps reads from this machine's symbols files. It wants a debian/control.
+SHL=$OUT/shlibdeps
+mkdir -p "$SHL/debian"
+printf 'Source: tfgpud\n\nPackage: tfgpud\nArchitecture: any\n' > "$SHL/debian/control"
+mapfile -t SOS < <(find "$(realpath "$STAGE")" -name '*.so' -type f | LC_ALL=C sort)
+SHLIBS=$(cd "$SHL" && dpkg-shlibdeps --warnings=0 -O "${SOS[@]}" | sed -n 's/^shlibs:Depends=//p')
+rm -rf "$SHL"
+[ -n "$SHLIBS" ] || { echo "build.sh: dpkg-shlibdeps found no library dependencies" >&2; exit 1; }
 sed -e "s/@VERSION@/$VERSION/" -e "s/@ARCH@/$ARCH/" -e "s/@SIZE@/$SIZE/" \
-    -e "s/@PYVER@/$PYVER/" -e "s/@PYNEXT@/$NEXT/" "$HERE/control.in" > "$STAGE/DEBIAN/control"
+    -e "s/@PYVER@/$PYVER/" -e "s/@PYNEXT@/$NEXT/" -e "s/@SHLIBS@/$SHLIBS/" \
+    "$HERE/control.in" > "$STAGE/DEBIAN/control"
 (cd "$STAGE" && find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | LC_ALL=C sort -z \
     | xargs -0 md5sum) > "$STAGE/DEBIAN/md5sums"
 chmod 0644 "$STAGE/DEBIAN/md5sums" "$STAGE/DEBIAN/control"

@@ -7,6 +7,7 @@ into a scratch root; nothing is installed on this machine.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -18,10 +19,11 @@ from pathlib import Path
 
 import pytest
 from helpers import fakedriver_env, write_scenario
-from packaging_helpers import ANALYZE, verify
+from packaging_helpers import ANALYZE, SYS_PYTHON, build_deb, python_minor, verify
+
+from tfgpud.config import Config
 
 ROOT = Path(__file__).resolve().parents[2]
-SYS_PYTHON = Path("/usr/bin/python3")
 
 pytestmark = [
     pytest.mark.slow,
@@ -30,33 +32,11 @@ pytestmark = [
 ]
 
 
-def _minor(python: str) -> str:
-    out = subprocess.run(
-        [python, "-c", "import sys; print(sys.version_info[:2])"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=30,
-    )
-    return out.stdout.strip()
-
-
 @pytest.fixture(scope="module")
 def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if _minor(str(SYS_PYTHON)) != _minor(sys.executable):
+    if python_minor(str(SYS_PYTHON)) != python_minor(sys.executable):
         pytest.skip("the dev venv's Python differs from Debian's python3")
-    out = tmp_path_factory.mktemp("deb")
-    proc = subprocess.run(
-        ["bash", "packaging/debian/build.sh", str(out)],
-        cwd=ROOT,
-        env={**os.environ, "PY": sys.executable},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return Path(proc.stdout.strip().splitlines()[-1])
+    return build_deb(tmp_path_factory.mktemp("deb"))
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +111,28 @@ def test_files_land_where_the_readme_says(unpacked: Path, deb: Path) -> None:
     assert deb.stat().st_size < 15e6
 
 
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split("."))
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump (binutils) not installed")
+def test_depends_cover_the_c_libraries_the_wheels_link(unpacked: Path) -> None:
+    """An extension module needing a newer glibc than Depends says would install, then fail
+    to import (bcrypt's wheel needs GLIBC_2.34)."""
+    depends = _field(unpacked, "Depends")
+    m = re.search(r"libc6 \(>= ([0-9.]+)\)", depends)
+    assert m, depends
+    needed: list[tuple[int, ...]] = []
+    for so in unpacked.rglob("*.so"):
+        out = subprocess.run(
+            ["objdump", "-p", "-T", str(so)], capture_output=True, text=True, timeout=60, check=True
+        ).stdout
+        needed += [_version(v) for v in re.findall(r"GLIBC_([0-9]+\.[0-9]+)", out)]
+        if re.search(r"NEEDED\s+libgcc_s\.so\.1", out):
+            assert "libgcc-s1" in depends, (so, depends)
+    assert needed and max(needed) <= _version(m.group(1)), (max(needed), depends)
+
+
 @pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze not installed")
 def test_installed_unit_verifies_against_the_installed_launcher(
     unpacked: Path, tmp_path: Path
@@ -139,8 +141,7 @@ def test_installed_unit_verifies_against_the_installed_launcher(
     shutil.copytree(unpacked, root, symlinks=True, ignore=shutil.ignore_patterns("DEBIAN"))
     shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True,
                     dirs_exist_ok=True)  # fmt: skip
-    shutil.copy2("/usr/bin/kill", root / "usr" / "bin" / "kill")
-    (root / "bin").symlink_to("usr/bin")
+    (root / "bin").symlink_to("usr/bin")  # and no /bin/kill: minbase has no procps
     assert verify(root) == ""
 
 
@@ -308,9 +309,11 @@ def test_launcher_is_isolated_from_the_current_directory(unpacked: Path, tmp_pat
     finds the packaged venv's site-packages (pyvenv.cfg sets the prefix)."""
     launcher = unpacked / "opt" / "tfgpud" / "bin" / "tfgpud"
     assert launcher.read_bytes() == (ROOT / "packaging" / "debian" / "tfgpud-launcher").read_bytes()
-    python = unpacked / "opt" / "tfgpud" / "bin" / "python3"
     local = tmp_path / "tfgpud"
-    local.write_text(launcher.read_text().replace("/opt/tfgpud/bin/python3", str(python)))
+    interpreter = unpacked / "opt" / "tfgpud" / "bin" / "tfgpud-python"
+    local.write_text(
+        launcher.read_text().replace("/opt/tfgpud/bin/tfgpud-python", str(interpreter))
+    )
     local.chmod(0o755)
     cwd = tmp_path / "cwd"
     cwd.mkdir()
@@ -328,3 +331,21 @@ def test_launcher_is_isolated_from_the_current_directory(unpacked: Path, tmp_pat
     )
     assert proc.returncode == 0, proc.stderr
     assert not marker.exists()
+
+
+def test_the_launcher_runs_python_under_its_own_name(unpacked: Path) -> None:
+    """The daemon and its ExecReload are not "python*" processes (the workloads scan's
+    default names), yet the interpreter finds the packaged venv."""
+    launcher = (unpacked / "opt" / "tfgpud" / "bin" / "tfgpud").read_text()
+    assert "exec /opt/tfgpud/bin/tfgpud-python -I -m tfgpud" in launcher
+    venv = unpacked / "opt" / "tfgpud"
+    assert os.readlink(venv / "bin" / "tfgpud-python") == "python3"
+    proc = subprocess.run(
+        [str(venv / "bin" / "tfgpud-python"), "-I", "-c",
+         "import sys, tfgpud; print(open('/proc/self/comm').read().strip(), sys.prefix)"],
+        capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"}, check=True,
+    )  # fmt: skip
+    comm, prefix = proc.stdout.split()
+    assert comm == "tfgpud-python" and prefix == str(venv)
+    names = Config().workloads.process_names
+    assert not any(fnmatch.fnmatch(comm, pattern) for pattern in names), names

@@ -355,6 +355,8 @@ static const keyspec top_keys[] = {
     {"nvml_version", T_STR, 0, 0},
     {"init_error", T_STR, 0, 0},
     {"cuda_init_error", T_INT, 0, INT32_MAX},
+    {"cudart_version", T_INT, 0, INT32_MAX},
+    {"cudnn_version", T_INT, 1, INT32_MAX},
 };
 
 static const keyspec gpu_keys[] = {
@@ -521,6 +523,10 @@ static bool assign_top(parser *ps, fd_scenario *sc, unsigned k, const value *v)
         sc->cuda_driver_version = (int)v->i;
     } else if (strcmp(name, "cuda_init_error") == 0) {
         sc->cuda_init_error = (int)v->i;
+    } else if (strcmp(name, "cudart_version") == 0) {
+        sc->cudart_version = (int)v->i;
+    } else if (strcmp(name, "cudnn_version") == 0) {
+        sc->cudnn_version = (int)v->i;
     } else if (strcmp(name, "init_error") == 0) {
         static const char *names[] = {"DRIVER_NOT_LOADED", "LIB_RM_VERSION_MISMATCH",
                                       "NO_PERMISSION", "UNKNOWN"};
@@ -619,6 +625,7 @@ bool fd_parse(const char *text, size_t len, fd_scenario *sc, int *err_line, char
     snprintf(sc->driver_version, sizeof sc->driver_version, "550.54.15");
     snprintf(sc->nvml_version, sizeof sc->nvml_version, "12.550.54.15");
     sc->cuda_driver_version = 12040;
+    sc->cudart_version = 12050;
     err[0] = '\0';
     *err_line = 0;
 

@@ -53,6 +53,8 @@ typedef struct {
     int cuda_driver_version;
     int init_error; /* FD_INIT_* */
     int cuda_init_error;
+    int cudart_version;
+    int cudnn_version; /* 0 = not in the scenario: each libcudnn variant has its own default */
     unsigned ngpus;
     fd_gpu gpu[FD_MAX_GPUS];
 } fd_scenario;

@@ -7,9 +7,17 @@
 #define _GNU_SOURCE
 #include "common.h"
 
+#include <errno.h>
+#include <limits.h>
+#include <poll.h>
+#include <pthread.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/inotify.h>
+#include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 /* --- nvml.h subset ------------------------------------------------------------------------- */
 
@@ -816,11 +824,217 @@ static long long now_ms(void)
     return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+/*
+ * Waiting blocks like the real driver's. Nothing becomes due until the scenario file changes,
+ * so a waiting thread sleeps until an entry of the file's name is written, renamed, replaced
+ * or removed in its directory (inotify; also the target's directory when the path is a
+ * symlink), or until its deadline: no wake-ups of its own, so that measurements of a client
+ * measure the client. A safety re-check every FD_WAIT_RECHECK_MS catches what a watch cannot
+ * see (a state change made by another thread of the process, a file system without inotify
+ * events). With nothing watched (no inotify instance left, the directory gone) it re-checks
+ * every FD_WAIT_POLL_MS.
+ *
+ * One inotify instance per process (closing one costs milliseconds of wall time). Of the
+ * threads waiting, one (the leader) sleeps in poll() on it and is the only one to read it;
+ * the others sleep on a condition variable. The leader counts each relevant change in `seq`
+ * and wakes everyone; a waiter that read `seq` before its last look at the scenario and sees
+ * it moved does not sleep, so no change is missed between looking and sleeping.
+ */
+#define FD_WAIT_RECHECK_MS 60000
+#define FD_WAIT_POLL_MS 100
+#define FD_WATCH_EVENTS                                                                       \
+    (IN_CLOSE_WRITE | IN_MOVED_TO | IN_MOVED_FROM | IN_CREATE | IN_DELETE | IN_ATTRIB |       \
+     IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR)
+
+static pthread_mutex_t wait_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wait_cv;
+static pthread_once_t wait_once = PTHREAD_ONCE_INIT;
+static struct {
+    pid_t pid; /* the process that owns fd (a forked child starts over) */
+    int fd;    /* inotify instance, -1 = none */
+    bool stale; /* re-target the watches before the next sleep */
+    char path[PATH_MAX]; /* the scenario path the watches are for */
+    unsigned n;
+    struct {
+        int wd;
+        char name[NAME_MAX + 1];
+    } w[2];
+    bool leader;
+    unsigned long seq;
+} ws = {.fd = -1, .stale = true};
+
+static void wait_init(void)
+{
+    pthread_condattr_t a;
+    pthread_condattr_init(&a);
+    pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
+    pthread_cond_init(&wait_cv, &a);
+    pthread_condattr_destroy(&a);
+}
+
+/* wait_mu held. Watch the directory of `path` for changes to its last component. */
+static void watch_add(const char *path)
+{
+    const char *slash = strrchr(path, '/');
+    const char *name = slash ? slash + 1 : path;
+    size_t dlen = slash ? (size_t)(slash - path) : 0;
+    char dir[PATH_MAX];
+    if (ws.n >= 2 || !*name || strlen(name) > NAME_MAX || dlen >= sizeof dir)
+        return;
+    if (!slash)
+        snprintf(dir, sizeof dir, ".");
+    else if (dlen == 0)
+        snprintf(dir, sizeof dir, "/");
+    else
+        snprintf(dir, sizeof dir, "%.*s", (int)dlen, path);
+    int wd = inotify_add_watch(ws.fd, dir, FD_WATCH_EVENTS);
+    if (wd < 0)
+        return;
+    ws.w[ws.n].wd = wd;
+    snprintf(ws.w[ws.n].name, sizeof ws.w[ws.n].name, "%s", name);
+    ws.n++;
+}
+
+/* wait_mu held. Point the watches at the scenario named now; true when they were (re)made,
+ * i.e. a change before this moment may have gone unseen. */
+static bool watch_update(void)
+{
+    const char *path = getenv("TFGPUD_FAKE_DRIVER");
+    if (!path)
+        path = "";
+    if (ws.fd >= 0 && !ws.stale && ws.n > 0 && strcmp(path, ws.path) == 0)
+        return false;
+    if (ws.fd < 0) {
+        ws.fd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+        ws.n = 0;
+        if (ws.fd < 0)
+            return false;
+    }
+    for (unsigned i = 0; i < ws.n; i++)
+        inotify_rm_watch(ws.fd, ws.w[i].wd);
+    ws.n = 0;
+    snprintf(ws.path, sizeof ws.path, "%s", path);
+    ws.stale = false;
+    if (*path) {
+        watch_add(path);
+        struct stat st;
+        char target[PATH_MAX];
+        if (lstat(path, &st) == 0 && S_ISLNK(st.st_mode) && realpath(path, target))
+            watch_add(target);
+    }
+    return ws.n > 0;
+}
+
+/* Leader only: drain the queued events; true when one may concern the scenario file. */
+static bool watch_read(int fd)
+{
+    bool relevant = false;
+    char buf[4096] __attribute__((aligned(__alignof__(struct inotify_event))));
+    for (;;) {
+        ssize_t len = read(fd, buf, sizeof buf);
+        if (len < 0 && errno == EINTR)
+            continue;
+        if (len <= 0)
+            return relevant;
+        pthread_mutex_lock(&wait_mu);
+        for (char *p = buf; p < buf + len;) {
+            const struct inotify_event *ev = (const struct inotify_event *)p;
+            if (ev->mask & (IN_Q_OVERFLOW | IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF))
+                relevant = true; /* events lost, or the directory itself went away */
+            for (unsigned i = 0; i < ws.n && ev->len; i++)
+                if (ev->wd == ws.w[i].wd && strcmp(ev->name, ws.w[i].name) == 0)
+                    relevant = true;
+            p += sizeof *ev + ev->len;
+        }
+        pthread_mutex_unlock(&wait_mu);
+    }
+}
+
+/* Leader only: sleep in poll() until a relevant event or `ms` passed. */
+static bool watch_sleep(int fd, long long ms)
+{
+    long long until = now_ms() + ms;
+    for (;;) {
+        struct pollfd pfd = {fd, POLLIN, 0};
+        int r = poll(&pfd, fd >= 0 ? 1 : 0, (int)ms);
+        if (r > 0 && watch_read(fd))
+            return true;
+        ms = until - now_ms();
+        if (r == 0 || ms <= 0 || (r < 0 && errno != EINTR))
+            return false;
+    }
+}
+
+static unsigned long wait_seq(void)
+{
+    pthread_mutex_lock(&wait_mu);
+    unsigned long seq = ws.seq;
+    pthread_mutex_unlock(&wait_mu);
+    return seq;
+}
+
+/* Sleep until the scenario may have changed since `seen` was read, or `left` ms passed. */
+static void wait_change(unsigned long seen, long long left)
+{
+    pthread_once(&wait_once, wait_init);
+    pthread_mutex_lock(&wait_mu);
+    pid_t pid = getpid();
+    if (ws.pid != pid) {
+        /* first wait, or a forked child: the instance and the leader are the parent's */
+        if (ws.fd >= 0)
+            close(ws.fd);
+        ws.fd = -1;
+        ws.pid = pid;
+        ws.stale = true;
+        ws.n = 0;
+        ws.leader = false;
+    }
+    long long ms = ws.n > 0 ? FD_WAIT_RECHECK_MS : FD_WAIT_POLL_MS;
+    if (left < ms)
+        ms = left;
+    if (ws.seq != seen) {
+        pthread_mutex_unlock(&wait_mu);
+        return;
+    }
+    if (!ws.leader) {
+        ws.leader = true;
+        bool retargeted = watch_update(), changed = false;
+        int fd = ws.fd;
+        if (ws.n == 0 && ms > FD_WAIT_POLL_MS)
+            ms = FD_WAIT_POLL_MS; /* nothing is watched: no inotify, or no directory */
+        pthread_mutex_unlock(&wait_mu);
+        if (!retargeted)
+            changed = watch_sleep(fd, ms);
+        pthread_mutex_lock(&wait_mu);
+        ws.leader = false;
+        if (retargeted || changed)
+            ws.seq++;
+        if (changed)
+            ws.stale = true; /* a symlink may point elsewhere now */
+        pthread_cond_broadcast(&wait_cv); /* re-check, and one of you leads */
+        pthread_mutex_unlock(&wait_mu);
+        return;
+    }
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    ts.tv_sec += ms / 1000;
+    ts.tv_nsec += (ms % 1000) * 1000000L;
+    if (ts.tv_nsec >= 1000000000L) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000L;
+    }
+    while (ws.seq == seen && ws.leader &&
+           pthread_cond_timedwait(&wait_cv, &wait_mu, &ts) != ETIMEDOUT)
+        ;
+    pthread_mutex_unlock(&wait_mu);
+}
+
 static nvmlReturn_t event_wait(const char *fn, nvmlEventSet_t set, nvmlEventData_t *data,
                                unsigned int timeoutms)
 {
     long long deadline = now_ms() + timeoutms;
     for (;;) {
+        unsigned long seen = wait_seq();
         const fd_scenario *sc = NULL;
         int rc = begin(&sc);
         if (rc)
@@ -848,8 +1062,7 @@ static nvmlReturn_t event_wait(const char *fn, nvmlEventSet_t set, nvmlEventData
             fd_trace(LIB, fn, NVML_ERROR_TIMEOUT);
             return NVML_ERROR_TIMEOUT;
         }
-        struct timespec ts = {0, (left < 10 ? left : 10) * 1000000L};
-        nanosleep(&ts, NULL);
+        wait_change(seen, left);
     }
 }
 

@@ -510,6 +510,232 @@ def test_xid_events_delivered_once(fakedriver: Path, scenario_path: Path) -> Non
     assert out["after"] == []
 
 
+EVENT_WAIT_BLOCKS = textwrap.dedent(
+    """
+    import ctypes, json, os, resource, threading, time
+    import pynvml as N
+    from helpers import write_scenario
+
+    path = os.environ["TFGPUD_FAKE_DRIVER"]
+    gpus = json.loads(os.environ["GPUS"])
+    N.nvmlInit()
+    h = N.nvmlDeviceGetHandleByIndex(0)
+    es = N.nvmlEventSetCreate()
+    N.nvmlDeviceRegisterEvents(h, N.nvmlEventTypeXidCriticalError, es)
+    out = {}
+
+    # an idle wait: what this thread spends while it waits
+    r0, c0 = resource.getrusage(resource.RUSAGE_THREAD), time.thread_time()
+    try:
+        N.nvmlEventSetWait_v2(es, 2000)
+        out["idle"] = "event"
+    except N.NVMLError_Timeout:
+        r1 = resource.getrusage(resource.RUSAGE_THREAD)
+        out["idle"] = {"cpu_s": time.thread_time() - c0, "nvcsw": r1.ru_nvcsw - r0.ru_nvcsw}
+
+    class DataV1(ctypes.Structure):
+        _fields_ = [("device", ctypes.c_void_p), ("eventType", ctypes.c_ulonglong),
+                    ("eventData", ctypes.c_ulonglong)]
+    legacy = N._nvmlGetFunctionPointer("nvmlEventSetWait")
+
+    def wait_v2():
+        return N.nvmlEventSetWait_v2(es, 10000).eventData
+    def wait_v1():
+        d = DataV1()
+        assert legacy(es, ctypes.byref(d), ctypes.c_uint(10000)) == 0
+        return d.eventData
+
+    # an Xid written while a wait is in progress: delivered when the file changes
+    for name, wait, xid in (("v2", wait_v2, 31), ("v1", wait_v1, 43)):
+        written = []
+        def rewrite():
+            time.sleep(0.5)
+            gpus[0]["xids"] = gpus[0].get("xids", []) + [xid]
+            write_scenario(path, gpus)
+            written.append(time.monotonic())
+        t = threading.Thread(target=rewrite)
+        t.start()
+        got = wait()
+        returned = time.monotonic()
+        t.join()
+        out[name] = [got, returned - written[0]]
+    print(json.dumps(out))
+    """
+)
+
+
+def test_event_wait_blocks_until_the_scenario_changes(
+    fakedriver: Path, scenario_path: Path
+) -> None:
+    """The wait sleeps while nothing is due (it does not poll) and wakes when the file changes."""
+    gpus: list[dict[str, Any]] = [{"uuid": "GPU-00000000-0000-0000-0000-0000000000b0"}]
+    write_scenario(scenario_path, gpus)
+    result = run_python(EVENT_WAIT_BLOCKS, scenario=scenario_path, env={"GPUS": json.dumps(gpus)})
+    assert result.returncode == 0, result.stderr
+    out = result.data
+    # 2 s of waiting: a 10 ms poll costs ~200 wake-ups and several ms of CPU
+    assert out["idle"]["nvcsw"] < 20, out
+    assert out["idle"]["cpu_s"] < 0.005, out
+    for name, xid in (("v2", 31), ("v1", 43)):
+        got, latency = out[name]
+        assert got == xid
+        assert latency < 1.0, out
+
+
+def test_event_wait_follows_a_symlinked_scenario(fakedriver: Path, tmp_path: Path) -> None:
+    """A scenario path that is a symlink: a rewrite of the file it points to wakes the wait."""
+    gpus: list[dict[str, Any]] = [{"uuid": "GPU-00000000-0000-0000-0000-0000000000d0"}]
+    (tmp_path / "real").mkdir()
+    target = write_scenario(tmp_path / "real" / "machine.toml", gpus)
+    link = tmp_path / "scenario.toml"
+    link.symlink_to(target)
+    code = textwrap.dedent(
+        """
+        import json, os, threading, time
+        import pynvml as N
+        from helpers import write_scenario
+
+        N.nvmlInit()
+        es = N.nvmlEventSetCreate()
+        h = N.nvmlDeviceGetHandleByIndex(0)
+        N.nvmlDeviceRegisterEvents(h, N.nvmlEventTypeXidCriticalError, es)
+        gpus = json.loads(os.environ["GPUS"])
+        written = []
+        def rewrite():
+            time.sleep(0.3)
+            write_scenario(os.environ["TARGET"], [{**gpus[0], "xids": [62]}])
+            written.append(time.monotonic())
+        t = threading.Thread(target=rewrite)
+        t.start()
+        xid = N.nvmlEventSetWait_v2(es, 10000).eventData
+        returned = time.monotonic()
+        t.join()
+        print(json.dumps([xid, returned - written[0]]))
+        """
+    )
+    result = run_python(code, scenario=link, env={"GPUS": json.dumps(gpus), "TARGET": str(target)})
+    assert result.returncode == 0, result.stderr
+    xid, latency = result.data
+    assert xid == 62 and latency < 1.0, result.data
+
+
+FORKED_WAIT = textwrap.dedent(
+    """
+    import json, os, threading, time
+    import pynvml as N
+    from helpers import write_scenario
+
+    path = os.environ["TFGPUD_FAKE_DRIVER"]
+    gpus = json.loads(os.environ["GPUS"])
+    N.nvmlInit()
+    es = N.nvmlEventSetCreate()
+    N.nvmlDeviceRegisterEvents(N.nvmlDeviceGetHandleByIndex(0), N.nvmlEventTypeXidCriticalError, es)
+    # the parent's thread is asleep in the wait (leading it) when the process forks
+    parent = threading.Thread(target=lambda: N.nvmlEventSetWait_v2(es, 3000))
+    parent.start()
+    time.sleep(0.3)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        t0 = time.monotonic()
+        try:
+            res = [N.nvmlEventSetWait_v2(es, 10000).eventData, time.monotonic() - t0]
+        except N.NVMLError as e:
+            res = [str(e), time.monotonic() - t0]
+        os.write(w, json.dumps(res).encode())
+        os._exit(0)
+    time.sleep(0.3)
+    write_scenario(path, [{**gpus[0], "xids": [92]}])
+    _, status = os.waitpid(pid, 0)
+    parent.join()
+    print(os.read(r, 1000).decode())
+    """
+)
+
+
+def test_event_wait_in_a_forked_child(fakedriver: Path, scenario_path: Path) -> None:
+    """A child forked while a parent thread waits has its own watch: not the parent's."""
+    gpus: list[dict[str, Any]] = [{"uuid": "GPU-00000000-0000-0000-0000-0000000000e0"}]
+    write_scenario(scenario_path, gpus)
+    result = run_python(FORKED_WAIT, scenario=scenario_path, env={"GPUS": json.dumps(gpus)})
+    assert result.returncode == 0, result.stderr
+    xid, waited = result.data
+    assert xid == 92 and waited < 1.5, result.data
+
+
+EVENT_WAITS_IN_THREADS = textwrap.dedent(
+    """
+    import json, os, threading, time
+    import pynvml as N
+    from helpers import write_scenario
+
+    path = os.environ["TFGPUD_FAKE_DRIVER"]
+    gpus = json.loads(os.environ["GPUS"])
+    N.nvmlInit()
+    sets = []
+    for i in range(2):
+        es = N.nvmlEventSetCreate()
+        h = N.nvmlDeviceGetHandleByIndex(i)
+        N.nvmlDeviceRegisterEvents(h, N.nvmlEventTypeXidCriticalError, es)
+        sets.append(es)
+    got = {}
+
+    def waiter(name, es, timeout_ms):
+        try:
+            got[name] = [N.nvmlEventSetWait_v2(es, timeout_ms).eventData, time.monotonic()]
+        except N.NVMLError_Timeout:
+            got[name] = ["timeout", time.monotonic()]
+
+    def add_xids(xids):
+        for i, xid in xids.items():
+            gpus[i]["xids"] = gpus[i].get("xids", []) + [xid]
+        write_scenario(path, gpus)
+        return time.monotonic()
+
+    # a short wait and a long one: the long one goes on after the short one timed out
+    short = threading.Thread(target=waiter, args=("short", sets[0], 300))
+    long_ = threading.Thread(target=waiter, args=("long", sets[1], 10000))
+    short.start()
+    time.sleep(0.1)
+    long_.start()
+    time.sleep(0.7)
+    written = add_xids({1: 45})
+    short.join()
+    long_.join()
+    out = {"short": got["short"][0], "long": [got["long"][0], got["long"][1] - written]}
+
+    # two long waits at once, one change for both
+    threads = [threading.Thread(target=waiter, args=(f"w{i}", sets[i], 10000)) for i in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    written = add_xids({0: 13, 1: 48})
+    for t in threads:
+        t.join()
+    out["both"] = [[got[f"w{i}"][0], got[f"w{i}"][1] - written] for i in range(2)]
+    print(json.dumps(out))
+    """
+)
+
+
+def test_event_waits_in_several_threads(fakedriver: Path, scenario_path: Path) -> None:
+    """Waits in several threads each get their event promptly, also after another wait ended."""
+    gpus: list[dict[str, Any]] = [
+        {"uuid": f"GPU-00000000-0000-0000-0000-0000000000c{i}"} for i in range(2)
+    ]
+    write_scenario(scenario_path, gpus)
+    result = run_python(
+        EVENT_WAITS_IN_THREADS, scenario=scenario_path, env={"GPUS": json.dumps(gpus)}
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.data
+    assert out["short"] == "timeout"
+    xid, latency = out["long"]
+    assert xid == 45 and latency < 1.0, out
+    assert [xid for xid, _ in out["both"]] == [13, 48]
+    assert all(latency < 1.0 for _, latency in out["both"]), out
+
+
 MALFORMED = [
     ("missing", None, None, "cannot read scenario: No such file or directory"),
     (
@@ -526,6 +752,8 @@ MALFORMED = [
     ("bad init_error", 'init_error = "BROKEN"\n', 1, "init_error must be one of"),
     ("unterminated", 'nvml_version = "12.5\n', 1, "unterminated string"),
     ("negative", "[[gpu]]\npower_mw = -1\n", 2, "out of range"),
+    ("cudnn_version 0", "cudnn_version = 0\n", 1, "out of range [1, 2147483647]"),
+    ("cudart_version text", 'cudart_version = "12.5"\n', 1, "expected integer for key 'cudart"),
     (
         "parallel arrays",
         "[[gpu]]\nprocess_pids = [1, 2]\nprocess_memory = [\n  10,\n]\n",

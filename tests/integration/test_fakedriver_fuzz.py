@@ -74,6 +74,8 @@ valid_top = st.fixed_dictionaries(
         "driver_version": names,
         "nvml_version": names,
         "cuda_driver_version": st.integers(0, 2**31 - 1),
+        "cudart_version": st.integers(0, 2**31 - 1),
+        "cudnn_version": st.integers(1, 2**31 - 1),
     },
 )
 
@@ -127,6 +129,7 @@ TOKENS = [
     b"lost",
     b'init_error = "UNKNOWN"\n',
     b"cuda_init_error = 100\n",
+    b"cudnn_version = 90300\n",
     b"\x00",
     b"\xff",
     b"\t",

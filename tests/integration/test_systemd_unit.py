@@ -1,7 +1,7 @@
 """packaging/systemd: the unit parses cleanly, scores ≤ 1.5 exposure, and agrees with the code.
 
 systemd is not PID 1 here, so the unit is checked with systemd-analyze against a scratch root
-that holds the host's unit directory, /bin/kill and the binary the unit names; sysusers and
+that holds the host's unit directory and the binaries the unit names; sysusers and
 tmpfiles are applied to a scratch root with ``--root``.
 """
 
@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from daemon_harness import DaemonProcess
+from helpers import write_scenario
 from packaging_helpers import (
     ANALYZE,
+    MAX_EXPOSURE,
     exec_binaries,
     exposure,
     parse_unit,
@@ -28,7 +32,6 @@ UNIT = ROOT / "packaging" / "systemd" / "tfgpud.service"
 SYSUSERS = ROOT / "packaging" / "systemd" / "tfgpud.sysusers"
 TMPFILES = ROOT / "packaging" / "systemd" / "tfgpud.tmpfiles"
 needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze not installed")
-MAX_EXPOSURE = 1.5
 # What README.md tells to add with `systemctl edit tfgpud` to see other users' TF jobs.
 DROP_IN = """
 [Service]
@@ -95,7 +98,8 @@ def test_unit_matches_the_daemon_and_the_package() -> None:
     svc = unit["Service"]
     assert svc["Type"] == ["notify"] and svc["NotifyAccess"] == ["main"]
     assert svc["ExecStart"] == [f"/opt/tfgpud/bin/tfgpud run --config {DEFAULT_CONFIG_PATH}"]
-    assert svc["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    # Validate, then signal, with the package's own command (no procps on a minimal system).
+    assert svc["ExecReload"] == ["/opt/tfgpud/bin/tfgpud reload --pid $MAINPID"]
     assert svc["Restart"] == ["on-failure"] and svc["RestartPreventExitStatus"] == ["78"]
     assert svc["WatchdogSec"] and svc["User"] == ["tfgpud"]
     assert f"/var/lib/{svc['StateDirectory'][0]}" == Config().daemon.state_dir
@@ -140,3 +144,52 @@ def test_sysusers_and_tmpfiles_create_the_user_and_state_dir(tmp_path: Path) -> 
     st = state.stat()
     assert oct(st.st_mode & 0o777) == "0o750"
     assert st.st_uid == int(fields[2])
+
+
+def _reload(pid: int) -> subprocess.CompletedProcess[str]:
+    """What ExecReload runs, against ``pid``."""
+    return subprocess.run(
+        [sys.executable, "-m", "tfgpud", "reload", "--pid", str(pid)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_exec_reload_validates_then_signals_the_daemon(
+    tmp_path: Path, fakedriver: Path, scenario_path: Path
+) -> None:
+    write_scenario(scenario_path, [{"name": "NVIDIA A100-SXM4-80GB"}])
+    with DaemonProcess(tmp_path, scenario=scenario_path) as d:
+        d.start()
+        assert d.proc is not None
+        d.wait_metric(lambda m: m.get("tfgpud_expected_gpus") == 1)
+        good = d.config.read_text()
+        seen = len(d.notify.snapshot())
+        d.config.write_text(good + "[expect]\ngpus = 3\nbogus = 1\n")
+        bad = _reload(d.proc.pid)
+        assert bad.returncode == 78, bad.stderr
+        assert "bogus" in bad.stderr and "Not reloaded" in bad.stderr
+        d.config.write_text(good + "[expect]\ngpus = 2\n")
+        ok = _reload(d.proc.pid)
+        assert ok.returncode == 0, ok.stderr
+        assert f"{d.config}: valid" in ok.stdout
+        d.wait_metric(lambda m: m.get("tfgpud_expected_gpus") == 2)
+        reloads = [m for m in d.notify.snapshot()[seen:] if m.get("RELOADING") == "1"]
+        assert len(reloads) == 1  # the invalid file sent no SIGHUP
+        assert d.stop() == 0
+
+
+def test_exec_reload_signals_nothing_but_tfgpud_run(tmp_path: Path) -> None:
+    # SIGHUP's default action ends a process: a wrong PID must not be signalled.
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        proc = _reload(other.pid)
+        assert proc.returncode == 1 and "is not `tfgpud run`" in proc.stderr
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait(5)
+    gone = _reload(other.pid)
+    assert gone.returncode == 1 and "is tfgpud running?" in gone.stderr

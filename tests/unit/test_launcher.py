@@ -18,7 +18,7 @@ def run_launcher(
     marker = tmp_path / "trap-ran"
     (cwd / "pydantic.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     launcher = tmp_path / "tfgpud"
-    launcher.write_text(text.replace("/opt/tfgpud/bin/python3", sys.executable))
+    launcher.write_text(text.replace("/opt/tfgpud/bin/tfgpud-python", sys.executable))
     launcher.chmod(0o755)
     proc = subprocess.run(
         [str(launcher), "check-config", str(ROOT / "config" / "tfgpud.toml")],
