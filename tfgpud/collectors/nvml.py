@@ -95,6 +95,41 @@ def _loaded_library() -> tuple[str | None, bool]:
     return None, False
 
 
+_NOT_AVAILABLE = pynvml.NVML_VALUE_NOT_AVAILABLE_ulonglong.value
+
+
+def _compute_processes(handle: Any) -> list[tuple[int, int | None]]:
+    """(pid, used GPU memory or None) of each compute process, straight from the C structs.
+
+    What ``pynvml.nvmlDeviceGetComputeRunningProcesses`` returns, without turning each struct
+    into a "friendly" object (most of the cost of a poll on a busy GPU); falls back to that
+    call where this binding lacks the pieces used here.
+    """
+    fn_lookup = getattr(pynvml, "_nvmlGetFunctionPointer", None)
+    struct = getattr(pynvml, "c_nvmlProcessInfo_v3_t", None)
+    if fn_lookup is None or struct is None:
+        return [
+            (int(p.pid), None if p.usedGpuMemory is None else int(p.usedGpuMemory))
+            for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+        ]
+    fn = fn_lookup("nvmlDeviceGetComputeRunningProcesses_v3")
+    count = ctypes.c_uint(0)
+    ret = fn(handle, ctypes.byref(count), None)
+    if ret == pynvml.NVML_SUCCESS:
+        return []
+    if ret != pynvml.NVML_ERROR_INSUFFICIENT_SIZE:
+        raise pynvml.NVMLError(ret)
+    count.value = count.value * 2 + 5  # room for processes started since the first call
+    procs = (struct * count.value)()
+    ret = fn(handle, ctypes.byref(count), procs)
+    if ret != pynvml.NVML_SUCCESS:
+        raise pynvml.NVMLError(ret)
+    return [
+        (int(p.pid), None if p.usedGpuMemory == _NOT_AVAILABLE else int(p.usedGpuMemory))
+        for p in procs[: count.value]
+    ]
+
+
 def _proc_name(proc_root: str, pid: int) -> str | None:
     # Plain strings, not pathlib: this runs for every GPU process on every poll.
     try:
@@ -135,6 +170,8 @@ class NvmlSession:
         self._warned: set[tuple[str, int]] = set()
         # Identity of each index from the last good read: a lost GPU may not tell its UUID.
         self._identity: dict[int, tuple[str, str | None, str | None]] = {}
+        # uuid -> (name, bus id, compute capability) of the GPUs of the last poll
+        self._fixed_by_uuid: dict[str, tuple[str | None, str | None, tuple[int, int] | None]] = {}
         self._library_path: str | None = None
         self._generation = 0  # bumped at each successful init; event sets die with NVML
         self._events: tuple[tuple[frozenset[str], int], Any, dict[int, str]] | None = None
@@ -180,6 +217,7 @@ class NvmlSession:
             self._up, self._last_error, self._backoff = True, None, 0.0
             self._generation += 1
             self._identity.clear()  # indexes may have moved while the driver was away
+            self._fixed_by_uuid.clear()
             self._changed.set()
             return None
         # No library at all: back off up to 30 s (a dlopen search each poll is waste).
@@ -264,18 +302,11 @@ class NvmlSession:
             return None
 
     def _processes(self, handle: Any) -> tuple[GpuProcess, ...]:
-        procs = self._q(pynvml.nvmlDeviceGetComputeRunningProcesses, handle) or []
-        out = []
-        for p in procs:
-            used = p.usedGpuMemory
-            pid = int(p.pid)
-            out.append(
-                GpuProcess(
-                    pid=pid,
-                    used_memory_bytes=None if used is None else int(used),
-                    name=_proc_name(self._proc_root_str, pid),
-                )
-            )
+        procs = self._q(_compute_processes, handle) or []
+        out = [
+            GpuProcess(pid=pid, used_memory_bytes=used, name=_proc_name(self._proc_root_str, pid))
+            for pid, used in procs
+        ]
         return tuple(sorted(out, key=lambda p: p.pid))
 
     def _gpu(self, index: int) -> GpuReading:
@@ -295,10 +326,8 @@ class NvmlSession:
                 if code in _DRIVER_GONE:
                     raise DriverGone(code) from None
                 return self._unreadable(index, code)
-            name = self._q(pynvml.nvmlDeviceGetName, handle)
-            pci = self._q(pynvml.nvmlDeviceGetPciInfo, handle)
-            bus_id = _text(pci.busId) if pci is not None else None
-            self._identity[index] = (uuid, _text(name) if name else None, bus_id)
+            name, bus_id, cc = self._fixed(uuid, handle)
+            self._identity[index] = (uuid, name, bus_id)
             mem = self._q(pynvml.nvmlDeviceGetMemoryInfo, handle, pynvml.nvmlMemory_v2)
             reserved = None
             if mem is not None:
@@ -308,7 +337,6 @@ class NvmlSession:
             util = self._q(pynvml.nvmlDeviceGetUtilizationRates, handle)
             temp = self._q(pynvml.nvmlDeviceGetTemperature, handle, pynvml.NVML_TEMPERATURE_GPU)
             power = self._q(pynvml.nvmlDeviceGetPowerUsage, handle)
-            cc = self._q(pynvml.nvmlDeviceGetCudaComputeCapability, handle)
             ecc = self._q(
                 pynvml.nvmlDeviceGetTotalEccErrors,
                 handle,
@@ -320,7 +348,7 @@ class NvmlSession:
             return GpuReading(
                 index=index,
                 uuid=uuid,
-                name=_text(name) if name is not None else None,
+                name=name,
                 pci_bus_id=bus_id,
                 memory_total_bytes=int(mem.total) if mem is not None else None,
                 memory_used_bytes=int(mem.used) if mem is not None else None,
@@ -330,7 +358,7 @@ class NvmlSession:
                 utilization_memory_ratio=util.memory / 100.0 if util is not None else None,
                 temperature_celsius=float(temp) if temp is not None else None,
                 power_watts=power / 1000.0 if power is not None else None,
-                compute_capability=(int(cc[0]), int(cc[1])) if cc is not None else None,
+                compute_capability=cc,
                 ecc_uncorrected_total=int(ecc) if ecc is not None else None,
                 persistence_mode=bool(persistence) if persistence is not None else None,
                 mig_mode=bool(mig[0]) if mig is not None else None,
@@ -338,6 +366,26 @@ class NvmlSession:
             )
         except GpuGone as gone:
             return self._unreadable(index, gone.code)
+
+    def _fixed(
+        self, uuid: str, handle: Any
+    ) -> tuple[str | None, str | None, tuple[int, int] | None]:
+        """Name, PCI bus id and compute capability: fixed for a GPU, so read once per UUID and
+        NVML session (again while one of them could not be read)."""
+        known = self._fixed_by_uuid.get(uuid)
+        if known is not None:
+            return known
+        name = self._q(pynvml.nvmlDeviceGetName, handle)
+        pci = self._q(pynvml.nvmlDeviceGetPciInfo, handle)
+        cc = self._q(pynvml.nvmlDeviceGetCudaComputeCapability, handle)
+        fixed = (
+            _text(name) if name else None,
+            _text(pci.busId) if pci is not None else None,
+            (int(cc[0]), int(cc[1])) if cc is not None else None,
+        )
+        if None not in fixed:
+            self._fixed_by_uuid[uuid] = fixed
+        return fixed
 
     def _dedupe(self, gpus: tuple[GpuReading, ...]) -> tuple[GpuReading, ...]:
         """An unreadable GPU must not borrow the identity of a GPU that answered this poll."""
@@ -384,6 +432,9 @@ class NvmlSession:
                     # Without a count every GPU would look gone: say the driver is unusable.
                     return NvmlReading(up=False, error="DEVICE_COUNT_FAILED")
                 gpus = self._dedupe(tuple(self._gpu(i) for i in range(count)))
+                seen = {g.uuid for g in gpus}
+                for gone in self._fixed_by_uuid.keys() - seen:  # bounded by the GPUs now
+                    del self._fixed_by_uuid[gone]
             except DriverGone as gone:
                 log.warning("NVML lost the driver: %s", gone)
                 self._drop(gone.code)
