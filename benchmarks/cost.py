@@ -67,13 +67,15 @@ def _cpu(st: ThreadStat) -> float:
     return st.cpu_ns / 1e9 if st.cpu_ns is not None else st.cpu_ticks * TICK
 
 
-def _names(threads: Iterable[ThreadStat]) -> dict[int, str]:
-    """tid -> the thread's name; a name shared by several threads gets #2, #3 (by tid)."""
+def _names(pid: int, threads: Iterable[ThreadStat]) -> dict[int, str]:
+    """tid -> the thread's name ("main" for the main thread); a name shared by several threads
+    gets #2, #3 (by tid)."""
     out: dict[int, str] = {}
     seen: dict[str, int] = defaultdict(int)
     for st in sorted(threads, key=lambda s: s.tid):
-        seen[st.name] += 1
-        out[st.tid] = st.name if seen[st.name] == 1 else f"{st.name}#{seen[st.name]}"
+        name = "main" if st.tid == pid else st.name
+        seen[name] += 1
+        out[st.tid] = name if seen[name] == 1 else f"{name}#{seen[name]}"
     return out
 
 
@@ -96,7 +98,7 @@ def measure(tmp: Path, scenario: Path, interval: float, seconds: float) -> Windo
         polls_b = _polls(d)
         d.stop()
     per_thread: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-    for tid, name in _names(b.values()).items():
+    for tid, name in _names(pid, b.values()).items():
         after, before = b[tid], a.get(tid)
         cpu0, vol0 = (_cpu(before), before.voluntary) if before is not None else (0.0, 0)
         acc = per_thread[name]

@@ -21,7 +21,7 @@ from tfgpud import __version__
 from tfgpud.alerts import AlertDispatcher
 from tfgpud.collectors.base import timed
 from tfgpud.collectors.nvml import NvmlSession, XidWatcher
-from tfgpud.collectors.pci import collect_pci
+from tfgpud.collectors.pci import Identities, collect_pci
 from tfgpud.collectors.tensorflow import TfProbeScheduler
 from tfgpud.collectors.workloads import WorkloadScanner
 from tfgpud.config import Config, ConfigError, load_config, parse_listen
@@ -103,6 +103,7 @@ class Daemon:
         self._exposition = Exposition(self._registry, lambda: self._snapshot)
         self._http: HttpServer | None = None
         self._named: set[int] = set()  # thread ids given their name (name_threads)
+        self._pci_known: Identities = {}  # what each PCI address is (collect_pci)
         self.polls = 0
 
     # -- signals -----------------------------------------------------------------------------
@@ -193,7 +194,8 @@ class Daemon:
     def _poll(self, now: float) -> Snapshot:
         runs: list[CollectorRun] = []
         pci, run = timed(
-            "pci", lambda: collect_pci(self.paths.sys, self.paths.proc, self.paths.dev)
+            "pci",
+            lambda: collect_pci(self.paths.sys, self.paths.proc, self.paths.dev, self._pci_known),
         )
         runs.append(run)
         nvml, run = timed("nvml", self._nvml.poll)
