@@ -9,6 +9,8 @@ CONFIG ?= config/local.toml
 APT_TEST_PKGS := prometheus prometheus-alertmanager libsystemd-dev pkg-config gcc make
 # packaging tests: the .deb is built with dpkg-deb and checked by lintian; TLS scrapes by curl
 APT_TEST_PKGS += curl openssl lintian shellcheck systemd
+# the page at / is tested in a real headless browser (tests/e2e/test_page_browser.py)
+APT_TEST_PKGS += chromium
 
 .PHONY: run demo test lint fakedriver bench apt-test-deps venv clean deb
 
