@@ -163,7 +163,7 @@ def daemon_url(value: str) -> str:
     """``--url``: ``http(s)://HOST:PORT[/PATH]`` or ``HOST:PORT`` / ``HOST`` / ``[V6]:PORT``
     (http, default port 10041) as a base URL without a trailing slash; ValueError when it is
     none of these."""
-    text = value.strip().rstrip("/")
+    text = value.strip()
     bare = "://" not in text
     if bare:
         text = f"http://{text}"
@@ -174,10 +174,10 @@ def daemon_url(value: str) -> str:
         port = parts.port
     except ValueError:
         raise ValueError(f"{value!r}: the port is not a number from 0 to 65535") from None
+    netloc = parts.netloc
     if bare and port is None:
-        _, default_port = parse_listen(DEFAULT_LISTEN)
-        text = urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.netloc}:{default_port}"))
-    return text
+        netloc += f":{parse_listen(DEFAULT_LISTEN)[1]}"
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
 
 
 def _url_argument(value: str) -> str:

@@ -98,28 +98,31 @@ _TRACEBACK_HEAD = "Traceback (most recent call last):"
 
 def trim_traceback(lines: Iterable[str]) -> list[str]:
     """Evidence lines a person reads: each run of Python traceback frames is reduced to its
-    last meaningful frame (outside ``<frozen importlib…>``) with its source line; the
-    ``Traceback (most recent call last):`` headers and ``^^^^`` caret lines are dropped. The
-    exception lines and every other line are kept, in order."""
+    last meaningful frame (not ``<frozen importlib…>``) with its source line, or to nothing when
+    none is meaningful; ``Traceback (most recent call last):`` headers, ``^^^^`` caret lines and
+    source lines whose frame was cut off are dropped. The exception lines and every other line
+    are kept, in order."""
+    src = list(lines)
     out: list[str] = []
     current: list[str] | None = None  # the frame being read: its File line, then its source
-    chosen: list[str] | None = None  # the frame of this run that will be kept
-    chosen_meaningful = False
-    for line in lines:
+    chosen: list[str] | None = None  # the last meaningful frame of this run
+    for i, line in enumerate(src):
         m = _FRAME.match(line)
         if m is not None:
             current = [line]
-            meaningful = not m.group(1).startswith("<")
-            if meaningful or not chosen_meaningful:
-                chosen, chosen_meaningful = current, meaningful
+            if not m.group(1).startswith("<"):
+                chosen = current
             continue
         if _CARETS.match(line) or line.strip() == _TRACEBACK_HEAD:
             continue
-        if current is not None and line.startswith("    "):
-            current.append(line)
-            continue
+        if line.startswith("    "):
+            if current is not None:
+                current.append(line)
+                continue
+            if i + 1 < len(src) and _FRAME.match(src[i + 1]):
+                continue  # the source line of a frame cut off above
         out.extend(chosen or ())
-        current, chosen, chosen_meaningful = None, None, False
+        current, chosen = None, None
         out.append(line)
     out.extend(chosen or ())
     return out

@@ -78,8 +78,11 @@ def _keep(result: TfProbeResult, into: list[TfProbeResult]) -> TfProbeResult:
 # --- never a venv at /, /usr or an existing directory that is not a venv ----------------------
 
 
-def test_doctor_python_in_usr_never_suggests_a_venv_at_usr() -> None:
-    f = doctor_finding("/usr/bin/python3.99")  # under /usr, and no such interpreter
+@pytest.mark.parametrize("python", ["/usr/bin/python3.13", "/usr/bin/python3.99"])
+def test_doctor_python_in_usr_never_suggests_a_venv_at_usr(python: str) -> None:
+    if Path(python).exists():
+        pytest.skip(f"{python} exists here: not a missing interpreter")
+    f = doctor_finding(python)  # under /usr, and no such interpreter
     assert "-m venv /usr" not in f.fix
     assert venv_targets(f.fix) == ["~/venvs/tf"]
     assert "~/venvs/tf/bin/python -m pip install 'tensorflow[and-cuda]==2.21.0'" in f.fix
@@ -108,7 +111,9 @@ def test_an_existing_directory_that_is_not_a_venv_is_never_a_venv_target(tmp_pat
     assert_pasteable(f.fix)
 
 
-def test_a_missing_env_whose_directory_is_free_is_created_where_configured(tmp_path: Path) -> None:
+def test_a_missing_env_whose_directory_is_free_is_created_where_configured(
+    tmp_path: Path,
+) -> None:
     broken = tmp_path / "venvs" / "research"  # a venv that lost its interpreter: repaired
     broken.mkdir(parents=True)
     (broken / "pyvenv.cfg").write_text("home = /usr/bin\n")
@@ -337,3 +342,26 @@ def test_doctor_report_shows_no_frames_or_carets(tmp_path: Path) -> None:
     assert "^^^^" not in report and "Traceback (most recent call last)" not in report
     assert "<frozen importlib" not in report and "tensorflow/__init__.py" not in report
     assert "raise ImportError(msg)" in report and TRACEBACK[-1] in report
+
+
+def test_the_new_venv_never_lands_on_a_directory_that_is_not_a_venv(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "venvs" / "tf").mkdir(parents=True)  # someone's data, not a venv
+    f = one(diagnose(snap(tf=(missing("/nonexistent/python"),)), CONFIG), "tf-import-failed", "cli")
+    assert venv_targets(f.fix) == ["~/venvs/tf-2"]
+    assert_pasteable(f.fix)
+
+
+def test_trim_traceback_drops_cut_off_source_lines_and_frozen_only_frames() -> None:
+    # The tail of `import tensorflow` failing where TF is not installed, as the probe keeps it.
+    tail = [
+        "    return _bootstrap._gcd_import(name[level:], package, level)",
+        '  File "<frozen importlib._bootstrap>", line 1142, in _find_and_load_unlocked',
+        "ModuleNotFoundError: No module named 'tensorflow'",
+    ]
+    assert trim_traceback(["python 3.11.2", *tail]) == [
+        "python 3.11.2",
+        "ModuleNotFoundError: No module named 'tensorflow'",
+    ]

@@ -89,7 +89,14 @@ def externally_managed(r: TfProbeResult) -> bool:
 
 
 def new_venv_dir(r: TfProbeResult) -> str:
-    return CLI_VENV if r.env == CLI_ENV else CONFIG_VENV
+    """Where a fix creates a venv for TensorFlow: ``~/venvs/tf`` for doctor's ``--python``,
+    ``/opt/tf-venv`` for an env of the configuration; ``…-2``, ``…-3`` when that path is taken
+    by something that is not a venv."""
+    base = CLI_VENV if r.env == CLI_ENV else CONFIG_VENV
+    for candidate in (base, *(f"{base}-{n}" for n in range(2, 10))):
+        if venv_may_go_at(os.path.expanduser(candidate)):
+            return candidate
+    return f"{base}-new"
 
 
 def pip_install(r: TfProbeResult, spec: str) -> str:
