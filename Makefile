@@ -12,6 +12,8 @@ APT_TEST_PKGS := prometheus prometheus-alertmanager gcc make
 APT_TEST_PKGS += curl openssl lintian shellcheck systemd dpkg-dev binutils
 # the package under a real systemd: a Debian 12 minbase booted in systemd-nspawn
 APT_TEST_PKGS += systemd-container debootstrap
+# the page at / is tested in a real headless browser (tests/e2e/test_page_browser.py)
+APT_TEST_PKGS += chromium
 
 .PHONY: run demo test lint fakedriver bench apt-test-deps venv clean deb nspawn-rootfs
 

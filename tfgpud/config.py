@@ -6,6 +6,7 @@ the file, each offending key path (with its line where it can be found) and what
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
@@ -254,6 +255,42 @@ def _line_of(text: str, loc: tuple[str | int, ...]) -> int | None:
     return start + 1 if table else None
 
 
+def _section_model(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
+    """The model that holds the key at ``loc`` (``("daemon", "stat_dir")`` → DaemonConfig)."""
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue  # an index into an array of tables
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        inner = _model_in(field.annotation)
+        if inner is None:
+            return None
+        model = inner
+    return model
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The BaseModel in ``X``, ``list[X]``, ``X | None``, ``Annotated[X, …]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _did_you_mean(loc: tuple[str | int, ...]) -> str:
+    """`` (did you mean `state_dir`?)`` for a misspelt key; empty when nothing is close."""
+    model = _section_model(loc)
+    if model is None or not loc or not isinstance(loc[-1], str):
+        return ""
+    close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.6)
+    return f" (did you mean `{close[0]}`?)" if close else ""
+
+
 def _describe(err: Any, text: str) -> str:
     loc: tuple[str | int, ...] = tuple(err["loc"])
     path = ".".join(f"[{p}]" if isinstance(p, int) else p for p in loc).replace(".[", "[")
@@ -261,7 +298,7 @@ def _describe(err: Any, text: str) -> str:
     where = f"line {line}: " if line else ""
     kind = err["type"]
     if kind == "extra_forbidden":
-        return f"{where}unknown key `{path}`"
+        return f"{where}unknown key `{path}`{_did_you_mean(loc)}"
     if kind == "missing":
         return f"{where}missing required key `{path}`"
     got = err.get("input")

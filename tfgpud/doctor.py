@@ -143,6 +143,7 @@ def run_doctor(
     read_nvml: NvmlReader = _read_nvml,
     probe: EnvProber = _probe,
     now: Callable[[], float] = time.time,
+    colour: bool = False,
 ) -> int:
     """Diagnose the machine now, write the report to ``out``, return the exit status (0/1/2).
 
@@ -171,5 +172,5 @@ def run_doctor(
         }
         out.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     else:
-        out.write(render_report(snap, findings, code, socket.gethostname()))
+        out.write(render_report(snap, findings, code, socket.gethostname(), colour=colour))
     return code

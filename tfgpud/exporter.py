@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import exposition
@@ -17,6 +18,12 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from tfgpud import __version__
 from tfgpud.diagnosis import cpu_fallback_envs
 from tfgpud.model import GpuReading, Snapshot
+
+# What ``tfgpud_gpus{state}`` counts; see gpu_state_counts().
+GPU_STATES = ("ok", "lost", "failing", "missing")
+# GPUs whose identity the exporter remembers for when they stop answering (oldest dropped).
+MAX_REMEMBERED_GPUS = 64
+Identity = tuple[str, str, str]  # name, pci_bus_id, compute_capability
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +43,7 @@ class SnapshotCollector(Collector):
 
     def __init__(self, source: Callable[[], Snapshot | None]) -> None:
         self._source = source
+        self._identities = GpuIdentities()
 
     def describe(self) -> Iterable[Metric]:
         return []  # never collect at registration
@@ -48,14 +56,69 @@ class SnapshotCollector(Collector):
         if snap is None:
             return
         try:
-            families = list(_families(snap))
+            families = list(_families(snap, self._identities))
         except Exception:
             log.exception("building metrics failed; serving build_info only")
             return
         yield from families
 
 
-def _families(snap: Snapshot) -> Iterator[Metric]:
+class GpuIdentities:
+    """The last complete identity (name, PCI bus id, compute capability) of each GPU seen
+    answering, so that ``tfgpud_gpu_info`` of a GPU that is lost now still names it. Bounded:
+    the GPUs least recently seen are forgotten first."""
+
+    def __init__(self, limit: int = MAX_REMEMBERED_GPUS) -> None:
+        self._limit = limit
+        self._known: OrderedDict[str, Identity] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def identify(self, g: GpuReading, snap: Snapshot) -> Identity | None:
+        """``g``'s identity labels: what NVML says now, else what was last known (this
+        process's memory, then the baseline); None when any of them is unknown or the GPU's
+        UUID itself was never read."""
+        if is_placeholder_uuid(g.uuid):
+            return None
+        with self._lock:
+            known = self._known.get(g.uuid)
+            if g.name and g.pci_bus_id and g.compute_capability_str and not g.lost:
+                self._known[g.uuid] = (g.name, g.pci_bus_id, g.compute_capability_str)
+                self._known.move_to_end(g.uuid)
+                while len(self._known) > self._limit:
+                    self._known.popitem(last=False)
+        base = next((k for k in snap.baseline if k.uuid == g.uuid), None)
+        name = g.name or (known[0] if known else None) or (base.name if base else None)
+        bus = g.pci_bus_id or (known[1] if known else None) or (base.pci_bus_id if base else None)
+        cc = g.compute_capability_str or (known[2] if known else None)
+        return (name, bus, cc) if name and bus and cc else None
+
+
+def is_placeholder_uuid(uuid: str) -> bool:
+    """True for the stand-in NVML readings carry for a GPU whose UUID was never read."""
+    return uuid.startswith("GPU-unknown")
+
+
+def gpu_state_counts(snap: Snapshot) -> dict[str, int] | None:
+    """GPUs by state, for ``tfgpud_gpus{state}``: ``ok`` (NVML lists it and it answers),
+    ``lost`` (NVML: GPU_IS_LOST), ``failing`` (listed but unreadable for another error),
+    ``missing`` (expected by the baseline or ``[expect] gpus`` but not listed, all of them
+    while NVML is down, then also counting the GPUs on the PCI bus). None before NVML was read.
+    """
+    nv = snap.nvml
+    if nv is None:
+        return None
+    listed = nv.gpus if nv.up else ()
+    counts = dict.fromkeys(GPU_STATES, 0)
+    for g in listed:
+        counts["lost" if g.lost else "failing" if g.error else "ok"] += 1
+    seen = {g.uuid for g in listed}
+    unseen = sum(1 for k in snap.baseline if k.uuid not in seen)
+    pci = len(snap.pci.gpus) if snap.pci is not None and not nv.up else 0
+    counts["missing"] = max(unseen, (snap.expected_gpus or 0) - len(listed), pci, 0)
+    return counts
+
+
+def _families(snap: Snapshot, identities: GpuIdentities) -> Iterator[Metric]:
     ok = _gauge("tfgpud_collector_success", "1 if the collector's last run worked.", ["collector"])
     dur = _gauge(
         "tfgpud_collector_duration_seconds", "Duration of the collector's last run.", ["collector"]
@@ -88,8 +151,18 @@ def _families(snap: Snapshot) -> Iterator[Metric]:
         up = _gauge("tfgpud_nvml_up", "1 if NVML initialised.")
         up.add_metric([], 1.0 if nv.up else 0.0)
         yield up
+        states = gpu_state_counts(snap)
+        if states is not None:
+            by_state = _gauge(
+                "tfgpud_gpus",
+                "GPUs by state: ok, lost, failing (NVML lists them), missing (expected, unlisted).",
+                ["state"],
+            )
+            for state, n in states.items():
+                by_state.add_metric([state], n)
+            yield by_state
         if nv.up:
-            count = _gauge("tfgpud_nvml_gpus", "GPUs NVML reports.")
+            count = _gauge("tfgpud_nvml_gpus", "GPUs NVML lists, lost or failing ones included.")
             count.add_metric([], len(nv.gpus))
             yield count
             if nv.driver_version is not None:
@@ -100,7 +173,7 @@ def _families(snap: Snapshot) -> Iterator[Metric]:
                 )
                 drv.add_metric([nv.driver_version, nv.cuda_driver_version_str or ""], 1)
                 yield drv
-        yield from _gpu_families(nv.gpus, snap)
+        yield from _gpu_families(nv.gpus, snap, identities)
 
     yield from _tf_families(snap)
 
@@ -151,7 +224,9 @@ def _alert_families(snap: Snapshot) -> Iterator[Metric]:
     yield from (sent, failed, dropped, queued)
 
 
-def _gpu_families(gpus: tuple[GpuReading, ...], snap: Snapshot) -> Iterator[Metric]:
+def _gpu_families(
+    gpus: tuple[GpuReading, ...], snap: Snapshot, identities: GpuIdentities
+) -> Iterator[Metric]:
     ids = ["gpu", "uuid"]
     info = _gauge(
         "tfgpud_gpu_info",
@@ -206,10 +281,12 @@ def _gpu_families(gpus: tuple[GpuReading, ...], snap: Snapshot) -> Iterator[Metr
     counts = snap.xid_counts
     for g in gpus:
         labels = [str(g.index), g.uuid]
-        info.add_metric(
-            [*labels, g.name or "", g.pci_bus_id or "", g.compute_capability_str or ""], 1
-        )
         up.add_metric(labels, 0.0 if g.lost or g.error else 1.0)
+        if is_placeholder_uuid(g.uuid):
+            continue  # tfgpud_gpus{state} counts it; no series under an invented UUID
+        identity = identities.identify(g, snap)
+        if identity is not None:
+            info.add_metric([*labels, *identity], 1)
         for family, get in fields:
             value = get(g)
             if value is not None:

@@ -121,3 +121,20 @@ url = "ftp://nope"
     assert "line 13: `tensorflow.envs[2].name`" in joined
     assert "line 12: missing required key `tensorflow.envs[2].python`" in joined
     assert "line 18: `alerts.webhook[1].url`" in joined
+
+
+def test_a_misspelt_key_names_the_key_meant(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "tfgpud.toml"
+    path.write_text(
+        '[daemon]\nstat_dir = "/var/lib/x"\n'
+        '[[tensorflow.envs]]\nname = "a"\npython = "/p"\n'
+        '[[tensorflow.envs]]\nname = "b"\npyhton = "/p"\n'
+        "[memory]\nwhatever_zz = 1\n"
+    )
+    assert main(["check-config", str(path)]) == EX_CONFIG
+    err = capsys.readouterr().err
+    assert "line 2: unknown key `daemon.stat_dir` (did you mean `state_dir`?)" in err
+    assert "unknown key `tensorflow.envs[1].pyhton` (did you mean `python`?)" in err
+    assert "unknown key `memory.whatever_zz`\n" in err + "\n"  # nothing close: no guess

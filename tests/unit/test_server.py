@@ -88,4 +88,4 @@ def test_page_shows_a_dash_for_unknown_visibility() -> None:
     page = render_page(
         {"tensorflow": [{"env": "x", "status": "import-failed", "visible_gpus": None}]}
     )
-    assert "<td>import-failed</td><td>-</td>" in page and "None" not in page
+    assert "probe import-failed</span>" in page and "None" not in page

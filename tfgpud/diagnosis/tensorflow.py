@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 from tfgpud import codes
@@ -24,10 +24,14 @@ from tfgpud.config import Config, TfEnvConfig
 from tfgpud.diagnosis import compat
 from tfgpud.diagnosis.advice import (
     driver_upgrade,
+    from_command_line,
+    is_system_dir,
+    missing_interpreter_fix,
     older_cc_fix,
     older_tf,
     pip_install,
     reinstall_with_cuda,
+    use_new_venv,
 )
 from tfgpud.diagnosis.readings import (
     CRIT,
@@ -548,6 +552,8 @@ def _probe_refused(r: TfProbeResult, c: Config) -> Finding:
     run_as = cfg.run_as if cfg is not None else None
     users = [w for w in r.refused_writers if w != "everyone" and not w.startswith("group:")]
     prefix = os.path.dirname(os.path.dirname(r.python)) or r.python
+    # A recursive chown/chmod only on the env's own tree, never on /, /usr or /opt.
+    tree_ok = not is_system_dir(prefix)
     if r.status is ProbeStatus.NO_ACCESS:  # the probe's user cannot reach the interpreter
         who = r.probe_user or "tfgpud"
         dirs = " ".join(r.denied_paths) or os.path.dirname(r.python) or r.python
@@ -567,16 +573,27 @@ def _probe_refused(r: TfProbeResult, c: Config) -> Finding:
             f"(`getent passwd {run_as or '<user>'}`)."
         )
     elif len(users) == 1 and set(r.refused_writers) - {users[0], f"group:{users[0]}"} == set():
+        make_root = (
+            f", or make the env root's: `sudo chown -R root: {prefix} && sudo chmod -R go-w "
+            f"{prefix}`"
+            if tree_ok
+            else ""
+        )
         fix = (
             f'Add `run_as = "{users[0]}"` to the [[tensorflow.envs]] entry `{r.env}` so the '
-            f"probe runs as the env's owner, or make the env root's: `sudo chown -R root: "
-            f"{prefix} && sudo chmod -R go-w {prefix}`."
+            f"probe runs as the env's owner{make_root}."
         )
-    else:
+    elif tree_ok:
         fix = (
             f"Only root and one user may write the env's code: remove the other writers "
             f"(`sudo chmod -R go-w {prefix}`; `sudo chown -R <owner>: {prefix}`), then set "
             f'`run_as = "<owner>"` in the [[tensorflow.envs]] entry `{r.env}`.'
+        )
+    else:
+        fix = (
+            f"Only root and one user may write the env's code: take write access from the "
+            f"others on the files named above (`ls -ld` each; {prefix} is a system directory, "
+            "so no recursive chown/chmod), or use a venv of its own for TensorFlow."
         )
     return finding(
         "tf-probe-refused",
@@ -589,13 +606,12 @@ def _probe_refused(r: TfProbeResult, c: Config) -> Finding:
 
 
 def _tf_failed_probe(r: TfProbeResult, s: Snapshot, c: Config) -> Finding | None:
-    pkg_fix = pip_install(
-        r,
+    spec = (
         f"tensorflow[and-cuda]=={compat.LATEST_TF}"
         if gpus_exist(s)
-        else f"tensorflow=={compat.LATEST_TF}",
+        else f"tensorflow=={compat.LATEST_TF}"
     )
-    venv = os.path.dirname(os.path.dirname(r.python)) or "<dir>"
+    pkg_fix = pip_install(r, spec)
     if r.status is ProbeStatus.MISSING_INTERPRETER:
         return finding(
             "tf-import-failed",
@@ -603,8 +619,7 @@ def _tf_failed_probe(r: TfProbeResult, s: Snapshot, c: Config) -> Finding | None
             r.env,
             f"The interpreter of env `{r.env}` does not exist: {r.python}",
             [r.error or "", *r.log_lines],
-            f"Fix `python` in the [[tensorflow.envs]] entry `{r.env}`, or create the env: "
-            f"`python3 -m venv {venv} && {pkg_fix}`.",
+            missing_interpreter_fix(r, c, spec),
         )
     if r.status in (ProbeStatus.REFUSED, ProbeStatus.NO_ACCESS):
         return _probe_refused(r, c)
@@ -649,10 +664,12 @@ def _tf_failed_probe(r: TfProbeResult, s: Snapshot, c: Config) -> Finding | None
         elif r.signal_name == "SIGKILL":
             fix = "Check `journalctl -k | grep -i oom`; importing TF needs ~600 MB of memory."
         else:
-            fix = (
-                f"Run `tfgpud doctor --python {r.python}` to see the whole error; reinstall "
-                f"with `{reinstall_with_cuda(r)} --force-reinstall`."
+            see = (
+                ""
+                if from_command_line(r, c)
+                else f"Run `tfgpud doctor --python {r.python}` to see the whole error; "
             )
+            fix = f"{see}Reinstall with `{reinstall_with_cuda(r)} --force-reinstall`."
         what = "crashed" if r.status is ProbeStatus.CRASHED else "failed"
         return finding(
             "tf-import-crashed",
@@ -793,7 +810,7 @@ def env_findings(r: TfProbeResult, s: Snapshot, c: Config) -> list[Finding]:
     one per (code, env), in table order."""
     failed = _tf_failed_probe(r, s, c)
     if failed is not None:
-        return [failed]
+        return _pasteable([failed], r, c)
     if not r.ok:
         return []
     seen = len(r.gpus)
@@ -814,7 +831,12 @@ def env_findings(r: TfProbeResult, s: Snapshot, c: Config) -> list[Finding]:
         out.append(_fallback(r, s, causes))
     if partial:
         out.append(_partial(r, s, expected, causes))
-    return out + list(checked.values())
+    return _pasteable(out + list(checked.values()), r, c)
+
+
+def _pasteable(found: list[Finding], r: TfProbeResult, c: Config) -> list[Finding]:
+    """The env's findings with fixes that work when pasted (see advice.use_new_venv)."""
+    return [replace(f, fix=use_new_venv(r, c, f.fix)) for f in found]
 
 
 def _fallback(r: TfProbeResult, s: Snapshot, causes: Sequence[Finding]) -> Finding:
