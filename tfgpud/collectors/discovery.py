@@ -61,6 +61,7 @@ from enum import StrEnum
 from tfgpud.config import DiscoverConfig, TfEnvConfig
 from tfgpud.diagnosis import compat
 from tfgpud.model import frozen_map
+from tfgpud.runner import can_switch_user
 
 SYSTEM_KERNEL_DIRS = ("/usr/share/jupyter/kernels", "/usr/local/share/jupyter/kernels")
 USER_KERNEL_DIR = ".local/share/jupyter/kernels"
@@ -985,10 +986,11 @@ def plan_probe(
     """How the probe of a discovered env may run, never with more privilege than its owner.
 
     ``writers`` are who besides root can change the env's code (user names, ``group:NAME``,
-    ``everyone``), as :func:`~tfgpud.collectors.tensorflow.safety.path_writers` reports them over the
-    import path; ``owner_group`` is the owner's private group (one with no other member), whose
-    write access is the owner's own. Anyone else among the writers: not run. Owner root: as
-    ``unprivileged_user`` (or as tfgpud itself when it is unprivileged and cannot switch).
+    ``everyone``), as :func:`~tfgpud.collectors.tensorflow.safety.path_writers` reports them
+    over the import path; ``owner_group`` is the owner's private group (one with no other
+    member), whose write access is the owner's own. Anyone else among the writers: not run.
+    Owner root: as ``unprivileged_user`` (or as tfgpud itself when it is unprivileged and
+    cannot switch).
     Owner another user: as that user (needs root or CAP_SETUID+CAP_SETGID), or as tfgpud
     itself when tfgpud is that user.
     """
@@ -1045,22 +1047,6 @@ def private_group(user: str) -> str | None:
     except KeyError:
         return None
     return group.gr_name if set(group.gr_mem) <= {user} else None
-
-
-def can_switch_user(status: str = "/proc/self/status") -> bool:
-    """Whether this process may change its uid and gid: root, or CAP_SETUID and CAP_SETGID
-    in its effective set."""
-    if os.geteuid() == 0:
-        return True
-    try:
-        with open(status, encoding="ascii", errors="replace") as fh:
-            for line in fh:
-                if line.startswith("CapEff:"):
-                    caps = int(line.split()[1], 16)
-                    return bool(caps & (1 << 6)) and bool(caps & (1 << 7))
-    except (OSError, ValueError, IndexError):
-        pass
-    return False
 
 
 def plan_discovered_probe(
