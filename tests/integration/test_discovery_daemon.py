@@ -186,3 +186,31 @@ def test_never_tf_no_env_on_a_cpu_only_machine(
         code, report = doctor(d.config, scenario_path)
         assert d.stop() == 0
     assert code == 0 and "tf-no-env" not in report, report
+
+
+def test_reload_turns_discovery_off_and_on_without_a_restart(
+    tmp_path: Path, shared_tmp: Path, fakedriver: Path, scenario_path: Path
+) -> None:
+    import signal
+
+    write_scenario(scenario_path, GPUS)
+    root = shared_tmp / "opt"
+    label = base_label(str(tf_venv(root / "tf")))
+    on = discover_only(root)
+    with DaemonProcess(tmp_path, on, scenario=scenario_path, interval=INTERVAL) as d:
+        d.start()
+        wait_status(d, lambda doc: probed(doc).get(label) == "ok")
+        d.config.write_text(
+            d.config.read_text().replace(on, "[tensorflow.discover]\nenabled = false\n")
+        )
+        d.signal(signal.SIGHUP)
+        doc = wait_status(d, lambda doc: not doc["tensorflow"])
+        assert "tf-no-env" in {f["code"] for f in doc["findings"]}  # nothing left to probe
+        d.wait_metric(lambda m: 'tfgpud_collector_success{collector="discovery"}' not in m)
+        d.config.write_text(
+            d.config.read_text().replace("[tensorflow.discover]\nenabled = false\n", on)
+        )
+        d.signal(signal.SIGHUP)
+        doc = wait_status(d, lambda doc: probed(doc).get(label) == "ok")
+        assert "tf-no-env" not in {f["code"] for f in doc["findings"]}
+        assert d.stop() == 0
