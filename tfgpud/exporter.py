@@ -176,6 +176,7 @@ def _families(snap: Snapshot, identities: GpuIdentities) -> Iterator[Metric]:
         yield from _gpu_families(nv.gpus, snap, identities)
 
     yield from _tf_families(snap)
+    yield from _env_families(snap)
 
     finding = _gauge(
         "tfgpud_finding", "1 for each active finding.", ["code", "severity", "subject"]
@@ -387,6 +388,16 @@ def _tf_families(snap: Snapshot) -> Iterator[Metric]:
             family = _gauge(f"tfgpud_workloads_{name}_processes", doc)
             family.add_metric([], value)
             yield family
+
+
+def _env_families(snap: Snapshot) -> Iterator[Metric]:
+    """The envs on the probe schedule by where they come from (configured or discovered)."""
+    if snap.tf_envs is None:
+        return
+    envs = _gauge("tfgpud_tf_envs", "TensorFlow envs on the probe schedule, by source.", ["source"])
+    for source in ("configured", "discovered"):
+        envs.add_metric([source], sum(1 for e in snap.tf_envs if e.source == source))
+    yield envs
 
 
 class Exposition:

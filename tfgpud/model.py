@@ -135,6 +135,9 @@ class ProbeStatus(StrEnum):
     REFUSED = "refused"
     NO_ACCESS = "no-access"  # the probe's user cannot reach/execute the interpreter (EACCES)
     ERROR = "error"
+    # A discovered env whose probe cannot run without more privilege than its owner has:
+    # only its metadata is reported (TfEnvRecord.metadata).
+    NOT_RUN = "not-run"
 
 
 @dataclass(frozen=True)
@@ -276,6 +279,35 @@ class AlertStats:
 
 
 @dataclass(frozen=True)
+class TfEnvRecord:
+    """One env on the probe schedule: where it came from and, when discovered, what its
+    metadata alone shows (what is reported when its probe may not run)."""
+
+    env: str
+    python: str
+    source: str  # "configured" | "discovered"
+    prefix: str | None = None  # discovered: the env's directory
+    owner: str | None = None  # discovered: the owner of that directory
+    kind: str | None = None  # discovered: venv, conda, system, jupyter-kernel
+    found_by: str | None = None  # discovered: pyvenv.cfg, conda-meta, kernel.json, ...
+    metadata: tuple[str, ...] = ()  # discovered: the metadata facts, in words
+
+
+@dataclass(frozen=True)
+class DiscoverySummary:
+    """The last search for TensorFlow envs ([tensorflow.discover]), as the snapshot keeps it."""
+
+    enabled: bool
+    found: int | None = None  # envs found; None while the first search has not finished
+    searched: tuple[str, ...] = ()  # what was searched, in words
+    finished_at: float | None = None  # unix time the last search ended
+
+    @property
+    def done(self) -> bool:
+        return self.found is not None
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """Everything one poll saw. Scrapes and /status read the latest one; nothing mutates it."""
 
@@ -298,6 +330,10 @@ class Snapshot:
     # State-file problems to report (baseline-state-error); empty when all is well.
     baseline_problems: tuple[str, ...] = ()
     alert_stats: AlertStats | None = None  # None = alert delivery not running (e.g. doctor)
+    # The envs on the probe schedule (None = not known to this snapshot's builder) and the
+    # last discovery (None = discovery not in play, e.g. `doctor --python`).
+    tf_envs: tuple[TfEnvRecord, ...] | None = None
+    discovery: DiscoverySummary | None = None
 
 
 def to_jsonable(obj: object) -> object:

@@ -15,10 +15,12 @@ from types import MappingProxyType
 
 from tfgpud.model import (
     CollectorRun,
+    DiscoverySummary,
     KnownGpu,
     NvmlReading,
     PciReading,
     Snapshot,
+    TfEnvRecord,
     TfProbeResult,
     WorkloadsReading,
     XidEvent,
@@ -37,6 +39,8 @@ class Readings:
     workloads: WorkloadsReading | None = None
     xid_counts: Mapping[tuple[str, int], int] = field(default_factory=lambda: MappingProxyType({}))
     xid_events: tuple[XidEvent, ...] = ()
+    tf_envs: tuple[TfEnvRecord, ...] | None = None  # the envs on the probe schedule
+    discovery: DiscoverySummary | None = None
 
 
 @dataclass(frozen=True)
@@ -111,4 +115,6 @@ def build_snapshot(
         pressure_since=pressure.update(nvml, pressure_ratio, readings.taken_at),
         tf_processes=w.processes if w is not None else None,
         workloads=w.scan if w is not None else None,
+        tf_envs=readings.tf_envs,
+        discovery=readings.discovery,
     )

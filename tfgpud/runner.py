@@ -160,15 +160,32 @@ def _still_ours(pid: int) -> bool:
 SETPRIV = shutil.which("setpriv", path="/usr/bin:/bin:/usr/sbin:/sbin")
 
 
-def _has_ambient_caps(status: str = "/proc/self/status") -> bool:
+CAP_SETGID, CAP_SETUID = 6, 7
+
+
+def _cap_set(name: str, status: str = "/proc/self/status") -> int | None:
+    """This process's capability set ``name`` ("CapEff", "CapAmb", ...) as a bit mask."""
     try:
         with open(status, encoding="ascii", errors="replace") as f:
             for line in f:
-                if line.startswith("CapAmb:"):
-                    return int(line.split()[1], 16) != 0
+                if line.startswith(f"{name}:"):
+                    return int(line.split()[1], 16)
     except (OSError, ValueError, IndexError):
         pass
-    return False
+    return None
+
+
+def _has_ambient_caps(status: str = "/proc/self/status") -> bool:
+    return bool(_cap_set("CapAmb", status))
+
+
+def can_switch_user(status: str = "/proc/self/status") -> bool:
+    """Whether ``run_bounded(user=...)`` can work here: root, or CAP_SETUID and CAP_SETGID in
+    this process's effective set (the packaged unit grants both)."""
+    if os.geteuid() == 0:
+        return True
+    caps = _cap_set("CapEff", status) or 0
+    return bool(caps & (1 << CAP_SETUID)) and bool(caps & (1 << CAP_SETGID))
 
 
 def run_bounded(
@@ -188,7 +205,9 @@ def run_bounded(
     timeout or ``cancel`` the child's whole process group is SIGKILLed; it is also killed once
     the child itself exits, so a grandchild left sleeping is not left behind (a descendant that
     starts its own session escapes this; only a cgroup would catch it). ``user`` switches uid,
-    gid and supplementary groups (needs root). A child that cannot be started (missing or
+    gid and supplementary groups (needs root, or CAP_SETUID and CAP_SETGID: see
+    :func:`can_switch_user`); the child keeps no capability that this process holds as
+    ambient. A child that cannot be started (missing or
     non-executable file, unknown user) gives a result with ``error`` set.
     """
     args = tuple(argv)
@@ -218,9 +237,13 @@ def run_bounded(
             uid, gid, groups = _user_ids(user)
         except KeyError:
             return failed(f"unknown user {user!r}")
-    if _has_ambient_caps() and SETPRIV is not None:
-        # A daemon given CAP_SYS_PTRACE (to see other users' jobs) must not pass it on to code
-        # from a user's env: ambient capabilities survive execve of ordinary programs.
+    if _has_ambient_caps():
+        # A daemon given capabilities (CAP_SETUID/CAP_SETGID to probe as an env's owner,
+        # CAP_SYS_PTRACE to see other users' jobs) must not pass them on to code from a user's
+        # env: ambient capabilities survive execve of ordinary programs (and setuid between
+        # two non-root users keeps them). setpriv clears them before the child's own program.
+        if SETPRIV is None:
+            return failed("this process has ambient capabilities and setpriv is not installed")
         args = (SETPRIV, "--ambient-caps=-all", "--inh-caps=-all", "--", *args)
     try:
         proc = subprocess.Popen(  # argv comes from the operator's configuration

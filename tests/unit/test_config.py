@@ -23,6 +23,12 @@ def test_local_config_resolves_paths_against_its_directory() -> None:
     assert cfg.daemon.state_dir == str(ROOT / ".state")
 
 
+def test_make_run_discovers_envs_and_the_demo_does_not() -> None:
+    assert load_config(ROOT / "config" / "local.toml").tensorflow.discover.enabled
+    demo = (ROOT / "config" / "demo" / "demo.toml.in").read_text().replace("@ROOT@", str(ROOT))
+    assert not parse_config(demo).tensorflow.discover.enabled  # never the developer's machine
+
+
 def test_every_problem_is_reported_with_key_path_and_line() -> None:
     text = """
 [daemon]

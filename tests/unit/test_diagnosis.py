@@ -14,6 +14,7 @@ from helpers import emitted_codes
 from tfgpud.config import Config, parse_config
 from tfgpud.diagnosis import cpu_fallback_envs, diagnose, worst_severity
 from tfgpud.model import (
+    DiscoverySummary,
     Finding,
     GpuProcess,
     GpuReading,
@@ -25,6 +26,7 @@ from tfgpud.model import (
     ProbeStatus,
     Severity,
     Snapshot,
+    TfEnvRecord,
     TfGpu,
     TfProbeResult,
     TfProcess,
@@ -884,3 +886,70 @@ def test_findings_sorted_most_severe_first_and_unique() -> None:
     ranks = [f.severity.rank for f in found]
     assert ranks == sorted(ranks, reverse=True)
     assert len({f.key for f in found}) == len(found)
+
+
+# --- which envs are watched ---------------------------------------------------------------------
+
+SEARCHED = ("root /home: searched (4 entries)", "system /usr: searched (69 entries)")
+DISCOVERED_RECORD = TfEnvRecord(
+    env="home-alice-tf",
+    python="/home/alice/tf/bin/python",
+    source="discovered",
+    prefix="/home/alice/tf",
+    owner="alice",
+    kind="venv",
+    found_by="/home/alice/tf/pyvenv.cfg",
+    metadata=("tensorflow 2.21.0 in /home/alice/tf/lib/python3.11/site-packages",),
+)
+
+
+def nothing_to_probe(**kw: Any) -> Snapshot:
+    d = DiscoverySummary(enabled=True, found=0, searched=SEARCHED, finished_at=NOW)
+    return snap(**{"tf": (), "tf_envs": (), "discovery": d, **kw})
+
+
+def test_gpus_and_nothing_to_probe_is_tf_no_env_with_what_was_searched() -> None:
+    found = diagnose(nothing_to_probe(), CONFIG)
+    f = one(found, "tf-no-env", "host")
+    assert f.severity is Severity.WARNING and "2 GPU(s)" in f.summary
+    assert set(SEARCHED) <= set(f.evidence)
+    assert "[[tensorflow.envs]]\nname = " in f.fix and "/home, /opt, /srv, /root" in f.fix
+    assert worst_severity(found) is Severity.WARNING
+
+
+def test_tf_no_env_with_discovery_off_says_so_and_how_to_turn_it_on() -> None:
+    s = nothing_to_probe(discovery=DiscoverySummary(enabled=False))
+    f = one(diagnose(s, CONFIG), "tf-no-env", "host")
+    assert "discovery is off ([tensorflow.discover] enabled = false)" in f.evidence
+    assert "enabled = true" in f.fix
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["cpu-only machine", "first search still running", "an env to probe", "not known"],
+)
+def test_no_tf_no_env(case: str) -> None:
+    s = {
+        "cpu-only machine": nothing_to_probe(pci=PciReading(), nvml=NvmlReading(up=True)),
+        "first search still running": nothing_to_probe(discovery=DiscoverySummary(enabled=True)),
+        "an env to probe": nothing_to_probe(tf_envs=(DISCOVERED_RECORD,)),
+        "not known": nothing_to_probe(tf_envs=None),
+    }[case]
+    assert "tf-no-env" not in codes(diagnose(s, CONFIG))
+
+
+def test_a_discovered_env_not_probed_reports_its_metadata_and_the_fix() -> None:
+    r = probe(
+        env="home-alice-tf",
+        python="/home/alice/tf/bin/python",
+        status=ProbeStatus.NOT_RUN,
+        error="writable by everyone besides its owner alice",
+        refused_writers=("alice", "everyone"),
+        log_lines=("/home/alice/tf/bin: owner alice, mode drwxrwxrwx (writable by everyone)",),
+    )
+    found = diagnose(snap(tf=(r,), tf_envs=(DISCOVERED_RECORD,)), CONFIG)
+    f = one(found, "tf-probe-refused", "home-alice-tf")
+    assert f.severity is Severity.WARNING and "was not probed" in f.summary
+    assert DISCOVERED_RECORD.metadata[0] in f.evidence and r.log_lines[0] in f.evidence
+    assert "sudo chown -R alice: /home/alice/tf && sudo chmod -R go-w /home/alice/tf" in f.fix
+    assert codes(found) == {"tf-probe-refused"}  # no probe: no verdict on its GPUs

@@ -41,7 +41,12 @@ from tfgpud.diagnosis.gpus import (
 from tfgpud.diagnosis.host import DRIVER_RULES, rule_no_nvidia_gpu
 from tfgpud.diagnosis.memory import rule_gpu_memory_pressure
 from tfgpud.diagnosis.readings import Rule
-from tfgpud.diagnosis.tensorflow import cpu_fallback_envs, rule_tensorflow
+from tfgpud.diagnosis.tensorflow import (
+    cpu_fallback_envs,
+    rule_tensorflow,
+    rule_tf_no_env,
+    rule_tf_not_probed,
+)
 from tfgpud.diagnosis.workloads import rule_tf_job_on_cpu
 from tfgpud.model import Finding, Severity, Snapshot
 
@@ -59,6 +64,8 @@ RULES: tuple[Rule, ...] = (
     rule_gpu_memory_pressure,
     rule_tf_job_on_cpu,
     rule_tensorflow,
+    rule_tf_not_probed,
+    rule_tf_no_env,
 )
 
 

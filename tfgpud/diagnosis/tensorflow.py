@@ -35,6 +35,7 @@ from tfgpud.diagnosis.advice import (
 )
 from tfgpud.diagnosis.readings import (
     CRIT,
+    HOST,
     WARN,
     cvd_visible,
     finding,
@@ -895,3 +896,98 @@ def cpu_fallback_envs(findings: Iterable[Finding]) -> frozenset[str]:
     """Envs where GPUs exist but TensorFlow sees fewer (``tf-cpu-fallback`` or
     ``tf-partial-visibility``): the ``tfgpud_tf_cpu_fallback`` metric."""
     return frozenset(f.subject for f in findings if f.code in FALLBACK_CODES)
+
+
+# --- which envs are watched: none at all, or a discovered one not probed ---------------------
+
+
+def _env_snippet(name: str, python: str, run_as: str | None) -> str:
+    """A ``[[tensorflow.envs]]`` table to paste into the configuration."""
+    table = f'[[tensorflow.envs]]\nname = "{name}"\npython = "{python}"'
+    return table + (f'\nrun_as = "{run_as}"' if run_as else "")
+
+
+def rule_tf_no_env(s: Snapshot, c: Config) -> Iterable[Finding]:
+    """``tf-no-env``: GPUs, and no env configured or discovered to probe (once the first search
+    has finished): nothing has checked whether TensorFlow can use them."""
+    d = s.discovery
+    if s.tf_envs is None or s.tf_envs or not gpus_exist(s) or (d and d.enabled and not d.done):
+        return
+    gpus = len(nvml_gpus(s)) or gpu_count_expected(s)
+    settings = c.tensorflow.discover
+    if d is None:
+        searched = ["discovery: not run"]
+    elif not d.enabled:
+        searched = ["discovery is off ([tensorflow.discover] enabled = false)"]
+    else:
+        searched = ["discovery found no interpreter whose site-packages hold TensorFlow:"]
+        searched += list(d.searched)
+    looks = (
+        f"discovery searches {', '.join(settings.roots) or 'no roots'} (up to {settings.max_depth} "
+        "levels down) for venvs (pyvenv.cfg), conda envs (conda-meta/) and Python installs, "
+        "each user's ~/.conda/environments.txt and Jupyter kernelspecs: add the directory "
+        "above your env to [tensorflow.discover] roots"
+    )
+    if d is not None and not d.enabled:
+        looks = "or set [tensorflow.discover] enabled = true: " + looks
+    yield finding(
+        "tf-no-env",
+        WARN,
+        HOST,
+        f"This machine has {gpus} GPU(s) but no TensorFlow env is configured or was found: "
+        "whether TensorFlow can use them is not checked",
+        ["[[tensorflow.envs]]: none configured", *searched],
+        "Add the env TensorFlow runs in to the configuration (/etc/tfgpud/tfgpud.toml), then "
+        "`sudo systemctl reload tfgpud`:\n"
+        + _env_snippet("main", "/home/<user>/<venv>/bin/python", "<user>")
+        + f"\nor {looks}.",
+    )
+
+
+def rule_tf_not_probed(s: Snapshot, c: Config) -> Iterable[Finding]:
+    """``tf-probe-refused`` for a discovered env whose probe was not run (status ``not-run``):
+    why not, what its metadata alone shows, and how to let it be probed."""
+    records = {t.env: t for t in s.tf_envs or ()}
+    for r in s.tf:
+        if r.status is not ProbeStatus.NOT_RUN:
+            continue
+        t = records.get(r.env)
+        prefix = (
+            t.prefix if t is not None and t.prefix else os.path.dirname(os.path.dirname(r.python))
+        )
+        owner = t.owner if t is not None and t.owner else "its owner"
+        where = [f"found at {prefix}" + (f" ({t.kind}, {t.found_by})" if t else "")]
+        where.append(f"owner {owner}; python {r.python}")
+        others = [w for w in r.refused_writers if w not in (owner, f"group:{owner}")]
+        if others:
+            chown = f"sudo chown -R {owner}: {prefix} && " if owner != "its owner" else ""
+            fix = (
+                f"Let only its owner write it: `{chown}sudo chmod -R go-w {prefix}`; it is "
+                "probed as its owner (as nobody when that is root) at the next check (every "
+                "15 minutes)."
+            )
+        elif r.denied_paths:
+            who = r.probe_user or "tfgpud"
+            run_as = owner if owner not in ("its owner", "root") else None
+            fix = (
+                f"Let `{who}` reach the interpreter: `sudo setfacl -m u:{who}:x "
+                f"{' '.join(r.denied_paths)}` (search only); or configure the env (a configured "
+                "env is probed as run_as, or as tfgpud itself):\n"
+                + _env_snippet(r.env, r.python, run_as)
+            )
+        elif "CAP_SETUID" in (r.error or ""):
+            fix = (
+                "Let tfgpud switch to the env's owner: run it as root or with CAP_SETUID and "
+                "CAP_SETGID (the packaged unit grants both; check `systemctl cat tfgpud` for a "
+                "drop-in that removes them)."
+            )
+        else:
+            fix = "Remove the cause named in the summary."
+        yield finding(
+            "tf-probe-refused",
+            WARN,
+            r.env,
+            f"Discovered env `{r.env}` was not probed: {r.error}",
+            [*where, *(t.metadata if t is not None else ()), *r.log_lines],
+            fix,
+        )
