@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from tfgpud import server as server_mod
@@ -58,29 +59,27 @@ def test_head_unknown_paths_and_server_header() -> None:
         assert _get(port, "/nope")[0] == 404
 
 
-def test_connections_beyond_the_cap_are_refused_not_threaded(monkeypatch: Any) -> None:
+def test_at_the_cap_the_longest_waiting_connection_makes_room(monkeypatch: Any) -> None:
+    """Connections that hold a slot without a request cannot keep the next client out: at the
+    cap the one that has waited longest is closed, and the newcomer is served."""
     monkeypatch.setattr(server_mod, "MAX_CONNECTIONS", 4)
     with serving() as srv:
         port = srv.address[1]
-        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+        idle = []
+        for _ in range(4):
+            idle.append(socket.create_connection(("127.0.0.1", port)))
+            time.sleep(0.05)  # accepted in this order
         try:
-            time.sleep(0.2)  # let the server accept them all
-            extra = socket.create_connection(("127.0.0.1", port))
-            extra.settimeout(5)
-            assert extra.recv(1) == b""  # closed at once
-            extra.close()
+            assert _get(port, "/healthz")[0] == 200  # a fifth client is served ...
+            idle[0].settimeout(5)
+            assert idle[0].recv(1) == b""  # ... and the oldest idle one was closed for it
+            # One slot went to the scrape (closed since); the other idle ones are kept.
+            idle[1].settimeout(0.2)
+            with pytest.raises(TimeoutError):
+                idle[1].recv(1)
         finally:
             for s in idle:
                 s.close()
-        # Slots come back when clients go away.
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            try:
-                if _get(port, "/healthz")[0] == 200:
-                    break
-            except (ConnectionError, http.client.HTTPException):
-                time.sleep(0.05)
-        assert _get(port, "/healthz")[0] == 200
 
 
 def test_page_shows_a_dash_for_unknown_visibility() -> None:

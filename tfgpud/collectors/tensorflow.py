@@ -34,7 +34,7 @@ from tfgpud.model import (
     frozen_map,
 )
 from tfgpud.probe_safety import SAFE_PATH, decide_probe_user, resolve_interpreter
-from tfgpud.runner import MIB, RunResult, abandoned_children, run_bounded
+from tfgpud.runner import MIB, RunResult, abandoned_children, deadline_scope, run_bounded
 
 log = logging.getLogger(__name__)
 
@@ -666,7 +666,8 @@ class TfProbeScheduler:
 
     def _run(self, st: _EnvState) -> None:
         try:
-            result = self._probe(st.env, timeout=self._timeout, cancel=self._cancel)
+            with deadline_scope(self._timeout):  # the pre-check (as root) shares the timeout
+                result = self._probe(st.env, timeout=self._timeout, cancel=self._cancel)
         except Exception as exc:  # a worker thread must always leave a result
             log.exception("probe of env %s failed", st.env.name)
             result = TfProbeResult(
