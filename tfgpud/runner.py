@@ -322,16 +322,19 @@ _scope = threading.local()
 
 
 @contextlib.contextmanager
-def deadline_scope(seconds: float) -> Iterator[None]:
+def deadline_scope(seconds: float, cancel: threading.Event | None = None) -> Iterator[None]:
     """Inside the block, on this thread, every run_bounded() ends within ``seconds`` of the
-    block's start: its timeout is cut to what is left (nested scopes keep the earliest)."""
+    block's start (its timeout is cut to what is left; nested scopes keep the earliest), and
+    ``cancel`` stops it when the call passes no event of its own."""
     previous: float | None = getattr(_scope, "deadline", None)
+    previous_cancel: threading.Event | None = getattr(_scope, "cancel", None)
     mine = time.monotonic() + seconds
     _scope.deadline = mine if previous is None else min(previous, mine)
+    _scope.cancel = cancel or previous_cancel
     try:
         yield
     finally:
-        _scope.deadline = previous
+        _scope.deadline, _scope.cancel = previous, previous_cancel
 
 
 def _time_left(timeout: float) -> float:
@@ -368,17 +371,20 @@ def run_bounded(
     """Run ``argv`` with exactly ``env``; never raises for anything the child does.
 
     Returns within about ``timeout`` + 1 s (``timeout`` is cut to what an enclosing
-    :func:`deadline_scope` leaves). Keeps the first ``max_output`` bytes of stdout and of stderr
-    (the rest is read and dropped so the child never blocks on a full pipe). On timeout or
-    ``cancel`` the child's whole process group is SIGKILLed, with every other descendant found
-    (see the module docstring); the same happens once the child itself exits, so nothing it
-    started is left behind, not even a grandchild in a session of its own. ``user`` switches
-    uid, gid and supplementary groups (needs root). A child that cannot be started (missing or
-    non-executable file, unknown user) gives a result with ``error`` set.
+    :func:`deadline_scope` leaves, whose ``cancel`` applies when none is given). Keeps the
+    first ``max_output`` bytes of stdout and of stderr (the rest is read and dropped so the
+    child never blocks on a full pipe). On timeout or ``cancel`` the child's whole process
+    group is SIGKILLed, with every other descendant found (see the module docstring); the
+    same happens once the child itself exits, so nothing it started is left behind, not even
+    a grandchild in a session of its own. ``user`` switches uid, gid and supplementary groups
+    (needs root). A child that cannot be started (missing or non-executable file, unknown
+    user) gives a result with ``error`` set.
     """
     args = tuple(argv)
     start = time.monotonic()
     timeout = _time_left(timeout)
+    if cancel is None:
+        cancel = getattr(_scope, "cancel", None)
 
     def failed(message: str) -> RunResult:
         return RunResult(

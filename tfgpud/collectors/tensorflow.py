@@ -666,7 +666,8 @@ class TfProbeScheduler:
 
     def _run(self, st: _EnvState) -> None:
         try:
-            with deadline_scope(self._timeout):  # the pre-check (as root) shares the timeout
+            # The pre-check (as root) shares the probe's timeout and is cancelled with it.
+            with deadline_scope(self._timeout, self._cancel):
                 result = self._probe(st.env, timeout=self._timeout, cancel=self._cancel)
         except Exception as exc:  # a worker thread must always leave a result
             log.exception("probe of env %s failed", st.env.name)
