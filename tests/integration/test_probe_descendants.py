@@ -21,10 +21,11 @@ from daemon_harness import DaemonProcess
 from helpers import write_scenario
 
 ESCAPE = """#!/bin/sh
+echo $$ >> {pids}/self-$(id -u)
 setsid sleep 1000 &
-echo $! >> {pids}
+echo $! >> {pids}/left-$(id -u)
 setsid sh -c 'exec >/dev/null 2>&1 </dev/null; exec sleep 1000' &
-echo $! >> {pids}
+echo $! >> {pids}/left-$(id -u)
 sleep 0.3
 """
 ANSWER = """printf '{"schema": 1, "tf_version": "2.21.0", "gpus": [], "build_info": {}}\\n'\n"""
@@ -48,20 +49,21 @@ def scratch() -> Iterator[Path]:
     try:
         yield d
     finally:
-        for pid in _pids(d):
+        for pid in _pids(d, "*"):
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)  # never leave them behind, even when failing
         shutil.rmtree(d)
 
 
-def _pids(scratch: Path) -> list[int]:
-    return [int(x) for f in (scratch / "pids").iterdir() for x in f.read_text().split()]
+def _pids(scratch: Path, pattern: str = "left-*") -> list[int]:
+    """Pids the fake interpreter wrote: what it left behind (default), or with "*" itself too."""
+    return [int(x) for f in (scratch / "pids").glob(pattern) for x in f.read_text().split()]
 
 
 def _fake_python(scratch: Path, tail: str) -> Path:
     python = scratch / "bin" / "python"
     python.parent.mkdir(mode=0o755)
-    python.write_text(ESCAPE.format(pids=scratch / "pids" / "$(id -u)") + tail)
+    python.write_text(ESCAPE.format(pids=scratch / "pids") + tail)
     python.chmod(0o755)
     return python
 
@@ -100,7 +102,7 @@ def test_no_descendant_of_a_probe_survives_it(
         assert _wait_probed(d) == "ok"
         pids = _pids(scratch)
         assert len(pids) == (4 if os.geteuid() == 0 else 2), pids  # root: the pre-check too
-        assert _wait_gone(pids) == []
+        assert _wait_gone(_pids(scratch, "*")) == []
         assert d.stop() == 0
 
 
@@ -114,10 +116,9 @@ def test_a_hung_probe_and_its_descendants_end_with_the_daemon(
         while len(_pids(scratch)) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.5)  # in their own sessions by now
-        pids = _pids(scratch)
-        assert len(pids) >= 2
+        assert len(_pids(scratch)) >= 2
         assert d.stop() == 0
-        assert _wait_gone(pids) == []
+        assert _wait_gone(_pids(scratch, "*")) == []
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the pre-check runs only as root")
@@ -132,4 +133,4 @@ def test_the_root_pre_check_is_bounded_by_the_probe_timeout(
         started = time.monotonic()
         assert _wait_probed(d) == "timeout"
         assert time.monotonic() - started < 2 + 4
-        assert _wait_gone(_pids(scratch)) == []
+        assert _wait_gone(_pids(scratch, "*")) == []
