@@ -11,12 +11,15 @@ and the connection is closed), and the whole request - head read, answer written
 done within ``REQUEST_SECONDS`` of its first byte, however the client spaces its bytes. At
 ``MAX_CONNECTIONS`` the connection that has waited longest in its state (an idle keep-alive,
 a trickling request, a slow handshake) is closed to make room: clients that hold connections
-cannot lock out the next scrape. Responses to slow readers are written in chunks under flow
-control, so one costs at most a few chunks of memory until its deadline.
+cannot lock out the next scrape.
+Responses to slow readers are written in chunks under flow control, so one costs at most a few
+chunks of memory until its deadline.
 
 With a web config (:mod:`tfgpud.webconfig`) each accepted socket gets the current TLS context
 (a renewed certificate applies to the next connection), and its handshake runs on the loop
-over memory BIOs, bounded by ``handshake_timeout``. The one blocking step, a bcrypt check of
+over memory BIOs, bounded by ``handshake_timeout``. OpenSSL's state for it (~50 KB) is only
+created once the client's whole ClientHello has arrived, so silent and trickling TLS clients
+cost what plain ones do. The one blocking step, a bcrypt check of
 credentials not verified before, runs on one worker thread; checks waiting for it are bounded
 too (503 beyond ``MAX_AUTH_PENDING``). Nothing is logged per connection: cut, evicted and
 refused connections are counted and summed up in one line at most every ``SUMMARY_SECONDS``,
@@ -41,6 +44,7 @@ import resource
 import socket
 import threading
 import time
+from asyncio import sslproto
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -70,6 +74,10 @@ FD_RESERVE = 64  # descriptors kept for everything else (NVML, probe pipes, stat
 OPEN_FILES_WANTED = 16384  # the soft RLIMIT_NOFILE the daemon raises itself to (hard allowing)
 _CHUNK = 16384  # a response is written in chunks this size, each waiting for the socket
 _TEXT = "text/plain; charset=utf-8"
+# asyncio gives every TLS connection a receive buffer of SSLProtocol.max_size, 256 KiB: 500
+# slow handshakes would hold 130 MB. Received bytes accumulate in OpenSSL's BIO whatever the
+# chunk size, and a request head is at most MAX_HEAD_BYTES, so small chunks lose nothing.
+sslproto.SSLProtocol.max_size = 4096
 
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # control characters other than HTAB
 _VERSION = re.compile(r"HTTP/(\d)\.(\d)")
@@ -179,6 +187,49 @@ class _Conn:
 
 
 _Response = tuple[int, bytes, str, Mapping[str, str]]
+_TLS_HANDSHAKE_RECORD = 0x16
+_MAX_TLS_RECORD = 16384 + 2048  # a TLSCiphertext fragment may exceed 2^14 by up to 2048 bytes
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    fd = sock.fileno()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
+
+
+async def _client_hello_arrived(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bool:
+    """Wait, without reading it, until the client's first TLS record (its ClientHello) has
+    arrived whole; False when it sent something else or closed. Until then a TLS client costs
+    what a plain one does: no OpenSSL state (~50 KB) for one that is silent or trickles."""
+    need = 5  # the record header: type, version (2), length (2)
+    while True:
+        # The kernel reports the socket readable only once `need` bytes are queued (or EOF).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, need)
+        await _readable(loop, sock)
+        try:
+            head = sock.recv(need, socket.MSG_PEEK)
+        except BlockingIOError:
+            continue
+        except OSError:
+            return False
+        if len(head) < need:
+            return False  # closed (or reset) before the record was complete
+        if need > 5:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+            return True
+        length = int.from_bytes(head[3:5], "big")
+        if head[0] != _TLS_HANDSHAKE_RECORD or head[1] != 3 or not 0 < length <= _MAX_TLS_RECORD:
+            return False  # not TLS: plain HTTP to the TLS port, a scanner
+        need = 5 + length
 
 
 def _or_dash(value: object) -> str:
@@ -394,6 +445,9 @@ class HttpServer:
             self._next_id += 1
             self._conns[conn.id] = conn
             conn.task = asyncio.create_task(self._serve(conn))
+            # sock_accept returns at once while the backlog has connections: let the new task
+            # (and any evicted one) run before the next accept, so evictions free memory first.
+            await asyncio.sleep(0)
 
     def _enter_state(self, conn: _Conn) -> None:
         """Mark a state change (request, idle): the connection is now the newest to have one."""
@@ -419,6 +473,10 @@ class HttpServer:
             pass  # resets, a peer that stopped reading: the connection is simply closed
         finally:
             self._conns.pop(conn.id, None)
+            # A cancelled task keeps its CancelledError, whose traceback holds this frame and so
+            # `conn`: without this, conn -> task -> error -> conn is a cycle that keeps the
+            # connection's TLS state (~60 KB) until a full garbage collection, if ever.
+            conn.task = None
             if transport is not None:
                 transport.abort()  # no lingering: whatever is unsent is dropped
             elif not conn.handed_over:
@@ -430,11 +488,20 @@ class HttpServer:
         loop = asyncio.get_running_loop()
         sec = self.security
         ctx = sec.context() if sec is not None else None
-        conn.handed_over = True
         if ctx is None:
+            conn.handed_over = True
             transport, _ = await loop.connect_accepted_socket(lambda: protocol, conn.sock)
             assert isinstance(transport, asyncio.Transport)
             return transport
+        try:
+            async with asyncio.timeout(self.handshake_timeout):
+                hello = await _client_hello_arrived(loop, conn.sock)
+        except TimeoutError:
+            hello = False
+        if not hello:
+            self._count("TLS handshakes failed")
+            return None
+        conn.handed_over = True
         try:
             async with asyncio.timeout(self.handshake_timeout + 1.0):
                 transport, _ = await loop.connect_accepted_socket(

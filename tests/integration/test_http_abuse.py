@@ -156,14 +156,30 @@ def _idle_then_scrape(port: int, n: int, scrape: object) -> None:
 
 
 def test_hundreds_of_idle_connections_leave_metrics_available(daemon: DaemonProcess) -> None:
+    lines = len(daemon.stderr().splitlines())
     _idle_then_scrape(daemon.port, 300, lambda: _scrape(daemon.port)[0])
     assert daemon.get("/healthz")[0] == 200
+    assert len(daemon.stderr().splitlines()) <= lines + 1  # no line per connection
 
 
-def test_hundreds_of_silent_tls_connections_leave_metrics_available(
+def test_hundreds_of_silent_or_trickling_tls_clients_cost_little(
     tls_daemon: DaemonProcess, pki: Pki
 ) -> None:
-    _idle_then_scrape(tls_daemon.port, 300, lambda: _tls_scrape(tls_daemon.port, pki))
+    assert tls_daemon.proc is not None
+    assert _tls_scrape(tls_daemon.port, pki) == 200
+    before = _rss_mb(tls_daemon.proc.pid)
+    trickling = []
+    for _ in range(300):  # the start of a ClientHello record, then nothing
+        s = socket.create_connection(("127.0.0.1", tls_daemon.port))
+        s.sendall(b"\x16\x03\x01")
+        trickling.append(s)
+    try:
+        _idle_then_scrape(tls_daemon.port, 300, lambda: _tls_scrape(tls_daemon.port, pki))
+        grown = _rss_mb(tls_daemon.proc.pid) - before
+    finally:
+        for s in trickling:
+            s.close()
+    assert grown < 10, grown  # no OpenSSL state before a whole ClientHello (~50 KB each)
 
 
 def test_a_trickling_client_is_cut_at_the_request_deadline(daemon: DaemonProcess) -> None:

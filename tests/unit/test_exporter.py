@@ -211,3 +211,16 @@ def test_exposition_cache_renders_once_per_snapshot() -> None:
     current[0] = Snapshot(taken_at=1.0, nvml=NvmlReading(up=False, error="DRIVER_NOT_LOADED"))
     fresh, _ = expo("")
     assert fresh != first and b"tfgpud_nvml_up 0.0" in fresh
+
+
+def test_the_render_cache_holds_one_body_per_format_whatever_is_asked() -> None:
+    from tfgpud.exporter import CONTENT_TYPES, Exposition
+
+    snap = fixture_snapshot()
+    expo = Exposition(make_registry(lambda: snap), lambda: snap)
+    types = set()
+    for i in range(500):
+        types.add(expo(f"application/openmetrics-text; version=1.0.{i}; x={'y' * i}")[1])
+        types.add(expo(f"application/openmetrics-text; escaping=dots{i}")[1])
+    assert types <= set(CONTENT_TYPES.values()) and len(types) == 2
+    assert len(expo._cache) == 2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -13,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import run_python
 
 from tfgpud.runner import deadline_scope, run_bounded
 
@@ -217,10 +217,8 @@ def test_a_subreaper_kills_and_reaps_an_orphan_that_closed_its_pipes() -> None:
         "                  'children': open(f'/proc/{os.getpid()}/task/{os.getpid()}/children')\n"
         "                  .read().split()}))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert json.loads(out.stdout) == {"rc": 0, "left": False, "children": []}, out.stderr
+    out = run_python(code, scenario=None)
+    assert out.data == {"rc": 0, "left": False, "children": []}, out.stderr
 
 
 def test_a_deadline_scope_bounds_several_runs_together() -> None:
