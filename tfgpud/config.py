@@ -20,6 +20,15 @@ DEFAULT_CONFIG_PATH = Path("/etc/tfgpud/tfgpud.toml")
 DEFAULT_LISTEN = "127.0.0.1:10041"
 # Process names (globs) the workloads collector inspects for TensorFlow.
 DEFAULT_PROCESS_NAMES = ("python*", "ipython*", "jupyter*", "*.py")
+# Shortest poll interval: NVML, /proc and /sys at 10 Hz cost ~2 % of a core on 8 busy GPUs;
+# 0 would spin a core.
+MIN_INTERVAL_SECONDS = 0.1
+# A configuration is a few KB; a bigger file is a mistake (or an attack on the parser).
+MAX_CONFIG_BYTES = 1024 * 1024
+
+# HTTP header field names are tokens; values are visible characters, spaces and tabs (RFC 9110).
+HTTP_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e\xa0-\xff]*")
 
 
 class ConfigError(Exception):
@@ -35,12 +44,47 @@ class ConfigError(Exception):
         return "\n".join([head, *(f"  - {p}" for p in self.problems)])
 
 
+def check_header_field(name: str, value: str) -> None:
+    """Raise ValueError unless ``name: value`` can be sent as an HTTP header as it is."""
+    if not HTTP_TOKEN.fullmatch(name):
+        raise ValueError(
+            f"header name {name!r} is not an HTTP token (letters, digits and !#$%&'*+-.^_`|~)"
+        )
+    if not _HEADER_VALUE.fullmatch(value):
+        raise ValueError(
+            f"header {name} has a control character (CR, LF, ...) or a character outside "
+            "Latin-1 in its value; it cannot be sent"
+        )
+
+
+def read_bounded_text(path: Path, limit: int = MAX_CONFIG_BYTES) -> str:
+    """The UTF-8 text of ``path``; raise ConfigError when unreadable, not UTF-8 or over ``limit``
+    bytes (read no further than that)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read: {exc.strerror or exc}"]) from None
+    if len(data) > limit:
+        raise ConfigError(str(path), [f"larger than {limit // 1024} KiB; not a configuration"])
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), [f"not UTF-8 text: {exc}"]) from None
+
+
+NESTED_TOO_DEEPLY = (
+    "values nested too deeply (arrays or inline tables inside each other hundreds of levels "
+    "deep; no tfgpud setting nests more than two)"
+)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 
 
 class DaemonConfig(_Section):
-    interval_seconds: Annotated[float, Field(ge=0, le=3600)] = 10.0
+    interval_seconds: Annotated[float, Field(ge=MIN_INTERVAL_SECONDS, le=3600)] = 10.0
     state_dir: str = "/var/lib/tfgpud"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -175,6 +219,13 @@ class WebhookConfig(_Section):
     url: Annotated[str, Field(pattern=r"^https?://")]
     timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 5.0
     headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("headers")
+    @classmethod
+    def _sendable(cls, headers: dict[str, str]) -> dict[str, str]:
+        for name, value in headers.items():
+            check_header_field(name, value)
+        return headers
 
 
 class AlertsConfig(_Section):
@@ -312,10 +363,14 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, [f"TOML syntax error: {exc}"]) from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise ConfigError(source, [NESTED_TOO_DEEPLY]) from None
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(source, [_describe(e, text) for e in exc.errors()]) from None
+    except RecursionError:
+        raise ConfigError(source, [NESTED_TOO_DEEPLY]) from None
 
 
 def load_config(path: str | Path) -> Config:
@@ -328,13 +383,7 @@ def load_config(path: str | Path) -> Config:
     p = Path(path)
     if p.is_dir():
         raise ConfigError(str(p), ["is a directory, expected a TOML file"])
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(str(p), [f"cannot read: {exc.strerror or exc}"]) from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(str(p), [f"not UTF-8 text: {exc}"]) from None
-    return _resolve_paths(parse_config(text, str(p)), p.resolve().parent)
+    return _resolve_paths(parse_config(read_bounded_text(p), str(p)), p.resolve().parent)
 
 
 def _resolve(base: Path, value: str | None) -> str | None:

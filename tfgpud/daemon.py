@@ -30,11 +30,12 @@ from tfgpud.diagnosis import diagnose
 from tfgpud.exporter import Exposition, make_registry
 from tfgpud.model import CollectorRun, KnownGpu, NvmlReading, Snapshot
 from tfgpud.poll import Expected, PressureTracker, Readings, build_snapshot
-from tfgpud.server import Endpoints, HttpServer
+from tfgpud.runner import become_subreaper
+from tfgpud.server import Endpoints, HttpServer, raise_open_files_limit
 from tfgpud.state import Baseline
 from tfgpud.systemd import Notifier
 from tfgpud.views import status_document, summarize
-from tfgpud.webconfig import WebConfigError, WebSecurity
+from tfgpud.webconfig import WebConfigError, WebSecurity, load_web_config
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +269,8 @@ class Daemon:
         else:
             try:
                 new = load_config(self.config_path)
+                if new.http.web_config_file:  # refused as `tfgpud run` would refuse it
+                    load_web_config(new.http.web_config_file)
             except ConfigError as exc:
                 log.error("reload failed; keeping the running configuration. %s", exc.render())
             else:
@@ -362,6 +365,8 @@ class Daemon:
     def run(self) -> int:
         """startup → main_loop → shutdown. Returns 0 on a requested stop."""
         self.install_signal_handlers()
+        become_subreaper()  # a probe's descendants come back here, to be killed, not to init
+        raise_open_files_limit()  # room for MAX_CONNECTIONS clients
         try:
             self.startup()
         except StartupError:

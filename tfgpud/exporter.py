@@ -6,6 +6,7 @@ are omitted, never exported as 0 or NaN.
 
 from __future__ import annotations
 
+import enum
 import logging
 import threading
 from collections import OrderedDict
@@ -13,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import exposition
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.openmetrics import exposition as openmetrics_exposition
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from tfgpud import __version__
@@ -400,34 +402,84 @@ def _env_families(snap: Snapshot) -> Iterator[Metric]:
     yield envs
 
 
+class Format(enum.Enum):
+    """The two exposition formats tfgpud serves; the only keys of the render cache."""
+
+    TEXT = "text"  # Prometheus text 0.0.4
+    OPENMETRICS = "openmetrics"  # OpenMetrics 1.0.0
+
+
+CONTENT_TYPES = {
+    Format.TEXT: exposition.CONTENT_TYPE_PLAIN_0_0_4,
+    Format.OPENMETRICS: openmetrics_exposition.CONTENT_TYPE_LATEST,
+}
+_ENCODERS: dict[Format, Callable[[CollectorRegistry], bytes]] = {
+    Format.TEXT: exposition.generate_latest,
+    Format.OPENMETRICS: openmetrics_exposition.generate_latest,
+}
+
+
+def _param(params: list[str], name: str) -> str | None:
+    for p in params:
+        key, sep, value = p.partition("=")
+        if sep and key.strip().lower() == name:
+            return value.strip().strip('"')
+    return None
+
+
+def negotiate(accept: str) -> Format:
+    """OpenMetrics when ``accept`` lists ``application/openmetrics-text`` without a version or
+    with version 1.0.0 (and not q=0); the Prometheus text format otherwise.
+
+    Nothing of the header reaches the response: the answer is one of :data:`CONTENT_TYPES`,
+    so a client cannot make the server produce (or cache) anything new.
+    """
+    for part in accept.split(","):
+        media, *params = part.split(";")
+        if media.strip().lower() != "application/openmetrics-text":
+            continue
+        if _param(params, "version") not in (None, "1.0.0"):
+            continue  # a version we do not write; the text format always is an answer
+        if _param(params, "q") in ("0", "0.", "0.0", "0.00", "0.000"):
+            continue  # q=0: "not acceptable"
+        return Format.OPENMETRICS
+    return Format.TEXT
+
+
 class Exposition:
     """Renders the registry once per snapshot and format; scrapes in between get the bytes.
 
     Everything exported derives from the snapshot, so the text cannot change until the next
-    poll publishes a new one; caching makes a scrape a dictionary lookup.
+    poll publishes a new one; caching makes a scrape a dictionary lookup. The cache holds at
+    most one body per :class:`Format`, whatever the clients send.
     """
 
     def __init__(self, registry: CollectorRegistry, source: Callable[[], Snapshot | None]) -> None:
         self._registry = registry
         self._source = source
         self._lock = threading.Lock()
-        # content type -> (the snapshot it was rendered from, body)
-        self._cache: dict[str, tuple[Snapshot, bytes]] = {}
+        # format -> (the snapshot it was rendered from, body)
+        self._cache: dict[Format, tuple[Snapshot, bytes]] = {}
 
     def __call__(self, accept: str) -> tuple[bytes, str]:
-        encoder, content_type = exposition.choose_encoder(accept)
+        """(body, content type) for a request with this ``Accept`` header."""
+        fmt = negotiate(accept)
+        return self.render(fmt), CONTENT_TYPES[fmt]
+
+    def render(self, fmt: Format) -> bytes:
+        encoder = _ENCODERS[fmt]
         snap = self._source()
         if snap is None:
-            return encoder(self._registry), content_type
+            return encoder(self._registry)
         with self._lock:
-            hit = self._cache.get(content_type)
+            hit = self._cache.get(fmt)
         if hit is not None and hit[0] is snap:
-            return hit[1], content_type
+            return hit[1]
         body = encoder(self._registry)  # may see a newer snapshot: then it is simply not cached
         if self._source() is snap:
             with self._lock:
-                self._cache[content_type] = (snap, body)
-        return body, content_type
+                self._cache[fmt] = (snap, body)
+        return body
 
 
 def make_registry(source: Callable[[], Snapshot | None]) -> CollectorRegistry:

@@ -306,3 +306,16 @@ def test_gpus_by_state(nvml: NvmlReading, expected: int, states: tuple[int, ...]
     text = render(snap)
     for state, n in zip(("ok", "lost", "failing", "missing"), states, strict=True):
         assert f'tfgpud_gpus{{state="{state}"}} {float(n)}' in text
+
+
+def test_the_render_cache_holds_one_body_per_format_whatever_is_asked() -> None:
+    from tfgpud.exporter import CONTENT_TYPES, Exposition
+
+    snap = fixture_snapshot()
+    expo = Exposition(make_registry(lambda: snap), lambda: snap)
+    types = set()
+    for i in range(500):
+        types.add(expo(f"application/openmetrics-text; version=1.0.{i}; x={'y' * i}")[1])
+        types.add(expo(f"application/openmetrics-text; escaping=dots{i}")[1])
+    assert types <= set(CONTENT_TYPES.values()) and len(types) == 2
+    assert len(expo._cache) == 2

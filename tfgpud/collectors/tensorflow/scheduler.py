@@ -24,7 +24,7 @@ from tfgpud.model import (
     TfEnvRecord,
     TfProbeResult,
 )
-from tfgpud.runner import abandoned_children
+from tfgpud.runner import abandoned_children, deadline_scope
 
 log = logging.getLogger("tfgpud.collectors.tensorflow")
 
@@ -220,11 +220,13 @@ class TfProbeScheduler:
 
     def _run(self, st: _EnvState) -> None:
         try:
-            result = probe_target(
-                st.target,
-                lambda env: self._probe(env, timeout=self._timeout, cancel=self._cancel),
-                switch=self._switch,
-            )
+            # The pre-check (as root) shares the probe's timeout and is cancelled with it.
+            with deadline_scope(self._timeout, self._cancel):
+                result = probe_target(
+                    st.target,
+                    lambda env: self._probe(env, timeout=self._timeout, cancel=self._cancel),
+                    switch=self._switch,
+                )
         except Exception as exc:  # a worker thread must always leave a result
             log.exception("probe of env %s failed", st.env.name)
             result = TfProbeResult(
