@@ -116,10 +116,11 @@ class DaemonProcess:
         lib = FAKEDRIVER / "libnvidia-ml.so.1"
         library = f'[nvml]\nlibrary = "{lib}"\n' if with_library else ""
         # Hermetic: the daemon searches this machine for TensorFlow envs only when told where.
+        # Last, so that bare keys at the start of config_body stay in [http] or [nvml].
         discover = "" if "[tensorflow.discover]" in config_body else DISCOVERY_OFF
         self.config.write_text(
             f'[daemon]\ninterval_seconds = {interval}\nstate_dir = "{tmp / "state"}"\n'
-            f'[http]\nlisten = "127.0.0.1:{self.port}"\n{discover}{library}{config_body}'
+            f'[http]\nlisten = "127.0.0.1:{self.port}"\n{library}{config_body}\n{discover}'
         )
         self.notify = NotifyListener(tmp / "notify.sock")
         self.env = {
