@@ -985,12 +985,12 @@ def plan_probe(
     """How the probe of a discovered env may run, never with more privilege than its owner.
 
     ``writers`` are who besides root can change the env's code (user names, ``group:NAME``,
-    ``everyone``), as :func:`~tfgpud.collectors.tensorflow.safety.path_writers` reports them over the
-    import path; ``owner_group`` is the owner's private group (one with no other member), whose
-    write access is the owner's own. Anyone else among the writers: not run. Owner root: as
-    ``unprivileged_user`` (or as tfgpud itself when it is unprivileged and cannot switch).
-    Owner another user: as that user (needs root or CAP_SETUID+CAP_SETGID), or as tfgpud
-    itself when tfgpud is that user.
+    ``everyone``), as :func:`~tfgpud.collectors.tensorflow.safety.path_writers` reports them
+    over the import path; ``owner_group`` is the owner's private group (one with no other
+    member), whose write access is the owner's own. Anyone else among the writers: not run.
+    Owner root: as ``unprivileged_user`` (or as tfgpud itself when it is unprivileged and cannot
+    switch). Owner another user: as that user (needs root or CAP_SETUID+CAP_SETGID), or as
+    tfgpud itself when tfgpud is that user.
     """
     own = set() if owner_uid == 0 else {owner or f"uid {owner_uid}"}
     if owner_group and owner_uid != 0:
