@@ -602,6 +602,16 @@ def test_driver_too_old_names_the_fixing_drivers() -> None:
     assert "tensorflow[and-cuda]==2.14.*" in f.fix
 
 
+def test_driver_too_old_is_critical_even_when_tensorflow_lists_the_gpus() -> None:
+    """TF lists GPUs through libcuda on any driver; a 12.5 build on a CUDA 11.4 driver fails at
+    the first op ("CUDA driver version is insufficient for CUDA runtime version")."""
+    nvml = replace(NVML2, driver_version="470.256.02", cuda_driver_version=11040)
+    found = diagnose(snap(nvml=nvml, tf=(probe(),)), CONFIG)
+    f = one(found, "tf-driver-too-old", "research")
+    assert f.severity is Severity.CRITICAL and f.summary.startswith("driver 470.x supports CUDA")
+    assert "tf-cpu-fallback" not in codes(found) and "tf-partial-visibility" not in codes(found)
+
+
 def test_driver_same_major_older_minor_is_covered_by_minor_compat() -> None:
     nvml = replace(NVML2, driver_version="535.54.03", cuda_driver_version=12020)
     r = probe(gpus=(), libraries=libs(missing={"cudnn"}))
@@ -693,7 +703,9 @@ def test_a_gpu_tensorflow_lists_without_a_kernel_for_it_is_critical() -> None:
         "TensorFlow lists GPU:0 Tesla K80 (cc 3.7), GPU:1 NVIDIA RTX A6000 (cc 8.6)" in f.evidence
     )
     assert f"{PY} -m venv $HOME/tf-2.14" in f.fix and "'tensorflow[and-cuda]==2.14.*'" in f.fix
-    assert "470 branch" in f.fix  # Kepler: the last driver branch that supports it
+    assert (
+        "470 branch, the last that supports Kepler" in f.fix
+    )  # Kepler: the last driver branch that supports it
     assert f"export CUDA_VISIBLE_DEVICES={UUID1}" in f.fix  # the A6000 stays usable
     assert "tf-ptx-jit-only" not in codes(found) and "tf-partial-visibility" not in codes(found)
     # Kept off the K80 by CUDA_VISIBLE_DEVICES (UUID or index): nothing unusable is left.
@@ -948,6 +960,7 @@ def test_smoke_failing_at_context_creation_says_what_to_check() -> None:
     assert any(e.startswith("failed at: creating the CUDA context of GPU:0") for e in f.evidence)
     assert "tfgpud doctor" not in f.fix
     assert "nvidia-smi -q -d COMPUTE" in f.fix and "journalctl -k | grep -i xid" in f.fix
+    assert "`sudo nvidia-smi -i 0 -c DEFAULT`" in f.fix  # GPU:0 is NVML's GPU 0 here
     assert f.fix.index("`nvidia-smi`") < f.fix.index("nvidia-modprobe -u -c 0")  # uvm is there
     # /dev/nvidia-uvm missing on the host: that first; persistence mode off: said.
     pci = replace(PCI2, device_nodes=("nvidia0", "nvidia1", "nvidiactl"))

@@ -107,8 +107,9 @@ def old_gpu_fix(r: TfProbeResult, cc: tuple[int, int]) -> str:
         text += f" (This env's Python {compat.python_range(r.python_version)} is too new for it.)"
     if cc[0] == 3:
         text += (
-            f" Kepler GPUs need a driver of the {compat.KEPLER_LAST_DRIVER_BRANCH} branch, the "
-            "last that supports them (CUDA 11 builds run on it)."
+            f" A Kepler GPU also needs a driver no newer than the "
+            f"{compat.KEPLER_LAST_DRIVER_BRANCH} branch, the last that supports Kepler (CUDA 11 "
+            "builds run on it)."
         )
     return text
 
@@ -168,7 +169,7 @@ def ld_library_path_fix(
 # --- context creation ---------------------------------------------------------------------------
 
 
-def context_failure_fix(error: str, uvm_missing: bool, persistence_off: bool) -> str:
+def context_failure_fix(error: str, uvm_missing: bool, persistence_off: bool, gpu: str) -> str:
     """What to check when TensorFlow lists a GPU but CUDA refuses it a context, by the error."""
     low = error.lower()
     if "out_of_memory" in low or "out of memory" in low:
@@ -182,7 +183,7 @@ def context_failure_fix(error: str, uvm_missing: bool, persistence_off: bool) ->
             "The GPU is in an exclusive compute mode and another process holds it: "
             "`nvidia-smi -q -d COMPUTE` shows the mode, `nvidia-smi --query-compute-apps=pid,"
             "process_name --format=csv` the holder; stop it, or allow sharing with "
-            "`sudo nvidia-smi -i <gpu> -c DEFAULT`."
+            f"`sudo nvidia-smi -i {gpu} -c DEFAULT`."
         )
     if "system_not_ready" in low:
         return (
@@ -197,7 +198,7 @@ def context_failure_fix(error: str, uvm_missing: bool, persistence_off: bool) ->
         "check that `nvidia-smi` lists the GPU without errors",
         "check `nvidia-smi -q -d COMPUTE`: in Exclusive_Process mode a second process gets no "
         "context (`nvidia-smi --query-compute-apps=pid,process_name --format=csv` shows the "
-        "holder; `sudo nvidia-smi -i <gpu> -c DEFAULT` allows sharing), in Prohibited mode none",
+        f"holder; `sudo nvidia-smi -i {gpu} -c DEFAULT` allows sharing), in Prohibited mode none",
         "look for a GPU fault: `sudo journalctl -k | grep -i xid`",
     ]
     if not uvm_missing:

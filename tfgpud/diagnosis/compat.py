@@ -212,6 +212,11 @@ def cudnn_version_tuple(version: int) -> tuple[int, int, int]:
     return (version // 1000, version % 1000 // 100, version % 100)
 
 
+# The cuDNN a release was compiled with, in full, where known (TF's own line at device creation:
+# "TensorFlow compiled with CUDA 12.5 and cuDNN 9.3.0"; its .bazelrc HERMETIC_CUDNN_VERSION).
+COMPILED_CUDNN: dict[str, str] = {"2.21": "9.3.0"}
+
+
 # The pip wheel (nvidia-<name>-cu<CUDA major>) that ships each library TF dlopens.
 CUDA_LIB_WHEELS: dict[str, str] = {
     "cudart": "nvidia-cuda-runtime",

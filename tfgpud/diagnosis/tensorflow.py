@@ -189,14 +189,14 @@ def _missing_cuda_libs(r: TfProbeResult) -> list[LibraryCheck]:
     return [lib for lib in _cuda_libs(r) if not lib.loaded and lib.soname not in r.loader_opened]
 
 
-def _site_relative(path: str, r: TfProbeResult) -> str:
-    """``.../site-packages/nvidia/cusolver/lib`` -> ``nvidia/cusolver/lib`` for the RUNPATH list."""
-    norm = os.path.normpath(path)
-    parts = norm.split(os.sep)
-    for marker in ("site-packages", "dist-packages"):
+def _site_relative(path: str) -> str:
+    """A RUNPATH or pip directory as the wheels name it: ``.../nvidia/cusolver/lib`` ->
+    ``nvidia/cusolver/lib`` (TF's RUNPATH has each as $ORIGIN/../ and $ORIGIN/../../)."""
+    parts = os.path.normpath(path).split(os.sep)
+    for marker in ("nvidia", "tensorrt"):
         if marker in parts:
-            return os.sep.join(parts[parts.index(marker) + 1 :]) or norm
-    return norm
+            return os.sep.join(parts[len(parts) - 1 - parts[::-1].index(marker) :])
+    return os.path.normpath(path)
 
 
 def cause_cuda_libs_missing(r: TfProbeResult, s: Snapshot, c: Config) -> Finding | None:
@@ -224,7 +224,7 @@ def cause_cuda_libs_missing(r: TfProbeResult, s: Snapshot, c: Config) -> Finding
     gap_dirs = sorted({os.path.dirname(p) for p in elsewhere.values()})
     lib = os.path.basename(r.loader_object or "libtensorflow_framework.so.2")
     if elsewhere:
-        rel = ", ".join(sorted({_site_relative(d, r) for d in gap_dirs}))
+        rel = ", ".join(sorted({_site_relative(d) for d in gap_dirs}))
         summary += (
             f": {_join_names(sorted(elsewhere))} is installed in {rel}, which is not on the "
             f"RUNPATH of {lib}" + (" nor on LD_LIBRARY_PATH" if runpath else "")
@@ -248,7 +248,7 @@ def cause_cuda_libs_missing(r: TfProbeResult, s: Snapshot, c: Config) -> Finding
     if runpath:
         evidence.append(
             f"RUNPATH of {r.loader_object}: "
-            + ", ".join(dict.fromkeys(_site_relative(d, r) for d in runpath))
+            + ", ".join(dict.fromkeys(_site_relative(d) for d in runpath))
         )
     evidence += [
         "CUDA pip packages installed: " + (", ".join(nvidia_pkgs) or "none"),
@@ -771,7 +771,9 @@ def _cudnn_compiled(r: TfProbeResult) -> tuple[int, ...] | None:
         if m:
             return compat.parse_version(m.group(1))
     tested = compat.tested_build(r.tf_version)
-    return compat.parse_version(tested.cudnn) if tested is not None else None
+    if tested is None:
+        return None
+    return compat.parse_version(compat.COMPILED_CUDNN.get(tested.tf, tested.cudnn))
 
 
 def _cudnn_fix(
@@ -1029,7 +1031,9 @@ def _smoke_failed(r: TfProbeResult, s: Snapshot) -> Finding | None:
         uvm_missing = bool(nodes) and "nvidia-uvm" not in nodes
         gpu0 = next(iter(_cvd_gpus(r, s)), None)
         persistence_off = gpu0 is not None and gpu0.persistence_mode is False
-        fix = context_failure_fix(err, uvm_missing, persistence_off)
+        fix = context_failure_fix(
+            err, uvm_missing, persistence_off, str(gpu0.index) if gpu0 is not None else "<gpu>"
+        )
     elif any(k in low for k in ("out of memory", "out_of_memory", "oom ", "resourceexhausted")):
         fix = (
             "GPU memory is taken: see which processes hold it (`nvidia-smi --query-compute-apps="
@@ -1127,10 +1131,6 @@ def check_smoke_failed(r: TfProbeResult, s: Snapshot, c: Config) -> Finding | No
     return _smoke_failed(r, s)
 
 
-def check_ptx_driver_too_old(r: TfProbeResult, s: Snapshot, c: Config) -> Finding | None:
-    return _ptx_driver_too_old(r, s)
-
-
 class Applies(Enum):
     """When a check of ``TF_CHECKS`` runs on a completed probe."""
 
@@ -1157,7 +1157,10 @@ TF_CHECKS: tuple[TfCheck, ...] = (
     TfCheck("tf-gpus-hidden-by-env", ON_FALLBACK, cause_gpus_hidden_by_env),
     TfCheck("tf-cuda-libs-missing", ON_FALLBACK, cause_cuda_libs_missing),
     TfCheck("tf-libcuda-missing", ON_FALLBACK, cause_libcuda_missing),
-    TfCheck("tf-driver-too-old", ON_FALLBACK, cause_driver_too_old),
+    # TF lists GPUs through libcuda whatever CUDA the driver supports; a driver older than the
+    # build's CUDA fails at the first use ("CUDA driver version is insufficient"), and PTX from
+    # a newer CUDA than the driver's at the first kernel: critical even when TF lists the GPUs.
+    TfCheck("tf-driver-too-old", ALWAYS, cause_driver_too_old),
     TfCheck("tf-driver-dso-mismatch", ON_FALLBACK, cause_driver_dso_mismatch),
     # A GPU without a kernel it can run is unusable whether TF lists it (3.5-5.x, Blackwell)
     # or drops it (below 3.5).
@@ -1166,9 +1169,7 @@ TF_CHECKS: tuple[TfCheck, ...] = (
     TfCheck("tf-cudnn-mismatch", ALWAYS, cause_cudnn_mismatch),
     TfCheck("tf-device-permission", ON_FALLBACK, cause_device_permission),
     TfCheck("tf-smoke-failed", ALWAYS, check_smoke_failed),
-    # PTX from a newer CUDA than the driver's fails at the first kernel, even when TF lists
-    # the GPU; with a new enough driver PTX JIT only costs start-up time (a warning).
-    TfCheck("tf-driver-too-old", ALWAYS, check_ptx_driver_too_old),
+    # With a driver new enough for the build's PTX, PTX JIT only costs start-up time.
     TfCheck("tf-ptx-jit-only", ALWAYS, check_ptx_jit_only),
     TfCheck("tf-gpus-selected-by-env", ALWAYS, check_gpus_selected_by_env),
 )
@@ -1243,8 +1244,9 @@ def _partial(r: TfProbeResult, s: Snapshot, expected: int, causes: Sequence[Find
             f"CUDA_VISIBLE_DEVICES={r.environment.get('CUDA_VISIBLE_DEVICES', '(unset)')}",
             *r.log_lines[:10],
         ],
-        (f"See {', '.join(f.code for f in causes)}." if causes else "")
-        + " Check `nvidia-smi -q -d COMPUTE` (compute mode, MIG) and the log lines.",
+        f"See {', '.join(f.code for f in causes)}."
+        if causes
+        else "Check `nvidia-smi -q -d COMPUTE` (compute mode, MIG) and the log lines.",
     )
 
 
