@@ -4,7 +4,7 @@ simulated CUDA user-space (tests/cuda_userspace.py): each verdict as a user meet
 Every case is a real probe of a real env (the repo's .venv, or a throwaway venv laid out like
 `pip install tensorflow[and-cuda]`) inside a real `tfgpud doctor --json` process. Each probe
 imports TensorFlow (~3 CPU-s), so cases that share a simulated machine share one doctor run
-(one env per case), and the runs are module-scoped: six doctor runs, eleven probes.
+(one env per case), and the runs are module-scoped: seven doctor runs, twelve probes.
 """
 
 from __future__ import annotations
@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cuda_userspace import WheelVenv, build_cuda_userspace, lay_out_libdir, make_wheel_venv
+from cuda_userspace import (
+    TF_CUDA_LIBS,
+    WheelVenv,
+    build_cuda_userspace,
+    lay_out_libdir,
+    make_wheel_venv,
+)
 from helpers import FAKEDRIVER_DIR, REPO_ROOT, write_scenario
 
 pytestmark = pytest.mark.slow
@@ -110,11 +116,16 @@ def run_doctor(workdir: Path, scenario: Path, envs: list[Env]) -> Doctor:
         ]
     config = workdir / "tfgpud.toml"
     config.write_text("\n".join(lines) + "\n")
+    return doctor_json(config, scenario, workdir)
+
+
+def doctor_json(config: Path, scenario: Path, home: Path) -> Doctor:
+    """Run `tfgpud doctor --config CONFIG --json` with the simulated driver on `scenario`."""
     proc = subprocess.run(
         [TFGPUD, "doctor", "--config", str(config), "--json"],
         env={
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "HOME": str(workdir),
+            "HOME": str(home),
             "TFGPUD_FAKE_DRIVER": str(scenario),
         },
         stdin=subprocess.DEVNULL,
@@ -398,3 +409,24 @@ def test_a_driver_too_old_for_the_build_is_critical_although_tensorflow_lists_th
     assert f["tf-driver-too-old"]["summary"].startswith(
         "driver 470.x supports CUDA ≤ 11.4; TF 2.21.0 needs CUDA 12.5"
     )
+
+
+def test_make_demo_starts_healthy(work: Path) -> None:
+    """`make demo`'s files (config/demo/demo.toml.in, the scenario, its CUDA user-space copy):
+    doctor on them is an all-clear with both GPUs, and the probe watches the library dir, so
+    removing a library there (the README's way to break it) makes the daemon probe again."""
+    demo = work / "demo"
+    subprocess.run(
+        ["make", "-s", "-C", str(REPO_ROOT), "demo-files", f"DEMO={demo}"],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    assert sorted(p.name for p in (demo / "cuda").glob("lib*")) == sorted(
+        lib.soname for lib in TF_CUDA_LIBS
+    )
+    d = doctor_json(demo / "demo.toml", demo / "workstation.scenario.toml", work)
+    assert d.code == 0, d.doc["findings"]
+    assert d.visible_gpus("venv") == 2 and d.findings("venv") == {}
+    assert [f for f in d.doc["findings"] if f["severity"] != "info"] == []
+    assert str(demo / "cuda") in d.probe("venv")["package_dirs"]
