@@ -667,6 +667,7 @@ def test_compute_capability_unsupported() -> None:
     found = diagnose(snap(nvml=nvml, tf=(r,)), CONFIG)
     f = one(found, "tf-compute-capability-unsupported", "research")
     assert "5.2" in f.summary and "6.0" in f.summary and "PTX 9.0" in f.summary
+    assert "lists it" not in text(f) and "TensorFlow lists no GPU" in f.evidence
     assert "tensorflow[and-cuda]==2.14.*" in f.fix and "sm_50" in f.fix
     assert "Kepler" not in f.fix  # a Maxwell GPU: current drivers still support it
     assert "CUDA_VISIBLE_DEVICES" not in f.fix  # no other GPU to keep TensorFlow on

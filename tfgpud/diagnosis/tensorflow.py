@@ -606,9 +606,11 @@ def _cc_evidence(
     kind: str,
     sm: list[tuple[int, int]],
     ptx: list[tuple[int, int]],
+    r: TfProbeResult,
 ) -> str:
     a, b = cc
     ptx_s = "/".join(f"compute_{x}{y}" for x, y in ptx) or "no PTX"
+    listed = any(g.compute_capability == cc for g in r.gpus)
     if kind == "below":
         m = compat.TF_LISTING_MIN_CC
         return (
@@ -625,8 +627,8 @@ def _cc_evidence(
     oldest = f"sm_{min(sm)[0]}{min(sm)[1]}" if sm else "none"
     return (
         f"{label}: compute capability {a}.{b}: no binary kernel for it (the oldest is {oldest}), "
-        f"and {ptx_s} runs only on GPUs of that compute capability or newer; TensorFlow lists "
-        "it all the same, and its first kernel there fails"
+        f"and {ptx_s} runs only on GPUs of that compute capability or newer"
+        + ("; TensorFlow lists it all the same, and its first kernel there fails" if listed else "")
     )
 
 
@@ -653,18 +655,17 @@ def cause_compute_capability_unsupported(
         if len(bad) == 1
         else f"{len(bad)} GPUs (cc " + ", ".join(sorted({f"{a}.{b}" for _, (a, b), _ in bad})) + ")"
     )
-    one = len(bad) == 1
+    them = "it" if len(bad) == 1 else "them"
+    listed = all(any(g.compute_capability == cc for g in r.gpus) for _, cc, _ in bad)
+    low = compat.TF_LISTING_MIN_CC
     state = {
-        frozenset({"below"}): "; TensorFlow ignores "
-        + ("it" if one else "them")
-        + " (below its minimum 3.5)",
-        frozenset({"blackwell"}): "; TensorFlow lists "
-        + ("it" if one else "them")
-        + ", then every kernel fails there with CUDA_ERROR_INVALID_PTX",
-        frozenset({"old"}): "; TensorFlow lists "
-        + ("it" if one else "them")
-        + ", and the first kernel there fails",
+        frozenset({"below"}): f"; TensorFlow ignores {them} (below its minimum {low[0]}.{low[1]})",
+        frozenset({"blackwell"}): f"; TensorFlow lists {them}, then every kernel fails there "
+        "with CUDA_ERROR_INVALID_PTX",
+        frozenset({"old"}): f"; TensorFlow lists {them}, and the first kernel there fails",
     }.get(frozenset(kinds), "")
+    if "lists" in state and not listed:  # TF listed nothing (another cause): no claim
+        state = ""
     nvml = s.nvml
     fixes: list[str] = []
     seen: set[tuple[str, tuple[int, int]]] = set()
@@ -692,7 +693,7 @@ def cause_compute_capability_unsupported(
         f"{_tf_name(r)} cannot run on {who}: its kernels are for compute capability "
         f"{_targets(sm, ptx)} only{state}",
         [
-            *(_cc_evidence(label, cc, kind, sm, ptx) for label, cc, kind in bad),
+            *(_cc_evidence(label, cc, kind, sm, ptx, r) for label, cc, kind in bad),
             _tf_gpu_list(r),
             *_logs(r, "Ignoring visible gpu", "not built with CUDA kernel", "Adding visible gpu"),
             f"TensorFlow build: cuda_compute_capabilities "
