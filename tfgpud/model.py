@@ -109,13 +109,31 @@ class NvmlReading:
 
 @dataclass(frozen=True)
 class LibraryCheck:
-    """Whether one shared library TensorFlow needs could be dlopened in the env."""
+    """Whether one shared library TensorFlow needs could be dlopened in the env, searched the
+    way TensorFlow's loader searches (see ``TfProbeResult.loader_search``)."""
 
     name: str  # short name, e.g. "cudnn"
     soname: str  # e.g. "libcudnn.so.9"
     loaded: bool
     path: str | None = None  # where it was found (symlinks resolved)
     error: str | None = None  # dlerror text when it was not
+    # Where the loader found it: "LD_LIBRARY_PATH", "RUNPATH", "ld.so.cache", "default" (the
+    # loader's built-in dirs), "pip" (search path unknown: pip's nvidia/*/lib dirs tried first).
+    via: str | None = None
+    version: int | None = None  # cuDNN: cudnnGetVersion() of the loaded library, e.g. 90300
+    # Not loadable, but a file of that soname exists where the loader does not search
+    # (e.g. site-packages/nvidia/cusolver/lib, absent from TF's RUNPATH).
+    found_elsewhere: tuple[str, ...] = ()
+    # cuDNN not loadable: other majors present (e.g. libcudnn.so.8), with their versions.
+    other_versions: tuple[LibraryCheck, ...] = ()
+
+
+@dataclass(frozen=True)
+class SearchDir:
+    """One directory of the loader's search path for TF's CUDA libraries."""
+
+    path: str
+    source: str  # "LD_LIBRARY_PATH", "RUNPATH" (of TF's framework library) or "default"
 
 
 @dataclass(frozen=True)
@@ -167,6 +185,15 @@ class TfProbeResult:
     device_access: Mapping[str, str] = field(default_factory=frozen_map)  # /dev node -> "ok"/why
     smoke_ok: bool | None = None  # None = smoke test not run
     smoke_error: str | None = None
+    smoke_stage: str | None = None  # where it failed: "context" (GPU:0 init) or "matmul"
+    # The library whose dlopen calls load the CUDA libraries (libtensorflow_framework.so.2) and
+    # the loader's search path for those calls; empty when the probe could not tell.
+    loader_object: str | None = None
+    loader_search: tuple[SearchDir, ...] = ()
+    # TensorFlow's own loader lines (TF_CPP_MAX_VLOG_LEVEL=1): soname -> dlerror of each
+    # library it could not load, and the sonames it opened.
+    loader_failures: Mapping[str, str] = field(default_factory=frozen_map)
+    loader_opened: tuple[str, ...] = ()
     cpu_seconds: float | None = None  # the probe child's user+system CPU time
     max_rss_bytes: int | None = None
     # REFUSED for safety: who besides root can write the env's code (user names, "group:x",

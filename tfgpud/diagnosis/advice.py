@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import glob
 import os
+import shlex
+from collections.abc import Sequence
 
 from tfgpud.config import Config
 from tfgpud.diagnosis import compat
@@ -195,20 +197,166 @@ def older_tf(
     )
 
 
-def older_cc_fix(r: TfProbeResult, cc: tuple[int, int], cc_s: str) -> str:
-    """Use an older (CUDA 11) TF whose kernels reach further back, if one fits the Python."""
-    source = f"build TensorFlow from source with TF_CUDA_COMPUTE_CAPABILITIES={cc_s}"
-    b = compat.newest_tf_for(r.python_version, cuda_major=11)
-    if b is not None:
-        return (
-            f"Use a TensorFlow build that includes sm_{cc[0]}{cc[1]} (CUDA 11 builds such as "
-            f"`{pip_install(r, f'tensorflow[and-cuda]=={b.tf}.*')}` support ≥ 3.5), or {source}."
-        )
-    oldest = compat.newest_tf_for(None, cuda_major=11)
-    py = compat.python_range(r.python_version)
-    span = f" (newest: {oldest.tf}, Python {oldest.python})" if oldest is not None else ""
-    return (
-        f"The TensorFlow releases with sm_{cc[0]}{cc[1]} kernels (CUDA 11 builds{span}) do not "
-        f"support this env's Python {py}: create an env with an older Python for one, or "
-        f"{source}."
+# --- compute capability -----------------------------------------------------------------------
+
+
+def _cc_s(cc: tuple[int, int]) -> str:
+    return f"{cc[0]}.{cc[1]}"
+
+
+def keep_off_gpu(env: str, usable_uuids: Sequence[str], configured: bool) -> str:
+    """ "Keep this env on the GPUs it can run on" with CUDA_VISIBLE_DEVICES (UUIDs: CUDA's
+    indexes need not match nvidia-smi's)."""
+    if not usable_uuids:
+        return ""
+    value = ",".join(usable_uuids)
+    table = (
+        f' and CUDA_VISIBLE_DEVICES = "{value}" in the `environment` table of the '
+        f"[[tensorflow.envs]] entry `{env}`"
+        if configured
+        else ""
     )
+    return (
+        f" Meanwhile keep TensorFlow on the GPUs it can use: `export CUDA_VISIBLE_DEVICES={value}` "
+        f"in the jobs' environment{table}."
+    )
+
+
+def below_listing_minimum_fix(cc: tuple[int, int]) -> str:
+    """A GPU below TensorFlow's listing minimum (3.5): no release to name, only what works."""
+    return (
+        f"No TensorFlow pip release has kernels for compute capability {_cc_s(cc)}: the pip "
+        f"builds have started at {_cc_s(compat.TF_LISTING_MIN_CC)} since TensorFlow 1.x, and "
+        "CUDA 11 and later cannot compile for it. TensorFlow can only use the CPU instead of it; "
+        f"a GPU of compute capability 6.0 or higher runs TensorFlow {compat.LATEST_TF}."
+    )
+
+
+def old_gpu_fix(r: TfProbeResult, cc: tuple[int, int]) -> str:
+    """A 3.5-5.x GPU: the newest TensorFlow with binary kernels for it, in a separate env."""
+    tf = compat.OLD_GPU_TF
+    build = compat.tested_build(tf)
+    py_range = build.python if build is not None else "?"
+    fits = build is not None and compat.supports_python(build, r.python_version)
+    base = r.python if fits else f"python{py_range.split('-')[-1]}"
+    dest = f"$HOME/tf-{tf}"
+    cmd = (
+        f"{shlex.quote(base)} -m venv {dest} && {dest}/bin/python -m pip install "
+        f"'tensorflow[and-cuda]=={tf}.*'"
+    )
+    text = (
+        f"TensorFlow {tf} has kernels for compute capability {_cc_s(cc)} (a CUDA "
+        f"{build.cuda if build else '11.8'} build: {compat.KERNEL_TARGETS[tf]}; Python "
+        f"{py_range}); run this GPU's jobs in an env of their own: `{cmd}`."
+    )
+    if not fits:
+        text += f" (This env's Python {compat.python_range(r.python_version)} is too new for it.)"
+    if cc[0] == 3:
+        text += (
+            f" A Kepler GPU also needs a driver no newer than the "
+            f"{compat.KEPLER_LAST_DRIVER_BRANCH} branch, the last that supports Kepler (CUDA 11 "
+            "builds run on it)."
+        )
+    return text
+
+
+def blackwell_fix(cc: tuple[int, int], cuda_driver_version: int | None) -> str:
+    """cc >= 10.0 with no sm_100/sm_120 kernels in any pip release: what is known to work."""
+    sm = f"sm_{cc[0]}{cc[1]}"
+    need = compat.min_driver_for(compat.BLACKWELL_CUDA)
+    cuda_s = f"{compat.BLACKWELL_CUDA[0]}.{compat.BLACKWELL_CUDA[1]}"
+    drv = ""
+    if cuda_driver_version is not None:
+        d = compat.driver_cuda(cuda_driver_version)
+        ok = d >= compat.BLACKWELL_CUDA
+        drv = f"; this driver supports CUDA {d[0]}.{d[1]}" + ("" if ok else ", so upgrade it")
+    return (
+        f"No TensorFlow pip release up to {compat.LATEST_TF} has {sm} kernels, and its "
+        "compute_90 PTX does not run on this GPU. What works: NVIDIA's NGC TensorFlow container "
+        "(`docker run --gpus all --rm -it nvcr.io/nvidia/tensorflow:<release>-tf2-py3` with "
+        "the NVIDIA Container Toolkit; pick a release whose notes list Blackwell), as users "
+        f"report in tensorflow#99592; or TensorFlow built from source with "
+        f"`--repo_env=HERMETIC_CUDA_COMPUTE_CAPABILITIES={sm}` and CUDA ≥ {cuda_s} (driver "
+        f"≥ {need}{drv})."
+    )
+
+
+def other_cc_fix(cc: tuple[int, int], targets: str) -> str:
+    sm = f"sm_{cc[0]}{cc[1]}"
+    return (
+        f"Use a TensorFlow build whose kernels include {sm} or a PTX target ≤ {_cc_s(cc)} "
+        f"(this one has {targets}), or build TensorFlow from source with "
+        f"`--repo_env=HERMETIC_CUDA_COMPUTE_CAPABILITIES={sm}`."
+    )
+
+
+# --- libraries the loader cannot find -----------------------------------------------------------
+
+
+def ld_library_path_fix(
+    env: str, dirs: Sequence[str], current: str | None, configured: bool
+) -> str:
+    """Put ``dirs`` ahead on LD_LIBRARY_PATH: in the env's table (the probe) and for the jobs."""
+    value = ":".join([*dirs, *([current] if current else [])])
+    shell = ":".join(shlex.quote(d) for d in dirs)
+    table = (
+        f'add LD_LIBRARY_PATH = "{value}" to the `environment` table of the [[tensorflow.envs]] '
+        f"entry `{env}` (tfgpud's probe), and "
+        if configured
+        else ""
+    )
+    return (
+        f"TensorFlow's loader searches LD_LIBRARY_PATH before its RUNPATH: {table}set it where "
+        "the jobs start (their launch script, or the venv's bin/activate): "
+        f"`export LD_LIBRARY_PATH={shell}${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}`."
+    )
+
+
+# --- context creation ---------------------------------------------------------------------------
+
+
+def context_failure_fix(error: str, uvm_missing: bool, persistence_off: bool, gpu: str) -> str:
+    """What to check when TensorFlow lists a GPU but CUDA refuses it a context, by the error."""
+    low = error.lower()
+    if "out_of_memory" in low or "out of memory" in low:
+        return (
+            "The GPU's memory is taken before TensorFlow starts: `nvidia-smi --query-compute-apps="
+            "pid,process_name,used_memory --format=csv` shows by whom; stop those processes or "
+            "give TensorFlow another GPU."
+        )
+    if "devices_unavailable" in low or "busy or unavailable" in low:
+        return (
+            "The GPU is in an exclusive compute mode and another process holds it: "
+            "`nvidia-smi -q -d COMPUTE` shows the mode, `nvidia-smi --query-compute-apps=pid,"
+            "process_name --format=csv` the holder; stop it, or allow sharing with "
+            f"`sudo nvidia-smi -i {gpu} -c DEFAULT`."
+        )
+    if "system_not_ready" in low:
+        return (
+            "CUDA is not ready on this system (CUDA_ERROR_SYSTEM_NOT_READY): on NVSwitch systems "
+            "(HGX/DGX) the fabric manager must run: `sudo systemctl enable --now "
+            "nvidia-fabricmanager` (its version must match the driver's)."
+        )
+    steps = []
+    if uvm_missing:
+        steps.append("create the missing /dev/nvidia-uvm with `sudo nvidia-modprobe -u -c 0`")
+    steps += [
+        "check that `nvidia-smi` lists the GPU without errors",
+        "check `nvidia-smi -q -d COMPUTE`: in Exclusive_Process mode a second process gets no "
+        "context (`nvidia-smi --query-compute-apps=pid,process_name --format=csv` shows the "
+        f"holder; `sudo nvidia-smi -i {gpu} -c DEFAULT` allows sharing), in Prohibited mode none",
+        "look for a GPU fault: `sudo journalctl -k | grep -i xid`",
+    ]
+    if not uvm_missing:
+        steps.append("`ls -l /dev/nvidia-uvm` (if missing: `sudo nvidia-modprobe -u -c 0`)")
+    text = (
+        "TensorFlow lists the GPU, but CUDA refuses to create a context on it: "
+        + "; ".join(steps)
+        + "."
+    )
+    if persistence_off:
+        text += (
+            " Persistence mode is off: `sudo systemctl enable --now nvidia-persistenced` keeps "
+            "the driver initialised between processes."
+        )
+    return text
