@@ -12,8 +12,10 @@ APT_TEST_PKGS := prometheus prometheus-alertmanager gcc make
 APT_TEST_PKGS += curl openssl lintian shellcheck systemd dpkg-dev binutils
 # the package under a real systemd: a Debian 12 minbase booted in systemd-nspawn
 APT_TEST_PKGS += systemd-container debootstrap
+# the page at / is tested in a real headless browser (tests/e2e/test_page_browser.py)
+APT_TEST_PKGS += chromium
 
-.PHONY: run demo test lint fakedriver bench apt-test-deps venv clean deb nspawn-rootfs
+.PHONY: run demo demo-files test lint fakedriver bench apt-test-deps venv clean deb nspawn-rootfs
 
 # --- environments -----------------------------------------------------------------------------
 
@@ -53,14 +55,28 @@ fakedriver:
 run: $(VENV)/.run-stamp
 	$(VENV)/bin/tfgpud run --config $(CONFIG)
 
-# A simulated two-GPU workstation; edit build/demo/workstation.scenario.toml while it runs.
-demo: $(VENV)/.run-stamp fakedriver
-	mkdir -p build/demo
-	sed 's|@ROOT@|$(CURDIR)|g' config/demo/demo.toml.in > build/demo/demo.toml
-	test -f build/demo/workstation.scenario.toml || \
-	  cp config/demo/workstation.scenario.toml build/demo/workstation.scenario.toml
-	TFGPUD_FAKE_DRIVER=$(CURDIR)/build/demo/workstation.scenario.toml \
-	  $(VENV)/bin/tfgpud run --config build/demo/demo.toml
+# A simulated two-GPU workstation on which TensorFlow can use both GPUs. Edit
+# build/demo/workstation.scenario.toml or remove a library from build/demo/cuda while it runs;
+# both are kept across runs (`rm -r build/demo` starts afresh).
+DEMO ?= build/demo
+DEMO_DIR = $(abspath $(DEMO))
+CUDA_USERSPACE := $(FAKEDRIVER)/cuda-userspace
+
+demo: $(VENV)/.run-stamp demo-files
+	TFGPUD_FAKE_DRIVER=$(DEMO_DIR)/workstation.scenario.toml \
+	  $(VENV)/bin/tfgpud run --config $(DEMO)/demo.toml
+
+# The demo's configuration, scenario and CUDA user-space (the seven libraries TensorFlow 2.21
+# dlopens: not cuDNN 8) in $(DEMO).
+demo-files: fakedriver
+	mkdir -p $(DEMO)/cuda
+	sed -e 's|@DEMO@|$(DEMO_DIR)|g' -e 's|@ROOT@|$(CURDIR)|g' config/demo/demo.toml.in \
+	  > $(DEMO)/demo.toml
+	test -f $(DEMO)/workstation.scenario.toml || \
+	  cp config/demo/workstation.scenario.toml $(DEMO)/workstation.scenario.toml
+	test -f $(DEMO)/cuda/.laid-out || { \
+	  cp $(CUDA_USERSPACE)/*.so.1[12] $(CUDA_USERSPACE)/libcudnn.so.9 $(DEMO)/cuda/ && \
+	  touch $(DEMO)/cuda/.laid-out; }
 
 lint: $(VENV)/.test-stamp
 	$(VENV)/bin/ruff check tfgpud tests benchmarks

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import FAKEDRIVER_DIR, build_fakedriver
+from helpers import FAKEDRIVER_DIR, REPO_ROOT, build_fakedriver
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +36,19 @@ def shared_tmp() -> Iterator[Path]:
             if not p.is_symlink() and p.is_dir():
                 p.chmod(0o755)
         shutil.rmtree(d)
+
+
+@pytest.fixture(scope="module")
+def wheel_parent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Where wheel venvs (tests/cuda_userspace.py) go: their hard-linked TensorFlow needs the
+    filesystem of .venv, so build/ when the temp dir is elsewhere."""
+    parent = tmp_path_factory.mktemp("wheel-venvs")
+    if parent.stat().st_dev == (REPO_ROOT / ".venv").stat().st_dev:
+        yield parent
+        return
+    (REPO_ROOT / "build").mkdir(exist_ok=True)
+    local = Path(tempfile.mkdtemp(prefix="wheel-venvs-", dir=REPO_ROOT / "build"))
+    try:
+        yield local
+    finally:
+        shutil.rmtree(local, ignore_errors=True)

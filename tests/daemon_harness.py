@@ -21,6 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKEDRIVER = ROOT / "build" / "fakedriver"
+DISCOVERY_OFF = "[tensorflow.discover]\nenabled = false\n"
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def healthy_tf_env(directory: Path, gpus: int = 2, name: str = "main") -> str:
+    """A ``[[tensorflow.envs]]`` table whose interpreter (a script in ``directory``) answers like
+    the probe for a CUDA build of TensorFlow that lists ``gpus`` GPUs: a machine whose TensorFlow
+    is fine, so the only findings are the ones a test causes (with GPUs and no env at all, the
+    daemon reports ``tf-no-env``)."""
+    listed = ", ".join(f'{{"name": "/physical_device:GPU:{i}"}}' for i in range(gpus))
+    report = (
+        f'{{"schema": 1, "tf_version": "2.21.0", "gpus": [{listed}], '
+        '"build_info": {"is_cuda_build": "True", "cuda_version": "12.5.1"}}'
+    )
+    python = directory / f"{name}-python"
+    directory.mkdir(parents=True, exist_ok=True)
+    python.write_text(f"#!/bin/sh\ncat <<'EOF'\n{report}\nEOF\n")
+    python.chmod(0o755)
+    return f'[[tensorflow.envs]]\nname = "{name}"\npython = "{python}"\n'
 
 
 class NotifyListener:
@@ -154,9 +172,12 @@ class DaemonProcess:
         self.config = tmp / "tfgpud.toml"
         lib = FAKEDRIVER / "libnvidia-ml.so.1"
         library = f'[nvml]\nlibrary = "{lib}"\n' if with_library else ""
+        # Hermetic: the daemon searches this machine for TensorFlow envs only when told where.
+        # Last, so that bare keys at the start of config_body stay in [http] or [nvml].
+        discover = "" if "[tensorflow.discover]" in config_body else DISCOVERY_OFF
         self.config.write_text(
             f'[daemon]\ninterval_seconds = {interval}\nstate_dir = "{tmp / "state"}"\n'
-            f'[http]\nlisten = "127.0.0.1:{self.port}"\n{library}{config_body}'
+            f'[http]\nlisten = "127.0.0.1:{self.port}"\n{library}{config_body}\n{discover}'
         )
         self.notify = NotifyListener(tmp / "notify.sock")
         self.env = {

@@ -246,3 +246,29 @@ def parse_journal_entry(data: bytes) -> dict[str, str]:
             i = nl + 10 + size
         fields[key.decode()] = value.decode(errors="replace")
     return fields
+
+
+def fake_tf_python(
+    path: Path, gpus: int, *, report: Mapping[str, Any] | None = None, stderr: bytes = b""
+) -> Path:
+    """An executable at ``path`` that answers the TF probe like tfprobe.py would from an env
+    whose TensorFlow 2.21 (CUDA 12.5 build) lists ``gpus`` GPUs, without importing anything.
+
+    ``report`` overrides fields of the report; ``stderr`` is written to stderr as it is (TF's
+    log lines, or whatever a hostile env prints).
+    """
+    doc: dict[str, Any] = {
+        "schema": 1,
+        "tf_version": "2.21.0",
+        "python": {"version": "3.11.2"},
+        "build_info": {"is_cuda_build": "True", "cuda_version": "12.5.1", "cudnn_version": "9"},
+        "gpus": [{"name": f"/physical_device:GPU:{i}"} for i in range(gpus)],
+        **(report or {}),
+    }
+    out = path.with_name(path.name + ".report.json")
+    out.write_text(json.dumps(doc))
+    err = path.with_name(path.name + ".stderr")
+    err.write_bytes(stderr)
+    path.write_text(f"#!/bin/sh\ncat '{err}' >&2\ncat '{out}'\n")
+    path.chmod(0o755)
+    return path

@@ -14,7 +14,9 @@ ANALYZE = shutil.which("systemd-analyze")
 REPO = Path(__file__).resolve().parents[1]
 SYS_PYTHON = Path("/usr/bin/python3")
 # The most systemd-analyze security may score the shipped unit, offline and under systemd.
-MAX_EXPOSURE = 1.5
+# 1.5 without CAP_SETUID/CAP_SETGID and with PrivateUsers=yes; both are what probing discovered
+# envs as their owners costs (README: "Probing envs safely").
+MAX_EXPOSURE = 2.2
 
 
 def python_minor(python: str) -> str:

@@ -1,8 +1,9 @@
-"""Command line: ``tfgpud run | doctor | status | check-config | reload | baseline | version``.
+"""Command line: ``tfgpud run | doctor | status | check-config | reload | baseline``.
 
-Exit codes: 0 ok; doctor 1 warnings / 2 critical; 1 runtime failure (e.g. port in use,
-daemon unreachable); 64 usage; 78 invalid configuration (EX_CONFIG). Errors are one paragraph
-for a person, never a traceback.
+Exit codes (:data:`EXIT_CODES`): 0 ok; doctor 1 warnings / 2 critical; 1 runtime failure (e.g.
+port in use, daemon unreachable); 64 usage; 78 invalid configuration (EX_CONFIG). Errors are
+one paragraph for a person, never a traceback; with ``--json`` they are a JSON object on stdout
+too. Text on a terminal is coloured unless ``NO_COLOR`` is set; never in a pipe or in JSON.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import ssl
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,12 +35,22 @@ from tfgpud.config import (
     parse_listen,
 )
 from tfgpud.model import to_jsonable
+from tfgpud.text import PrintableLogFilter, printable
 from tfgpud.views import render_status_text
 
 EX_OK = 0
 EX_FAILURE = 1
 EX_USAGE = 64
 EX_CONFIG = 78
+EX_INTERRUPTED = 130
+
+EXIT_CODES = """exit status:
+  0    ok (doctor: healthy, or info findings only)
+  1    doctor: warnings; any other command: it failed (daemon unreachable, port in use, ...)
+  2    doctor: critical findings
+  64   usage error: unknown option, missing or malformed argument
+  78   invalid configuration (EX_CONFIG): the message names file, line and key
+  130  interrupted (Ctrl-C)"""
 
 
 def _load(path: str | None) -> tuple[Config, str | None]:
@@ -59,7 +71,34 @@ def _check_web_config(config: Config) -> None:
 
 
 def _err(message: str) -> None:
-    print(f"tfgpud: {message}", file=sys.stderr)
+    # Messages quote paths, keys and server answers: never let one drive the terminal.
+    print(f"tfgpud: {printable(message, newlines=True)}", file=sys.stderr)
+
+
+def _json_error(message: str, code: int, **extra: object) -> int:
+    """``--json`` on failure: the error as JSON on stdout (and for a person on stderr)."""
+    _err(message)
+    doc = {"ok": False, "error": message, "exit_code": code, **extra}
+    json.dump(doc, sys.stdout, indent=2, sort_keys=True)
+    print()
+    return code
+
+
+def use_colour(stream: Any, environ: Any = None) -> bool:
+    """Colour for a person: ``stream`` is a terminal, ``NO_COLOR`` is unset or empty
+    (no-color.org) and ``TERM`` is not ``dumb``."""
+    env = os.environ if environ is None else environ
+    isatty = getattr(stream, "isatty", None)
+    return bool(
+        isatty is not None and isatty() and not env.get("NO_COLOR") and env.get("TERM") != "dumb"
+    )
+
+
+def _escape_logs() -> None:
+    """Every log line printable (see tfgpud.text.PrintableLogFilter), whatever handler."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, PrintableLogFilter) for f in handler.filters):
+            handler.addFilter(PrintableLogFilter())
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -128,6 +167,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         _err(exc.render())
         return EX_CONFIG
     setup_logging(config.daemon.log_level)
+    _escape_logs()
     if path is None:
         _err(f"no configuration at {DEFAULT_CONFIG_PATH}; running with built-in defaults")
     try:
@@ -150,20 +190,52 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     # The report is the output; collectors' log lines would only interleave with it.
     logging.basicConfig(level=logging.ERROR, format="tfgpud: %(message)s")
+    _escape_logs()
     try:
         config, _ = _load(args.config)
     except ConfigError as exc:
+        if args.json:
+            return _json_error(exc.render(), EX_CONFIG)
         _err(exc.render())
         return EX_CONFIG
     python = args.python
     if python is not None and "/" in python:
         python = os.path.abspath(python)  # not resolve(): a venv's python is a symlink
-    return run_doctor(config, python=python, as_json=args.json, out=sys.stdout)
+    colour = not args.json and use_colour(sys.stdout)
+    return run_doctor(config, python=python, as_json=args.json, out=sys.stdout, colour=colour)
+
+
+def daemon_url(value: str) -> str:
+    """``--url``: ``http(s)://HOST:PORT[/PATH]`` or ``HOST:PORT`` / ``HOST`` / ``[V6]:PORT``
+    (http, default port 10041) as a base URL without a trailing slash; ValueError when it is
+    none of these."""
+    text = value.strip()
+    bare = "://" not in text
+    if bare:
+        text = f"http://{text}"
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{value!r} is not HOST:PORT or an http(s):// URL")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{value!r}: the port is not a number from 0 to 65535") from None
+    netloc = parts.netloc
+    if bare and port is None:
+        netloc += f":{parse_listen(DEFAULT_LISTEN)[1]}"
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+
+def _url_argument(value: str) -> str:
+    try:
+        return daemon_url(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _status_url(args: argparse.Namespace) -> str:
     if args.url:
-        return str(args.url).rstrip("/")
+        return str(args.url)
     listen = DEFAULT_LISTEN
     try:
         config, _ = _load(args.config)
@@ -180,39 +252,48 @@ def _status_url(args: argparse.Namespace) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     base = _status_url(args)
+
+    def fail(message: str, code: int = EX_FAILURE) -> int:
+        if args.json:
+            return _json_error(message, code, url=base)
+        _err(message)
+        return code
+
     request = urllib.request.Request(f"{base}/status")
     if args.user:
         # The password comes from the environment or a prompt, never from argv (ps shows it).
         password = os.environ.get("TFGPUD_PASSWORD")
         if password is None:
             if not sys.stdin.isatty():
-                _err("--user needs TFGPUD_PASSWORD in the environment when not on a terminal")
-                return EX_USAGE
+                return fail(
+                    "--user needs TFGPUD_PASSWORD in the environment when not on a terminal",
+                    EX_USAGE,
+                )
             password = getpass.getpass(f"password for {args.user}: ")
         token = base64.b64encode(f"{args.user}:{password}".encode()).decode()
         request.add_header("Authorization", f"Basic {token}")
     context = None
-    if base.startswith("https:"):
-        context = ssl.create_default_context(cafile=args.cacert)
     try:
+        if base.startswith("https:"):
+            context = ssl.create_default_context(cafile=args.cacert)
         with urllib.request.urlopen(request, timeout=args.timeout, context=context) as resp:
-            doc: dict[str, Any] = json.load(resp)
+            doc: Any = json.load(resp)
     except urllib.error.HTTPError as exc:
         hint = " (check --user and TFGPUD_PASSWORD)" if exc.code == 401 else ""
-        _err(f"{base}/status answered {exc.code} {exc.reason}{hint}")
-        return EX_FAILURE
+        return fail(f"{base}/status answered {exc.code} {exc.reason}{hint}")
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
-        _err(
+        return fail(
             f"cannot read {base}/status: {reason}. Is the daemon running "
             "(`systemctl status tfgpud`), and is --url right?"
         )
-        return EX_FAILURE
+    if not isinstance(doc, dict):
+        return fail(f"{base}/status did not answer a tfgpud status document")
     if args.json:
         json.dump(doc, sys.stdout, indent=2, sort_keys=True)
         print()
         return EX_OK
-    print(render_status_text(doc), end="")
+    print(render_status_text(doc, colour=use_colour(sys.stdout)), end="")
     return EX_OK
 
 
@@ -227,10 +308,20 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     try:
         config, _ = _load(args.config)
     except ConfigError as exc:
+        if getattr(args, "json", False):
+            return _json_error(exc.render(), EX_CONFIG)
         _err(exc.render())
         return EX_CONFIG
     state_dir = config.daemon.state_dir
     reread = "a running daemon re-reads it at its next poll"
+    as_json = bool(getattr(args, "json", False))
+
+    def fail(message: str) -> int:
+        if as_json:
+            return _json_error(message, EX_FAILURE)
+        _err(message)
+        return EX_FAILURE
+
     try:
         if args.action == "show":
             b = Baseline.read(state_dir, config.expect.gpus)
@@ -246,17 +337,18 @@ def cmd_baseline(args: argparse.Namespace) -> int:
                 print()
                 return EX_OK
             exists = b.path.exists()
-            print(
+            lines = [
                 f"baseline {b.path}{'' if exists else ' (not written yet)'}: "
                 f"{b.expected} GPU(s) expected ([expect] gpus = {config.expect.gpus})"
-            )
-            for g in b.gpus:
-                print(
-                    f"  {g.uuid}  {g.name or '?':<28} {g.pci_bus_id or '?':<16} "
-                    f"first seen {_when(g.first_seen)}, last seen {_when(g.last_seen)}"
-                )
-            for problem in b.problems():
-                print(f"  problem: {problem}")
+            ]
+            lines += [
+                f"  {g.uuid}  {g.name or '?':<28} {g.pci_bus_id or '?':<16} "
+                f"first seen {_when(g.first_seen)}, last seen {_when(g.last_seen)}"
+                for g in b.gpus
+            ]
+            lines += [f"  problem: {problem}" for problem in b.problems()]
+            # The names come from a file: printable, one line each.
+            print("\n".join(printable(line) for line in lines))
             return EX_OK
         if args.action == "reset":
             removed, moved = reset_baseline(state_dir)
@@ -267,94 +359,168 @@ def cmd_baseline(args: argparse.Namespace) -> int:
             )
             return EX_OK
         gone = forget_gpu(state_dir, args.uuid)
-        print(f"forgot {gone.uuid} ({gone.name or '?'} at {gone.pci_bus_id or '?'}); {reread}")
+        print(
+            printable(f"forgot {gone.uuid} ({gone.name or '?'} at {gone.pci_bus_id or '?'}); ")
+            + reread
+        )
         return EX_OK
     except StateFileError as exc:
-        _err(f"{exc}. `tfgpud baseline reset` moves it aside and starts a new baseline.")
+        return fail(f"{exc}. `tfgpud baseline reset` moves it aside and starts a new baseline.")
     except KeyError:
         try:
             known = ", ".join(g.uuid for g in Baseline.read(state_dir).gpus) or "none"
         except StateFileError as exc:  # replaced by an unusable file since forget read it
             known = f"unknown: {exc}"
-        _err(
+        return fail(
             f"{args.uuid} is not in the baseline {Path(state_dir) / 'baseline.json'} "
             f"(known: {known}); see `tfgpud baseline show`."
         )
     except OSError as exc:
-        _err(
+        return fail(
             f"cannot write the baseline in {state_dir}: {exc.strerror or exc}. Run it as root "
             "or as the user the daemon runs as."
         )
-    return EX_FAILURE
+
+
+class UsageError(Exception):
+    """A command line argparse rejects; ``parser`` is the (sub)command whose usage applies."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+        self.message = message
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:
-        self.print_usage(sys.stderr)
-        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+        raise UsageError(self, message)
+
+
+_CONFIG_HELP = f"the configuration file (default {DEFAULT_CONFIG_PATH}, else built-in defaults)"
+
+
+def _config_option(p: argparse.ArgumentParser, **kw: Any) -> None:
+    p.add_argument("--config", metavar="PATH", help=_CONFIG_HELP, **kw)
+
+
+def _json_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--json", action="store_true", help=f"{what} as JSON on stdout (errors too: ok=false)"
+    )
+
+
+def _subcommand(sub: Any, name: str, help_text: str, **kw: Any) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = sub.add_parser(
+        name,
+        help=help_text,
+        description=kw.pop("description", help_text[:1].upper() + help_text[1:] + "."),
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        **kw,
+    )
+    p.set_defaults(usage_parser=p)
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="tfgpud",
         description="Tells whether TensorFlow can use this machine's NVIDIA GPUs, and if not, why.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"tfgpud {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="run the daemon in the foreground")
-    p.add_argument(
-        "--config", metavar="PATH", help=f"configuration (default {DEFAULT_CONFIG_PATH})"
-    )
+    p = _subcommand(sub, "run", "run the daemon in the foreground (systemd Type=notify)")
+    _config_option(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("doctor", help="one full diagnosis now (exit 0 ok, 1 warning, 2 critical)")
-    p.add_argument("--config", metavar="PATH")
-    p.add_argument("--python", metavar="PATH", help="check this interpreter instead of the envs")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = _subcommand(sub, "doctor", "one full diagnosis now (exit 0 ok, 1 warning, 2 critical)")
+    _config_option(p)
+    p.add_argument(
+        "--python",
+        metavar="PATH",
+        help="probe only this interpreter (as env `cli`) instead of the configuration's envs",
+    )
+    _json_option(p, "the snapshot and findings")
     p.set_defaults(func=cmd_doctor)
 
-    p = sub.add_parser("status", help="what the running daemon currently sees")
-    p.add_argument("--url", help="daemon base URL (default: from the configuration)")
-    p.add_argument("--config", metavar="PATH")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--user", help="basic-auth user (password: $TFGPUD_PASSWORD or a prompt)")
+    p = _subcommand(sub, "status", "what the running daemon currently sees")
+    p.add_argument(
+        "--url",
+        type=_url_argument,
+        metavar="URL",
+        help="the daemon: http(s)://HOST:PORT or HOST:PORT (default: [http] listen of the "
+        f"configuration, else {DEFAULT_LISTEN})",
+    )
+    _config_option(p)
+    _json_option(p, "the daemon's /status document")
+    p.add_argument(
+        "--user", metavar="USER", help="basic-auth user (password: $TFGPUD_PASSWORD or a prompt)"
+    )
     p.add_argument("--cacert", metavar="PATH", help="CA file to verify an https:// daemon")
-    p.add_argument("--timeout", type=float, default=5.0, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="give up on the daemon after this long (default 5)",
+    )
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("check-config", help="validate a configuration file (exit 78 if invalid)")
-    p.add_argument("path", type=Path)
+    p = _subcommand(sub, "check-config", "validate a configuration file (exit 78 if invalid)")
+    p.add_argument("path", type=Path, metavar="PATH", help="the TOML file to check")
     p.set_defaults(func=cmd_check_config)
 
-    p = sub.add_parser(
-        "reload", help="validate the daemon's configuration file, then make it re-read it (SIGHUP)"
+    p = _subcommand(
+        sub, "reload", "validate the daemon's configuration file, then make it re-read it (SIGHUP)"
     )
     p.add_argument("--pid", type=int, required=True, help="the daemon's PID ($MAINPID)")
     p.set_defaults(func=cmd_reload)
 
-    p = sub.add_parser("baseline", help="show or change the GPUs this machine is expected to have")
-    p.add_argument("--config", metavar="PATH")
+    p = _subcommand(sub, "baseline", "show or change the GPUs this machine is expected to have")
+    _config_option(p)
     bsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    show = bsub.add_parser("show", help="list the expected GPUs (exit 1 if the file is unusable)")
-    show.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS)
-    show.add_argument("--json", action="store_true")
-    reset = bsub.add_parser("reset", help="forget all; the daemon re-learns the GPUs it sees")
-    reset.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS)
-    forget = bsub.add_parser("forget", help="accept that one GPU is gone for good")
-    forget.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS)
-    forget.add_argument("uuid", metavar="UUID")
+    show = _subcommand(bsub, "show", "list the expected GPUs (exit 1 if the file is unusable)")
+    _config_option(show, default=argparse.SUPPRESS)
+    _json_option(show, "the baseline")
+    reset = _subcommand(bsub, "reset", "forget all; the daemon re-learns the GPUs it sees")
+    _config_option(reset, default=argparse.SUPPRESS)
+    forget = _subcommand(bsub, "forget", "accept that one GPU is gone for good")
+    _config_option(forget, default=argparse.SUPPRESS)
+    forget.add_argument("uuid", metavar="UUID", help="its UUID (see `tfgpud baseline show`)")
     p.set_defaults(func=cmd_baseline)
     return parser
 
 
+def _usage_error(exc: UsageError, argv: Sequence[str]) -> int:
+    """Exit 64 with the usage of the (sub)command that was given, as argparse would print it;
+    with ``--json`` in the arguments also the error as JSON."""
+    exc.parser.print_usage(sys.stderr)
+    message = f"{exc.parser.prog}: error: {exc.message}"
+    print(printable(message), file=sys.stderr)
+    if "--json" in argv:
+        doc = {"ok": False, "error": message, "exit_code": EX_USAGE}
+        json.dump(doc, sys.stdout, indent=2, sort_keys=True)
+        print()
+    return EX_USAGE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    args_in = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args, unknown = parser.parse_known_args(args_in)
+        if unknown:
+            usage_parser: argparse.ArgumentParser = getattr(args, "usage_parser", parser)
+            usage_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    except UsageError as exc:
+        return _usage_error(exc, args_in)
     try:
         code: int = args.func(args)
     except KeyboardInterrupt:
-        return 130
+        return EX_INTERRUPTED
     return code
 
 

@@ -23,17 +23,19 @@ from tfgpud.collectors.base import timed
 from tfgpud.collectors.nvml import NvmlSession, XidWatcher
 from tfgpud.collectors.pci import Identities, collect_pci
 from tfgpud.collectors.tensorflow import TfProbeScheduler
+from tfgpud.collectors.tensorflow.discovered import FIRST_SEARCH_WAIT, EnvDiscovery
 from tfgpud.collectors.workloads import WorkloadScanner
 from tfgpud.config import Config, ConfigError, load_config, parse_listen
 from tfgpud.diagnosis import diagnose
 from tfgpud.exporter import Exposition, make_registry
 from tfgpud.model import CollectorRun, KnownGpu, NvmlReading, Snapshot
 from tfgpud.poll import Expected, PressureTracker, Readings, build_snapshot
-from tfgpud.server import Endpoints, HttpServer
+from tfgpud.runner import become_subreaper
+from tfgpud.server import Endpoints, HttpServer, raise_open_files_limit
 from tfgpud.state import Baseline
 from tfgpud.systemd import Notifier
 from tfgpud.views import status_document, summarize
-from tfgpud.webconfig import WebConfigError, WebSecurity
+from tfgpud.webconfig import WebConfigError, WebSecurity, load_web_config
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,7 @@ class Daemon:
         self._workloads = WorkloadScanner(self.paths.proc)
         self._xids = XidWatcher(self._nvml)
         self._tf = TfProbeScheduler.from_config(config.tensorflow, on_result=self._on_probe_result)
+        self._discovery = EnvDiscovery(config.tensorflow.discover, on_result=self._on_probe_result)
         self._registry = make_registry(lambda: self._snapshot)
         self._exposition = Exposition(self._registry, lambda: self._snapshot)
         self._http: HttpServer | None = None
@@ -113,7 +116,8 @@ class Daemon:
         self._wake.set()
 
     def _on_probe_result(self) -> None:
-        # A TensorFlow probe finished on its thread: diagnose it now, not at the next tick.
+        # A TensorFlow probe (or a search for envs) finished on its thread: diagnose it now,
+        # not at the next tick.
         self._probe_landed = True
         self._wake.set()
 
@@ -202,6 +206,10 @@ class Daemon:
         runs.append(run)
         if nvml is not None:
             self._xids.watch(g.uuid for g in nvml.gpus if not g.lost)
+        found = self._discovery.latest()  # the search runs on its own thread, never here
+        if found.run is not None:
+            runs.append(found.run)
+        self._tf.set_discovered(found.envs)
         _, run = timed("tensorflow", lambda: self._tf.maybe_start(nvml, time.monotonic()))
         runs.append(run)
         workloads = None
@@ -219,6 +227,8 @@ class Daemon:
             workloads=workloads,
             xid_counts=xids.counts,
             xid_events=xids.events,
+            tf_envs=self._tf.env_records(),
+            discovery=found.summary,
         )
         known, expected = self._baseline(nvml, now)
         snap = build_snapshot(
@@ -259,6 +269,11 @@ class Daemon:
             ) from None
         self._xids.start()
         self._alerts.start()
+        self._discovery.start()
+        if not self._discovery.wait_first(FIRST_SEARCH_WAIT):
+            log.info(
+                "discovery still searching after %.0f s: its envs join later", FIRST_SEARCH_WAIT
+            )
         snap = self.poll_once()
         self._http.start()
         name_threads(self._named)
@@ -278,6 +293,8 @@ class Daemon:
         else:
             try:
                 new = load_config(self.config_path)
+                if new.http.web_config_file:  # refused as `tfgpud run` would refuse it
+                    load_web_config(new.http.web_config_file)
             except ConfigError as exc:
                 log.error("reload failed; keeping the running configuration. %s", exc.render())
             else:
@@ -292,10 +309,15 @@ class Daemon:
             log.warning("[nvml] changed: takes effect on restart")
         if new.daemon.log_level != old.daemon.log_level:
             logging.getLogger().setLevel(new.daemon.log_level.upper())
+        if new.tensorflow.discover != old.tensorflow.discover:
+            self._discovery.stop(0.2)
+            self._discovery = EnvDiscovery(new.tensorflow.discover, on_result=self._on_probe_result)
+            self._discovery.start()
         if new.tensorflow != old.tensorflow:
             previous = self._tf
             previous.close()
             self._tf = TfProbeScheduler.from_config(new.tensorflow, on_result=self._on_probe_result)
+            self._tf.set_discovered(self._discovery.latest().envs)
             self._tf.adopt(previous)
         if new.daemon.state_dir != old.daemon.state_dir or new.expect != old.expect:
             self._state.close()
@@ -365,6 +387,7 @@ class Daemon:
         self.notifier.stopping()
         if self._http is not None:
             self._http.stop(left(0.4))
+        self._discovery.stop(left(0.1))
         self._tf.close(left(0.6))
         self._xids.stop(left(0.4))
         self._alerts.stop(left(0.2))
@@ -375,6 +398,8 @@ class Daemon:
     def run(self) -> int:
         """startup → main_loop → shutdown. Returns 0 on a requested stop."""
         self.install_signal_handlers()
+        become_subreaper()  # a probe's descendants come back here, to be killed, not to init
+        raise_open_files_limit()  # room for MAX_CONNECTIONS clients
         try:
             self.startup()
         except StartupError:

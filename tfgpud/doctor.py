@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import TextIO
 
 from tfgpud.collectors.base import timed
+from tfgpud.collectors.discovery import EnvSource, ProbeTarget, discover_envs, merge_envs
 from tfgpud.collectors.tensorflow import probe_env
+from tfgpud.collectors.tensorflow.discovered import (
+    DiscoverFn,
+    EnvDiscovery,
+    env_record,
+    probe_target,
+)
 from tfgpud.collectors.workloads import WorkloadScanner
 from tfgpud.config import Config, TfEnvConfig
 from tfgpud.diagnosis import diagnose, worst_severity
@@ -69,26 +76,36 @@ def collect_snapshot(
     read_pci: PciReader = _read_pci,
     read_nvml: NvmlReader = _read_nvml,
     probe: EnvProber = _probe,
+    discover: DiscoverFn = discover_envs,
     now: Callable[[], float] = time.time,
 ) -> Snapshot:
-    """Run pci, nvml, one probe per env (only ``python``, as env "cli", when given) and the
-    workloads scan once, and build the snapshot as the daemon's poll does."""
+    """Run pci, nvml, discovery, one probe per env (only ``python``, as env "cli", when given:
+    then nothing is discovered) and the workloads scan once, and build the snapshot as the
+    daemon's poll does. Discovered envs are probed as the daemon probes them."""
     runs: list[CollectorRun] = []
     pci, run = timed("pci", lambda: read_pci(sys_root, proc_root, dev_root))
     runs.append(run)
     nvml, run = timed("nvml", lambda: read_nvml(config.nvml.library))
     runs.append(run)
-    envs = (
-        [TfEnvConfig(name="cli", python=python)] if python is not None else config.tensorflow.envs
-    )
+    discovery = None
+    if python is not None:
+        targets: tuple[ProbeTarget, ...] = (
+            ProbeTarget(TfEnvConfig(name="cli", python=python), EnvSource.CONFIGURED),
+        )
+    else:
+        found = EnvDiscovery(config.tensorflow.discover, discover=discover).run_once()
+        if found.run is not None:
+            runs.append(found.run)
+        discovery = found.summary
+        targets = merge_envs(config.tensorflow.envs, found.envs)
     results: list[TfProbeResult] = []
     timeout = config.tensorflow.timeout_seconds
-    for env in envs:
+    for target in targets:
 
-        def probe_one(e: TfEnvConfig = env) -> TfProbeResult:
-            return probe(e, timeout)
+        def probe_one(t: ProbeTarget = target) -> TfProbeResult:
+            return probe_target(t, lambda env: probe(env, timeout))
 
-        result, run = timed(f"tensorflow:{env.name}", probe_one)
+        result, run = timed(f"tensorflow:{target.config.name}", probe_one)
         runs.append(run)
         if result is not None:
             results.append(result)
@@ -109,6 +126,8 @@ def collect_snapshot(
         tf=tuple(results),
         collectors=tuple(runs),
         workloads=workloads,
+        tf_envs=tuple(env_record(t) for t in targets),
+        discovery=discovery,
     )
     ratio = config.memory.pressure_ratio
     return build_snapshot(readings, _read_baseline(config), PressureTracker(), ratio)
@@ -142,11 +161,14 @@ def run_doctor(
     read_pci: PciReader = _read_pci,
     read_nvml: NvmlReader = _read_nvml,
     probe: EnvProber = _probe,
+    discover: DiscoverFn = discover_envs,
     now: Callable[[], float] = time.time,
+    colour: bool = False,
 ) -> int:
     """Diagnose the machine now, write the report to ``out``, return the exit status (0/1/2).
 
-    With ``python`` only that interpreter is probed (env name "cli"), config envs are ignored.
+    With ``python`` only that interpreter is probed (env name "cli"): configured envs are
+    ignored and nothing is discovered. Otherwise the configured envs and the discovered ones.
     Never raises for what it finds; collectors that break are reported as such.
     """
     snap = collect_snapshot(
@@ -158,6 +180,7 @@ def run_doctor(
         read_pci=read_pci,
         read_nvml=read_nvml,
         probe=probe,
+        discover=discover,
         now=now,
     )
     findings = diagnose(snap, config)
@@ -171,5 +194,5 @@ def run_doctor(
         }
         out.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     else:
-        out.write(render_report(snap, findings, code, socket.gethostname()))
+        out.write(render_report(snap, findings, code, socket.gethostname(), colour=colour))
     return code

@@ -6,18 +6,27 @@ are omitted, never exported as 0 or NaN.
 
 from __future__ import annotations
 
+import enum
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import exposition
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.openmetrics import exposition as openmetrics_exposition
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from tfgpud import __version__
 from tfgpud.diagnosis import cpu_fallback_envs
 from tfgpud.model import GpuReading, Snapshot, XidCode
 from tfgpud.xids import KNOWN_XIDS
+
+# What ``tfgpud_gpus{state}`` counts; see gpu_state_counts().
+GPU_STATES = ("ok", "lost", "failing", "missing")
+# GPUs whose identity the exporter remembers for when they stop answering (oldest dropped).
+MAX_REMEMBERED_GPUS = 64
+Identity = tuple[str, str, str]  # name, pci_bus_id, compute_capability
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +46,7 @@ class SnapshotCollector(Collector):
 
     def __init__(self, source: Callable[[], Snapshot | None]) -> None:
         self._source = source
+        self._identities = GpuIdentities()
 
     def describe(self) -> Iterable[Metric]:
         return []  # never collect at registration
@@ -49,14 +59,69 @@ class SnapshotCollector(Collector):
         if snap is None:
             return
         try:
-            families = list(_families(snap))
+            families = list(_families(snap, self._identities))
         except Exception:
             log.exception("building metrics failed; serving build_info only")
             return
         yield from families
 
 
-def _families(snap: Snapshot) -> Iterator[Metric]:
+class GpuIdentities:
+    """The last complete identity (name, PCI bus id, compute capability) of each GPU seen
+    answering, so that ``tfgpud_gpu_info`` of a GPU that is lost now still names it. Bounded:
+    the GPUs least recently seen are forgotten first."""
+
+    def __init__(self, limit: int = MAX_REMEMBERED_GPUS) -> None:
+        self._limit = limit
+        self._known: OrderedDict[str, Identity] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def identify(self, g: GpuReading, snap: Snapshot) -> Identity | None:
+        """``g``'s identity labels: what NVML says now, else what was last known (this
+        process's memory, then the baseline); None when any of them is unknown or the GPU's
+        UUID itself was never read."""
+        if is_placeholder_uuid(g.uuid):
+            return None
+        with self._lock:
+            known = self._known.get(g.uuid)
+            if g.name and g.pci_bus_id and g.compute_capability_str and not g.lost:
+                self._known[g.uuid] = (g.name, g.pci_bus_id, g.compute_capability_str)
+                self._known.move_to_end(g.uuid)
+                while len(self._known) > self._limit:
+                    self._known.popitem(last=False)
+        base = next((k for k in snap.baseline if k.uuid == g.uuid), None)
+        name = g.name or (known[0] if known else None) or (base.name if base else None)
+        bus = g.pci_bus_id or (known[1] if known else None) or (base.pci_bus_id if base else None)
+        cc = g.compute_capability_str or (known[2] if known else None)
+        return (name, bus, cc) if name and bus and cc else None
+
+
+def is_placeholder_uuid(uuid: str) -> bool:
+    """True for the stand-in NVML readings carry for a GPU whose UUID was never read."""
+    return uuid.startswith("GPU-unknown")
+
+
+def gpu_state_counts(snap: Snapshot) -> dict[str, int] | None:
+    """GPUs by state, for ``tfgpud_gpus{state}``: ``ok`` (NVML lists it and it answers),
+    ``lost`` (NVML: GPU_IS_LOST), ``failing`` (listed but unreadable for another error),
+    ``missing`` (expected by the baseline or ``[expect] gpus`` but not listed, all of them
+    while NVML is down, then also counting the GPUs on the PCI bus). None before NVML was read.
+    """
+    nv = snap.nvml
+    if nv is None:
+        return None
+    listed = nv.gpus if nv.up else ()
+    counts = dict.fromkeys(GPU_STATES, 0)
+    for g in listed:
+        counts["lost" if g.lost else "failing" if g.error else "ok"] += 1
+    seen = {g.uuid for g in listed}
+    unseen = sum(1 for k in snap.baseline if k.uuid not in seen)
+    pci = len(snap.pci.gpus) if snap.pci is not None and not nv.up else 0
+    counts["missing"] = max(unseen, (snap.expected_gpus or 0) - len(listed), pci, 0)
+    return counts
+
+
+def _families(snap: Snapshot, identities: GpuIdentities) -> Iterator[Metric]:
     ok = _gauge("tfgpud_collector_success", "1 if the collector's last run worked.", ["collector"])
     dur = _gauge(
         "tfgpud_collector_duration_seconds", "Duration of the collector's last run.", ["collector"]
@@ -89,8 +154,18 @@ def _families(snap: Snapshot) -> Iterator[Metric]:
         up = _gauge("tfgpud_nvml_up", "1 if NVML initialised.")
         up.add_metric([], 1.0 if nv.up else 0.0)
         yield up
+        states = gpu_state_counts(snap)
+        if states is not None:
+            by_state = _gauge(
+                "tfgpud_gpus",
+                "GPUs by state: ok, lost, failing (NVML lists them), missing (expected, unlisted).",
+                ["state"],
+            )
+            for state, n in states.items():
+                by_state.add_metric([state], n)
+            yield by_state
         if nv.up:
-            count = _gauge("tfgpud_nvml_gpus", "GPUs NVML reports.")
+            count = _gauge("tfgpud_nvml_gpus", "GPUs NVML lists, lost or failing ones included.")
             count.add_metric([], len(nv.gpus))
             yield count
             if nv.driver_version is not None:
@@ -101,9 +176,10 @@ def _families(snap: Snapshot) -> Iterator[Metric]:
                 )
                 drv.add_metric([nv.driver_version, nv.cuda_driver_version_str or ""], 1)
                 yield drv
-        yield from _gpu_families(nv.gpus, snap)
+        yield from _gpu_families(nv.gpus, snap, identities)
 
     yield from _tf_families(snap)
+    yield from _env_families(snap)
 
     finding = _gauge(
         "tfgpud_finding", "1 for each active finding.", ["code", "severity", "subject"]
@@ -152,7 +228,9 @@ def _alert_families(snap: Snapshot) -> Iterator[Metric]:
     yield from (sent, failed, dropped, queued)
 
 
-def _gpu_families(gpus: tuple[GpuReading, ...], snap: Snapshot) -> Iterator[Metric]:
+def _gpu_families(
+    gpus: tuple[GpuReading, ...], snap: Snapshot, identities: GpuIdentities
+) -> Iterator[Metric]:
     ids = ["gpu", "uuid"]
     info = _gauge(
         "tfgpud_gpu_info",
@@ -207,10 +285,12 @@ def _gpu_families(gpus: tuple[GpuReading, ...], snap: Snapshot) -> Iterator[Metr
     counts = snap.xid_counts
     for g in gpus:
         labels = [str(g.index), g.uuid]
-        info.add_metric(
-            [*labels, g.name or "", g.pci_bus_id or "", g.compute_capability_str or ""], 1
-        )
         up.add_metric(labels, 0.0 if g.lost or g.error else 1.0)
+        if is_placeholder_uuid(g.uuid):
+            continue  # tfgpud_gpus{state} counts it; no series under an invented UUID
+        identity = identities.identify(g, snap)
+        if identity is not None:
+            info.add_metric([*labels, *identity], 1)
         for family, get in fields:
             value = get(g)
             if value is not None:
@@ -316,34 +396,94 @@ def _tf_families(snap: Snapshot) -> Iterator[Metric]:
             yield family
 
 
+def _env_families(snap: Snapshot) -> Iterator[Metric]:
+    """The envs on the probe schedule by where they come from (configured or discovered)."""
+    if snap.tf_envs is None:
+        return
+    envs = _gauge("tfgpud_tf_envs", "TensorFlow envs on the probe schedule, by source.", ["source"])
+    for source in ("configured", "discovered"):
+        envs.add_metric([source], sum(1 for e in snap.tf_envs if e.source == source))
+    yield envs
+
+
+class Format(enum.Enum):
+    """The two exposition formats tfgpud serves; the only keys of the render cache."""
+
+    TEXT = "text"  # Prometheus text 0.0.4
+    OPENMETRICS = "openmetrics"  # OpenMetrics 1.0.0
+
+
+CONTENT_TYPES = {
+    Format.TEXT: exposition.CONTENT_TYPE_PLAIN_0_0_4,
+    Format.OPENMETRICS: openmetrics_exposition.CONTENT_TYPE_LATEST,
+}
+_ENCODERS: dict[Format, Callable[[CollectorRegistry], bytes]] = {
+    Format.TEXT: exposition.generate_latest,
+    Format.OPENMETRICS: openmetrics_exposition.generate_latest,
+}
+
+
+def _param(params: list[str], name: str) -> str | None:
+    for p in params:
+        key, sep, value = p.partition("=")
+        if sep and key.strip().lower() == name:
+            return value.strip().strip('"')
+    return None
+
+
+def negotiate(accept: str) -> Format:
+    """OpenMetrics when ``accept`` lists ``application/openmetrics-text`` without a version or
+    with version 1.0.0 (and not q=0); the Prometheus text format otherwise.
+
+    Nothing of the header reaches the response: the answer is one of :data:`CONTENT_TYPES`,
+    so a client cannot make the server produce (or cache) anything new.
+    """
+    for part in accept.split(","):
+        media, *params = part.split(";")
+        if media.strip().lower() != "application/openmetrics-text":
+            continue
+        if _param(params, "version") not in (None, "1.0.0"):
+            continue  # a version we do not write; the text format always is an answer
+        if _param(params, "q") in ("0", "0.", "0.0", "0.00", "0.000"):
+            continue  # q=0: "not acceptable"
+        return Format.OPENMETRICS
+    return Format.TEXT
+
+
 class Exposition:
     """Renders the registry once per snapshot and format; scrapes in between get the bytes.
 
     Everything exported derives from the snapshot, so the text cannot change until the next
-    poll publishes a new one; caching makes a scrape a dictionary lookup.
+    poll publishes a new one; caching makes a scrape a dictionary lookup. The cache holds at
+    most one body per :class:`Format`, whatever the clients send.
     """
 
     def __init__(self, registry: CollectorRegistry, source: Callable[[], Snapshot | None]) -> None:
         self._registry = registry
         self._source = source
         self._lock = threading.Lock()
-        # content type -> (the snapshot it was rendered from, body)
-        self._cache: dict[str, tuple[Snapshot, bytes]] = {}
+        # format -> (the snapshot it was rendered from, body)
+        self._cache: dict[Format, tuple[Snapshot, bytes]] = {}
 
     def __call__(self, accept: str) -> tuple[bytes, str]:
-        encoder, content_type = exposition.choose_encoder(accept)
+        """(body, content type) for a request with this ``Accept`` header."""
+        fmt = negotiate(accept)
+        return self.render(fmt), CONTENT_TYPES[fmt]
+
+    def render(self, fmt: Format) -> bytes:
+        encoder = _ENCODERS[fmt]
         snap = self._source()
         if snap is None:
-            return encoder(self._registry), content_type
+            return encoder(self._registry)
         with self._lock:
-            hit = self._cache.get(content_type)
+            hit = self._cache.get(fmt)
         if hit is not None and hit[0] is snap:
-            return hit[1], content_type
+            return hit[1]
         body = encoder(self._registry)  # may see a newer snapshot: then it is simply not cached
         if self._source() is snap:
             with self._lock:
-                self._cache[content_type] = (snap, body)
-        return body, content_type
+                self._cache[fmt] = (snap, body)
+        return body
 
 
 def make_registry(source: Callable[[], Snapshot | None]) -> CollectorRegistry:

@@ -110,13 +110,31 @@ class NvmlReading:
 
 @dataclass(frozen=True)
 class LibraryCheck:
-    """Whether one shared library TensorFlow needs could be dlopened in the env."""
+    """Whether one shared library TensorFlow needs could be dlopened in the env, searched the
+    way TensorFlow's loader searches (see ``TfProbeResult.loader_search``)."""
 
     name: str  # short name, e.g. "cudnn"
     soname: str  # e.g. "libcudnn.so.9"
     loaded: bool
     path: str | None = None  # where it was found (symlinks resolved)
     error: str | None = None  # dlerror text when it was not
+    # Where the loader found it: "LD_LIBRARY_PATH", "RUNPATH", "ld.so.cache", "default" (the
+    # loader's built-in dirs), "pip" (search path unknown: pip's nvidia/*/lib dirs tried first).
+    via: str | None = None
+    version: int | None = None  # cuDNN: cudnnGetVersion() of the loaded library, e.g. 90300
+    # Not loadable, but a file of that soname exists where the loader does not search
+    # (e.g. site-packages/nvidia/cusolver/lib, absent from TF's RUNPATH).
+    found_elsewhere: tuple[str, ...] = ()
+    # cuDNN not loadable: other majors present (e.g. libcudnn.so.8), with their versions.
+    other_versions: tuple[LibraryCheck, ...] = ()
+
+
+@dataclass(frozen=True)
+class SearchDir:
+    """One directory of the loader's search path for TF's CUDA libraries."""
+
+    path: str
+    source: str  # "LD_LIBRARY_PATH", "RUNPATH" (of TF's framework library) or "default"
 
 
 @dataclass(frozen=True)
@@ -136,6 +154,9 @@ class ProbeStatus(StrEnum):
     REFUSED = "refused"
     NO_ACCESS = "no-access"  # the probe's user cannot reach/execute the interpreter (EACCES)
     ERROR = "error"
+    # A discovered env whose probe cannot run without more privilege than its owner has:
+    # only its metadata is reported (TfEnvRecord.metadata).
+    NOT_RUN = "not-run"
 
 
 @dataclass(frozen=True)
@@ -165,6 +186,15 @@ class TfProbeResult:
     device_access: Mapping[str, str] = field(default_factory=frozen_map)  # /dev node -> "ok"/why
     smoke_ok: bool | None = None  # None = smoke test not run
     smoke_error: str | None = None
+    smoke_stage: str | None = None  # where it failed: "context" (GPU:0 init) or "matmul"
+    # The library whose dlopen calls load the CUDA libraries (libtensorflow_framework.so.2) and
+    # the loader's search path for those calls; empty when the probe could not tell.
+    loader_object: str | None = None
+    loader_search: tuple[SearchDir, ...] = ()
+    # TensorFlow's own loader lines (TF_CPP_MAX_VLOG_LEVEL=1): soname -> dlerror of each
+    # library it could not load, and the sonames it opened.
+    loader_failures: Mapping[str, str] = field(default_factory=frozen_map)
+    loader_opened: tuple[str, ...] = ()
     cpu_seconds: float | None = None  # the probe child's user+system CPU time
     max_rss_bytes: int | None = None
     # REFUSED for safety: who besides root can write the env's code (user names, "group:x",
@@ -282,6 +312,35 @@ class AlertStats:
 
 
 @dataclass(frozen=True)
+class TfEnvRecord:
+    """One env on the probe schedule: where it came from and, when discovered, what its
+    metadata alone shows (what is reported when its probe may not run)."""
+
+    env: str
+    python: str
+    source: str  # "configured" | "discovered"
+    prefix: str | None = None  # discovered: the env's directory
+    owner: str | None = None  # discovered: the owner of that directory
+    kind: str | None = None  # discovered: venv, conda, system, jupyter-kernel
+    found_by: str | None = None  # discovered: pyvenv.cfg, conda-meta, kernel.json, ...
+    metadata: tuple[str, ...] = ()  # discovered: the metadata facts, in words
+
+
+@dataclass(frozen=True)
+class DiscoverySummary:
+    """The last search for TensorFlow envs ([tensorflow.discover]), as the snapshot keeps it."""
+
+    enabled: bool
+    found: int | None = None  # envs found; None while the first search has not finished
+    searched: tuple[str, ...] = ()  # what was searched, in words
+    finished_at: float | None = None  # unix time the last search ended
+
+    @property
+    def done(self) -> bool:
+        return self.found is not None
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """Everything one poll saw. Scrapes and /status read the latest one; nothing mutates it."""
 
@@ -308,6 +367,10 @@ class Snapshot:
     # State-file problems to report (baseline-state-error); empty when all is well.
     baseline_problems: tuple[str, ...] = ()
     alert_stats: AlertStats | None = None  # None = alert delivery not running (e.g. doctor)
+    # The envs on the probe schedule (None = not known to this snapshot's builder) and the
+    # last discovery (None = discovery not in play, e.g. `doctor --python`).
+    tf_envs: tuple[TfEnvRecord, ...] | None = None
+    discovery: DiscoverySummary | None = None
 
 
 def to_jsonable(obj: object) -> object:

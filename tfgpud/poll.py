@@ -15,10 +15,12 @@ from types import MappingProxyType
 
 from tfgpud.model import (
     CollectorRun,
+    DiscoverySummary,
     KnownGpu,
     NvmlReading,
     PciReading,
     Snapshot,
+    TfEnvRecord,
     TfProbeResult,
     WorkloadsReading,
     XidCode,
@@ -40,6 +42,8 @@ class Readings:
         default_factory=lambda: MappingProxyType({})
     )
     xid_events: tuple[XidEvent, ...] = ()
+    tf_envs: tuple[TfEnvRecord, ...] | None = None  # the envs on the probe schedule
+    discovery: DiscoverySummary | None = None
 
 
 @dataclass(frozen=True)
@@ -114,4 +118,6 @@ def build_snapshot(
         pressure_since=pressure.update(nvml, pressure_ratio, readings.taken_at),
         tf_processes=w.processes if w is not None else None,
         workloads=w.scan if w is not None else None,
+        tf_envs=readings.tf_envs,
+        discovery=readings.discovery,
     )

@@ -3,15 +3,21 @@
 Every child runs in its own session (so its process group id is its pid), with stdin closed,
 an explicit environment, and both pipes drained concurrently into bounded buffers. When the
 child exits, or the deadline passes, or the caller cancels, the whole group is SIGKILLed before
-the child is reaped, so nothing it forked outlives it. A SIGKILLed child that does not die
-within a few seconds (uninterruptible sleep, e.g. in a GPU driver call) is handed to a reaper
-thread, which waits for it; :func:`abandoned_children` lists those still alive so callers can
-hold back from starting another child for the same work.
+the child is reaped, and so is every other descendant found: those seen while it ran (a
+``/proc`` walk of its children), those re-parented to this process after their parent died
+(the daemon is a child subreaper, see :func:`become_subreaper`, so a grandchild that called
+``setsid()`` comes back here rather than to init), and any process still holding the child's
+stdout or stderr pipe. Nothing the child started outlives it. A SIGKILLed child that does not
+die within a few seconds (uninterruptible sleep, e.g. in a GPU driver call) is handed to a
+reaper thread, which waits for it; :func:`abandoned_children` lists those still alive so
+callers can hold back from starting another child for the same work. :func:`deadline_scope`
+bounds several runs (a probe and its safety pre-check) by one deadline.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import pwd
 import selectors
@@ -20,7 +26,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 MIB = 1024 * 1024
@@ -28,6 +34,11 @@ _CHUNK = 65536
 _POLL_SECONDS = 0.05  # how often the loop checks for child exit / cancel while pipes are quiet
 _DRAIN_SECONDS = 1.0  # after the group is killed, how long to wait for the pipes to close
 _REAP_SECONDS = 5.0  # a SIGKILLed process in uninterruptible sleep may take a while
+_TRACK_SECONDS = 0.2  # how often the child's descendants are listed while it runs
+_HOLDERS_AFTER = 0.1  # pipes still open this long after the kill: look for who holds them
+_SWEEP_ROUNDS = 8  # kill, look again (what was forked meanwhile), at most this often
+PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+PROC = "/proc"
 
 
 @dataclass(frozen=True)
@@ -157,18 +168,211 @@ def _still_ours(pid: int) -> bool:
     return True
 
 
+# -- descendants ----------------------------------------------------------------------------------
+
+_subreaper = False
+_running: set[int] = set()  # pids of children run_bounded() is running (each reaps its own)
+_running_lock = threading.Lock()
+
+
+def become_subreaper() -> bool:
+    """Make this process the parent of every orphaned descendant (Linux prctl
+    PR_SET_CHILD_SUBREAPER); True when it is. Call once, early, in the daemon only: a process
+    that is a subreaper must reap what comes back to it, which run_bounded() then does."""
+    global _subreaper
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        _subreaper = libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        _subreaper = False
+    return _subreaper
+
+
+def _alive_since(pid: int) -> int | None:
+    """The start time (clock ticks, field 22 of /proc/PID/stat) of ``pid`` while it is alive;
+    None once it is gone or a zombie. Pairs of (pid, start time) survive pid reuse."""
+    try:
+        with open(f"{PROC}/{pid}/stat", "rb") as f:
+            stat = f.read()
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        return None if fields[0] in (b"Z", b"X") else int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (of every thread of it), from /proc/PID/task/*/children."""
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"{PROC}/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            with open(f"{PROC}/{pid}/task/{tid}/children", "rb") as f:
+                out += [int(x) for x in f.read().split()]
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _descendants(roots: Iterable[int]) -> dict[int, int]:
+    """Every live descendant of ``roots`` (not the roots) -> its start time."""
+    found: dict[int, int] = {}
+    todo = list(roots)
+    while todo:
+        for child in _children(todo.pop()):
+            if child in found:
+                continue
+            start = _alive_since(child)
+            if start is not None:
+                found[child] = start
+                todo.append(child)
+    return found
+
+
+def _orphans() -> list[int]:
+    """Children of this process that no run_bounded() call is running: descendants of finished
+    children, re-parented here because this process is a subreaper. Empty when it is not."""
+    if not _subreaper:
+        return []
+    with _running_lock:
+        running = set(_running)
+    with _abandoned_lock:
+        running |= _abandoned
+    return [p for p in _children(os.getpid()) if p not in running]
+
+
+def _pipe_holders(inodes: set[int]) -> dict[int, int]:
+    """Processes (other than this one) with an fd on one of the pipes ``inodes`` -> start time."""
+    wanted = {f"pipe:[{i}]" for i in inodes}
+    me = os.getpid()
+    found: dict[int, int] = {}
+    try:
+        pids = [int(p) for p in os.listdir(PROC) if p.isdigit()]
+    except OSError:
+        return found
+    for pid in pids:
+        if pid == me:
+            continue
+        try:
+            fds = os.listdir(f"{PROC}/{pid}/fd")
+        except OSError:
+            continue  # gone, or another user's
+        for fd in fds:
+            try:
+                if os.readlink(f"{PROC}/{pid}/fd/{fd}") in wanted:
+                    start = _alive_since(pid)
+                    if start is not None:
+                        found[pid] = start
+                    break
+            except OSError:
+                continue
+    return found
+
+
+def _kill_all(known: Mapping[int, int]) -> None:
+    """SIGKILL every process of ``known`` (pid -> start time) that is still that process, with
+    its descendants and this process's orphans; look again, as a process can fork until the
+    signal lands; then reap what of it (and of the orphans) is this process's child."""
+    live = {p: t for p, t in known.items() if _alive_since(p) == t}
+    hit: set[int] = set()
+    for _ in range(_SWEEP_ROUNDS):
+        for pid in _orphans():
+            since = _alive_since(pid)
+            if since is not None:
+                live[pid] = since
+        live.update(_descendants(live))
+        live = {p: t for p, t in live.items() if _alive_since(p) == t}
+        if not live:
+            break
+        for pid in live:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        hit |= live.keys()
+        time.sleep(0.005)
+    _reap_orphans(hit | set(_orphans()))
+
+
+def _reap_orphans(pids: Iterable[int]) -> None:
+    """Reap those of ``pids`` that are this process's children (and not a running call's)."""
+    with _running_lock:
+        running = set(_running)
+    mine = [p for p in pids if p not in running and _still_ours(p)]
+    deadline = time.monotonic() + 1.0
+    while mine and time.monotonic() < deadline:
+        left = []
+        for pid in mine:
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                continue
+            if done != pid:
+                left.append(pid)
+        mine = left
+        if mine:
+            time.sleep(0.01)
+    for pid in mine:
+        hand_to_reaper(pid)
+
+
+# -- deadlines ------------------------------------------------------------------------------------
+
+_scope = threading.local()
+
+
+@contextlib.contextmanager
+def deadline_scope(seconds: float, cancel: threading.Event | None = None) -> Iterator[None]:
+    """Inside the block, on this thread, every run_bounded() ends within ``seconds`` of the
+    block's start (its timeout is cut to what is left; nested scopes keep the earliest), and
+    ``cancel`` stops it when the call passes no event of its own."""
+    previous: float | None = getattr(_scope, "deadline", None)
+    previous_cancel: threading.Event | None = getattr(_scope, "cancel", None)
+    mine = time.monotonic() + seconds
+    _scope.deadline = mine if previous is None else min(previous, mine)
+    _scope.cancel = cancel or previous_cancel
+    try:
+        yield
+    finally:
+        _scope.deadline, _scope.cancel = previous, previous_cancel
+
+
+def _time_left(timeout: float) -> float:
+    deadline: float | None = getattr(_scope, "deadline", None)
+    if deadline is None:
+        return timeout
+    return max(0.0, min(timeout, deadline - time.monotonic()))
+
+
 SETPRIV = shutil.which("setpriv", path="/usr/bin:/bin:/usr/sbin:/sbin")
 
 
-def _has_ambient_caps(status: str = "/proc/self/status") -> bool:
+CAP_SETGID, CAP_SETUID = 6, 7
+
+
+def _cap_set(name: str, status: str = "/proc/self/status") -> int | None:
+    """This process's capability set ``name`` ("CapEff", "CapAmb", ...) as a bit mask."""
     try:
         with open(status, encoding="ascii", errors="replace") as f:
             for line in f:
-                if line.startswith("CapAmb:"):
-                    return int(line.split()[1], 16) != 0
+                if line.startswith(f"{name}:"):
+                    return int(line.split()[1], 16)
     except (OSError, ValueError, IndexError):
         pass
-    return False
+    return None
+
+
+def _has_ambient_caps(status: str = "/proc/self/status") -> bool:
+    return bool(_cap_set("CapAmb", status))
+
+
+def can_switch_user(status: str = "/proc/self/status") -> bool:
+    """Whether ``run_bounded(user=...)`` can work here: root, or CAP_SETUID and CAP_SETGID in
+    this process's effective set (the packaged unit grants both)."""
+    if os.geteuid() == 0:
+        return True
+    caps = _cap_set("CapEff", status) or 0
+    return bool(caps & (1 << CAP_SETUID)) and bool(caps & (1 << CAP_SETGID))
 
 
 def run_bounded(
@@ -183,16 +387,22 @@ def run_bounded(
 ) -> RunResult:
     """Run ``argv`` with exactly ``env``; never raises for anything the child does.
 
-    Returns within about ``timeout`` + 1 s. Keeps the first ``max_output`` bytes of stdout and
-    of stderr (the rest is read and dropped so the child never blocks on a full pipe). On
-    timeout or ``cancel`` the child's whole process group is SIGKILLed; it is also killed once
-    the child itself exits, so a grandchild left sleeping is not left behind (a descendant that
-    starts its own session escapes this; only a cgroup would catch it). ``user`` switches uid,
-    gid and supplementary groups (needs root). A child that cannot be started (missing or
-    non-executable file, unknown user) gives a result with ``error`` set.
+    Returns within about ``timeout`` + 1 s (``timeout`` is cut to what an enclosing
+    :func:`deadline_scope` leaves, whose ``cancel`` applies when none is given). Keeps the
+    first ``max_output`` bytes of stdout and of stderr (the rest is read and dropped so the
+    child never blocks on a full pipe). On timeout or ``cancel`` the child's whole process
+    group is SIGKILLed, with every other descendant found (see the module docstring); the
+    same happens once the child itself exits, so nothing it started is left behind, not even
+    a grandchild in a session of its own. ``user`` switches uid, gid and supplementary groups
+    (needs root, or CAP_SETUID and CAP_SETGID: see :func:`can_switch_user`); the child keeps
+    no capability that this process holds as ambient. A child that cannot be started (missing
+    or non-executable file, unknown user) gives a result with ``error`` set.
     """
     args = tuple(argv)
     start = time.monotonic()
+    timeout = _time_left(timeout)
+    if cancel is None:
+        cancel = getattr(_scope, "cancel", None)
 
     def failed(message: str) -> RunResult:
         return RunResult(
@@ -218,43 +428,53 @@ def run_bounded(
             uid, gid, groups = _user_ids(user)
         except KeyError:
             return failed(f"unknown user {user!r}")
-    if _has_ambient_caps() and SETPRIV is not None:
-        # A daemon given CAP_SYS_PTRACE (to see other users' jobs) must not pass it on to code
-        # from a user's env: ambient capabilities survive execve of ordinary programs.
+    if _has_ambient_caps():
+        # A daemon given capabilities (CAP_SETUID/CAP_SETGID to probe as an env's owner,
+        # CAP_SYS_PTRACE to see other users' jobs) must not pass them on to code from a user's
+        # env: ambient capabilities survive execve of ordinary programs (and setuid between
+        # two non-root users keeps them). setpriv clears them before the child's own program.
+        if SETPRIV is None:
+            return failed("this process has ambient capabilities and setpriv is not installed")
         args = (SETPRIV, "--ambient-caps=-all", "--inh-caps=-all", "--", *args)
-    try:
-        proc = subprocess.Popen(  # argv comes from the operator's configuration
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=dict(env),
-            cwd=cwd,
-            start_new_session=True,
-            close_fds=True,
-            user=uid,
-            group=gid,
-            extra_groups=groups,
-        )
-    except FileNotFoundError as exc:
-        missing = exc.filename if exc.filename is not None else args[0] if args else "?"
-        if cwd is not None and missing == cwd:
-            return failed(f"working directory not found: {cwd}")
-        return failed(f"executable not found: {missing}")
-    except PermissionError as exc:
-        return failed(f"permission denied starting {args[0] if args else '?'}: {exc.strerror}")
-    except (OSError, ValueError, subprocess.SubprocessError) as exc:
-        return failed(f"cannot start {args[0] if args else '?'}: {exc}")
-
+    # Registered as running before another call's sweep could take it for an orphan.
+    with _running_lock:
+        try:
+            proc = subprocess.Popen(  # argv comes from the operator's configuration
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=dict(env),
+                cwd=cwd,
+                start_new_session=True,
+                close_fds=True,
+                user=uid,
+                group=gid,
+                extra_groups=groups,
+            )
+        except FileNotFoundError as exc:
+            missing = exc.filename if exc.filename is not None else args[0] if args else "?"
+            if cwd is not None and missing == cwd:
+                return failed(f"working directory not found: {cwd}")
+            return failed(f"executable not found: {missing}")
+        except PermissionError as exc:
+            return failed(f"permission denied starting {args[0] if args else '?'}: {exc.strerror}")
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            return failed(f"cannot start {args[0] if args else '?'}: {exc}")
+        _running.add(proc.pid)
     deadline = start + timeout
     captures = {"stdout": _Capture(max_output), "stderr": _Capture(max_output)}
     sel = selectors.DefaultSelector()
     assert proc.stdout is not None and proc.stderr is not None
+    pipes = {os.fstat(proc.stdout.fileno()).st_ino, os.fstat(proc.stderr.fileno()).st_ino}
     for name, stream in (("stdout", proc.stdout), ("stderr", proc.stderr)):
         os.set_blocking(stream.fileno(), False)
         sel.register(stream, selectors.EVENT_READ, name)
     timed_out = cancelled = killed = False
     drain_until: float | None = None
+    holders_at: float | None = None
+    seen: dict[int, int] = {}  # descendants met while the child ran -> start time
+    next_look = start + _TRACK_SECONDS
     try:
         while sel.get_map():
             now = time.monotonic()
@@ -267,10 +487,21 @@ def run_bounded(
                     # Kill the group while the child is an unreaped zombie: its pid (= pgid)
                     # cannot be reused yet, so this cannot hit an unrelated process.
                     _kill_group(proc.pid)
+                    seen.update(_descendants([proc.pid]))
+                    _kill_all(seen)
                     killed = True
                     drain_until = now + _DRAIN_SECONDS
+                    holders_at = now + _HOLDERS_AFTER
+                elif now >= next_look:
+                    seen.update(_descendants([proc.pid]))
+                    next_look = now + _TRACK_SECONDS
             if drain_until is not None and now >= drain_until:
                 break
+            if holders_at is not None and now >= holders_at:
+                # Someone still holds a pipe: a descendant that left the group and was not seen
+                # (this process is no subreaper, or it forked between two looks).
+                holders_at = None
+                _kill_all(_pipe_holders(pipes))
             for key, _ in sel.select(_POLL_SECONDS):
                 try:
                     data = os.read(key.fd, _CHUNK)
@@ -294,15 +525,19 @@ def run_bounded(
                     break
                 time.sleep(_POLL_SECONDS)
             _kill_group(proc.pid)
+            seen.update(_descendants([proc.pid]))
     finally:
         sel.close()
         proc.stdout.close()
         proc.stderr.close()
+        _kill_all(seen)  # also what was forked or re-parented here since the first sweep
         status, cpu, rss = _reap(proc.pid)
         abandoned: int | None = None
         if status is None and _still_ours(proc.pid):
             abandoned = proc.pid
             hand_to_reaper(proc.pid)
+        with _running_lock:
+            _running.discard(proc.pid)
         # Tell Popen the child is gone (or the reaper's) so it neither waits nor warns in __del__.
         proc.returncode = (
             os.waitstatus_to_exitcode(status) if status is not None else -signal.SIGKILL

@@ -85,11 +85,29 @@ def _stamp(path: Path) -> tuple[int, int, int] | None:
     return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
+# A baseline lists a machine's GPUs: a few hundred bytes each. A file far larger than any real
+# one is not read into memory at all; strings are cut to what NVML itself can return (its name
+# and UUID buffers are 96 bytes, a PCI bus id 32), so a tampered file cannot bloat the daemon.
+MAX_BASELINE_BYTES = 1 << 20
+MAX_BASELINE_GPUS = 256
+FIELD_LIMITS = {"uuid": 96, "name": 96, "pci_bus_id": 32}
+
+
+def read_bounded(path: Path, limit: int) -> bytes:
+    """The bytes of ``path``; ``StateFileError`` when it holds more than ``limit`` bytes (only
+    ``limit + 1`` are ever read). ``OSError`` (``FileNotFoundError`` included) passes through."""
+    with path.open("rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise StateFileError(f"larger than {limit} bytes, far more than tfgpud ever writes")
+    return data
+
+
 def _opt_str(entry: dict[str, Any], key: str) -> str | None:
     value = entry.get(key)
     if value is not None and not isinstance(value, str):
-        raise StateFileError(f"gpus[].{key}: expected a string, got {value!r}")
-    return value
+        raise StateFileError(f"gpus[].{key}: expected a string, got {value!r:.80}")
+    return None if value is None else value[: FIELD_LIMITS[key]]
 
 
 def _opt_time(entry: dict[str, Any], key: str) -> float | None:
@@ -112,13 +130,18 @@ def parse_baseline(data: bytes) -> dict[str, KnownGpu]:
     entries = doc.get("gpus")
     if not isinstance(entries, list):
         raise StateFileError("`gpus` is missing or not a list")
+    if len(entries) > MAX_BASELINE_GPUS:
+        raise StateFileError(f"`gpus` lists {len(entries)} GPUs, more than {MAX_BASELINE_GPUS}")
     gpus: dict[str, KnownGpu] = {}
     for entry in entries:
         if not isinstance(entry, dict):
             raise StateFileError(f"gpus[]: expected an object, got {entry!r}")
         uuid = entry.get("uuid")
-        if not isinstance(uuid, str) or not uuid:
-            raise StateFileError(f"gpus[].uuid: expected a non-empty string, got {uuid!r}")
+        if not isinstance(uuid, str) or not uuid or len(uuid) > FIELD_LIMITS["uuid"]:
+            raise StateFileError(
+                f"gpus[].uuid: expected a GPU UUID (1 to {FIELD_LIMITS['uuid']} characters), "
+                f"got {uuid!r:.80}"
+            )
         gpus[uuid] = KnownGpu(
             uuid=uuid,
             name=_opt_str(entry, "name"),
@@ -198,11 +221,13 @@ class Baseline:
 
     def _read_file(self) -> dict[str, KnownGpu]:
         try:
-            data = self.path.read_bytes()
+            data = read_bounded(self.path, MAX_BASELINE_BYTES)
         except FileNotFoundError:
             return {}
         except OSError as exc:
             raise StateFileError(f"cannot read {self.path}: {exc.strerror or exc}") from None
+        except StateFileError as exc:
+            raise StateFileError(f"{self.path} is corrupt: {exc}") from None
         try:
             return parse_baseline(data)
         except StateFileError as exc:

@@ -30,7 +30,12 @@ import bcrypt
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from tfgpud.config import ConfigError
+from tfgpud.config import (
+    NESTED_TOO_DEEPLY,
+    ConfigError,
+    check_header_field,
+    read_bounded_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +117,8 @@ class HttpServerConfig(_Model):
         if bad:
             allowed = ", ".join(sorted(_ALLOWED_HEADERS))
             raise ValueError(f"header(s) {', '.join(bad)} may not be set; allowed: {allowed}")
+        for name, text in value.items():
+            check_header_field(name, text)
         return value
 
 
@@ -177,6 +184,8 @@ def parse_web_config(text: str, path: str) -> WebConfig:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise WebConfigError(path, [f"YAML syntax error: {exc}"]) from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise WebConfigError(path, [NESTED_TOO_DEEPLY]) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -300,11 +309,9 @@ def load_web_config(path: str | Path) -> WebConfig:
     """Read, validate, and check that the TLS files load; raise WebConfigError otherwise."""
     p = str(path)
     try:
-        text = Path(p).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise WebConfigError(p, [f"cannot read: {exc.strerror or exc}"]) from None
-    except UnicodeDecodeError as exc:
-        raise WebConfigError(p, [f"not UTF-8 text: {exc}"]) from None
+        text = read_bounded_text(Path(p))
+    except ConfigError as exc:
+        raise WebConfigError(p, exc.problems) from None
     web = parse_web_config(text, p)
     _context_or_error(web)
     return web
@@ -406,29 +413,49 @@ class WebSecurity:
             return True
         return bool(peer_sans(cert) & tls.allowed_sans)
 
+    def _credentials(
+        self, authorization: str | None
+    ) -> tuple[str, str, tuple[str, bytes, bytes]] | None:
+        """(user, password, remembered-check key) from a Basic ``Authorization``; None if bad."""
+        if not authorization or authorization[:6].lower() != "basic ":
+            return None
+        try:
+            decoded = base64.b64decode(authorization[6:].strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        user, sep, password = decoded.partition(":")
+        if not sep:
+            return None
+        hashed = self._web.users.get(user) or b""
+        return user, password, (user, hashlib.sha256(password.encode()).digest(), hashed)
+
+    def cached_verdict(self, authorization: str | None) -> bool | None:
+        """What :meth:`authenticate` would answer, when that needs no bcrypt: True without
+        users or for remembered credentials, False for a malformed header; None otherwise."""
+        self._refresh()
+        if not self._web.users:
+            return True
+        creds = self._credentials(authorization)
+        if creds is None:
+            return False
+        key = creds[2]
+        known_user = bool(key[2])
+        return True if known_user and key in self._ok else None
+
     def authenticate(self, authorization: str | None) -> bool:
         """True when no users are configured or the Basic credentials match one.
 
         bcrypt is slow by design (~50 ms at cost 10), so successful checks are remembered by
         (user, sha256(password), hash): a scrape every few seconds costs one hash lookup.
         """
-        self._refresh()
-        users = self._web.users
-        if not users:
-            return True
-        if not authorization or authorization[:6].lower() != "basic ":
+        quick = self.cached_verdict(authorization)
+        if quick is not None:
+            return quick
+        creds = self._credentials(authorization)
+        if creds is None:
             return False
-        try:
-            decoded = base64.b64decode(authorization[6:].strip(), validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
-            return False
-        user, sep, password = decoded.partition(":")
-        if not sep:
-            return False
-        hashed = users.get(user)
-        key = (user, hashlib.sha256(password.encode()).digest(), hashed or b"")
-        if hashed is not None and key in self._ok:
-            return True
+        user, password, key = creds
+        hashed = self._web.users.get(user)
         with self._bcrypt_lock:  # one bcrypt at a time: wrong passwords cannot eat every core
             try:
                 ok = bcrypt.checkpw(password.encode(), hashed or _DUMMY_HASH)

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
-from daemon_harness import DaemonProcess, free_port
+from daemon_harness import DaemonProcess, free_port, healthy_tf_env
 from helpers import write_scenario
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -193,7 +193,7 @@ def test_alerts_from_rules_and_daemon_push_reach_alertmanager(
         body = (
             '[alerts]\nfor_seconds = 0\nresend_seconds = 1\ninstance = "e2e-host"\n'
             f'[[alerts.alertmanager]]\nurl = "{am_url}"\ntimeout_seconds = 2\n'
-        )
+        ) + healthy_tf_env(tmp_path / "tf")  # so the only alerts are the GPU's
         daemon = DaemonProcess(tmp_path / "daemon", body, scenario=scenario_path, interval=0.5)
         with daemon:
             daemon.start()

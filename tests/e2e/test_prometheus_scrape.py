@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from daemon_harness import DaemonProcess, free_port
-from helpers import write_scenario
+from helpers import fake_tf_python, write_scenario
 from tlsutil import Pki, bcrypt_hash, make_pki, web_config_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,20 +38,6 @@ pytestmark = [
         PROMETHEUS is None, reason="prometheus not installed (apt install prometheus)"
     ),
 ]
-
-# Answers like tfprobe.py: TF 2.21 that lists `n` GPUs.
-FAKE_TF = """#!/bin/sh
-printf '{"schema": 1, "tf_version": "2.21.0", "python": {"version": "3.11.2"},
- "build_info": {"is_cuda_build": "True", "cuda_version": "12.5.1", "cudnn_version": "9"},
- "gpus": %s}\\n'
-"""
-
-
-def _fake_python(path: Path, gpus: int) -> Path:
-    listed = json.dumps([{"name": f"/physical_device:GPU:{i}"} for i in range(gpus)])
-    path.write_text(FAKE_TF % listed.replace("%", "%%"))
-    path.chmod(0o755)
-    return path
 
 
 @dataclass
@@ -115,8 +101,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, fakedriver: Path) -> Iterato
     )
     envs = ("research", "cpuonly")
     body = (
-        f'[[tensorflow.envs]]\nname = "research"\npython = "{_fake_python(tmp / "py2", 2)}"\n'
-        f'[[tensorflow.envs]]\nname = "cpuonly"\npython = "{_fake_python(tmp / "py0", 0)}"\n'
+        f'[[tensorflow.envs]]\nname = "research"\npython = "{fake_tf_python(tmp / "py2", 2)}"\n'
+        f'[[tensorflow.envs]]\nname = "cpuonly"\npython = "{fake_tf_python(tmp / "py0", 0)}"\n'
     )
     web = tmp / "web-config.yml"
     web.write_text(web_config_yaml(pki, {"prometheus": bcrypt_hash(PASSWORD)}))

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_harness import DaemonProcess
+from daemon_harness import DaemonProcess, healthy_tf_env
 from helpers import write_scenario
 
 INTERVAL = 0.2
@@ -244,7 +244,7 @@ def test_bad_webhook_does_not_delay_polls_and_gets_the_alert_once_it_recovers(
     body = (
         "[alerts]\nfor_seconds = 0\n"
         f'[[alerts.webhook]]\nurl = "{receiver.url}"\ntimeout_seconds = 5\n'
-    )
+    ) + healthy_tf_env(tmp_path / "tf")  # healthy until the test breaks a GPU
     write_scenario(scenario_path, [gpu(0), gpu(1)])
     with DaemonProcess(tmp_path, body, scenario=scenario_path, interval=INTERVAL) as d:
         d.start()
@@ -287,7 +287,7 @@ def test_an_alert_undelivered_at_stop_is_delivered_after_the_restart(
     body = (
         "[alerts]\nfor_seconds = 0\n"
         f'[[alerts.webhook]]\nurl = "{receiver.url}"\ntimeout_seconds = 2\n'
-    )
+    ) + healthy_tf_env(tmp_path / "tf")
     write_scenario(scenario_path, [gpu(0), gpu(1)])
     receiver.mode = "500"
     with DaemonProcess(tmp_path, body, scenario=scenario_path, interval=INTERVAL) as d:

@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +29,16 @@ from cuda_userspace import (
     lay_out_libdir,
     make_wheel_venv,
 )
-from helpers import REPO_ROOT, run_python, write_scenario
+from helpers import run_python, write_scenario
 
 # What each stub exports, exactly (README.md says why).
 EXPORTS = {
-    "libcudart.so.12": {"cudaRuntimeGetVersion", "cudaDriverGetVersion"},
+    "libcudart.so.12": {
+        "cudaRuntimeGetVersion",
+        "cudaDriverGetVersion",
+        "cudaGetDevice",
+        "cudaSetDevice",
+    },
     "libcudnn.so.9": {"cudnnGetVersion", "cudnnGetProperty"},
     "libcudnn.so.8": {"cudnnGetVersion", "cudnnGetProperty"},
     "libcublas.so.12": set(),
@@ -200,6 +202,50 @@ def test_driver_version_is_0_without_libcuda(stubs: Path, scenario_path: Path) -
     assert result.data == [0, 0]
 
 
+DEVICES = textwrap.dedent(
+    """
+    import ctypes, json, os, threading
+    cudart = ctypes.CDLL(os.path.join(os.environ["STUBS"], "libcudart.so.12"))
+
+    def get():
+        d = ctypes.c_int(-1)
+        return [cudart.cudaGetDevice(ctypes.byref(d)), d.value]
+
+    out = {"initial": get(), "set1": cudart.cudaSetDevice(1), "after": get(),
+           "set2": cudart.cudaSetDevice(2), "neg": cudart.cudaSetDevice(-1),
+           "null": cudart.cudaGetDevice(None)}
+    other = []
+    t = threading.Thread(target=lambda: other.append(get()))
+    t.start(); t.join()
+    out["other_thread"] = other[0]
+    print(json.dumps(out))
+    """
+)
+
+
+def test_device_selection_follows_libcuda(stubs: Path, scenario_path: Path) -> None:
+    """cudaSetDevice checks the ordinal against libcuda's (visible) GPUs; the current device
+    is per thread, as in the real runtime."""
+    write_scenario(scenario_path, [{}, {}])
+    result = run_python(DEVICES, scenario=scenario_path, env={"STUBS": str(stubs)})
+    assert result.returncode == 0, result.stderr
+    assert result.data == {
+        "initial": [0, 0],
+        "set1": 0,
+        "after": [0, 1],
+        "set2": 101,  # cudaErrorInvalidDevice: two GPUs
+        "neg": 101,
+        "null": 1,
+        "other_thread": [0, 0],
+    }
+    hidden = run_python(
+        DEVICES, scenario=scenario_path, env={"STUBS": str(stubs), "CUDA_VISIBLE_DEVICES": "0"}
+    )
+    assert hidden.data is not None and hidden.data["set1"] == 101  # one visible GPU
+    no_driver = run_python(DEVICES, scenario=scenario_path, libdir=stubs, env={"STUBS": str(stubs)})
+    assert no_driver.data is not None and no_driver.data["set1"] == 35  # no libcuda.so.1
+
+
 # --- layouts ------------------------------------------------------------------------------------
 
 
@@ -235,21 +281,6 @@ def test_wheel_versions_are_what_tensorflow_asks_for() -> None:
             pins[m.group(1)] = m.group(2)
     for dist, version in WHEELS.values():
         assert pins[dist] == version
-
-
-@pytest.fixture(scope="module")
-def wheel_parent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Where wheel venvs go: the hard-linked TensorFlow needs the filesystem of .venv."""
-    parent = tmp_path_factory.mktemp("wheel-venvs")
-    if parent.stat().st_dev == BASE_VENV.stat().st_dev:
-        yield parent
-        return
-    (REPO_ROOT / "build").mkdir(exist_ok=True)
-    local = Path(tempfile.mkdtemp(prefix="wheel-venvs-", dir=REPO_ROOT / "build"))
-    try:
-        yield local
-    finally:
-        shutil.rmtree(local, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

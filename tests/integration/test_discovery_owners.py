@@ -8,6 +8,7 @@ interpreter (a script that says who runs it) is run as the planned user by the r
 from __future__ import annotations
 
 import grp
+import json
 import os
 import pwd
 import shutil
@@ -159,3 +160,156 @@ def test_a_root_owned_env_runs_as_nobody_never_as_root(fs: Path) -> None:
     plan = plan_discovered_probe(env, writers, daemon_uid=0, switch=True)
     assert (plan.how, plan.user) == (ProbeAs.UNPRIVILEGED, "nobody")
     assert _runs_as(env, plan.user) == pwd.getpwnam("nobody").pw_uid
+
+
+# --- the daemon's probe of a discovered env (tfgpud.collectors.tensorflow.discovered) ----------
+
+# Answers like tfprobe.py (schema 1) and says, from inside the child, its uid and capabilities.
+REPORTER = """#!/bin/sh
+caps=$(grep -E '^Cap(Inh|Prm|Eff|Amb):' /proc/$$/status | tr -s '\\t ' ' ' | tr '\\n' ';')
+printf '{"schema": 1, "tf_version": "2.21.0", "gpus": [], "build_info": {"is_cuda_build": "True"},
+ "environment": {"PROBE_UID": "%s", "PROBE_CAPS": "%s"}}\\n' "$(id -u)" "$caps"
+"""
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _reporting_venv(fs: Path, path: str, owner: pwd.struct_passwd, python: str) -> Path:
+    prefix = _venv(fs, path, None)
+    (prefix / "bin" / "python").write_text(python)
+    for p in [prefix, *prefix.rglob("*")]:
+        os.chown(p, owner.pw_uid, owner.pw_gid)
+    return prefix
+
+
+def _caps(report: str) -> dict[str, int]:
+    """``CapEff: 0000...;CapPrm: ...`` -> {"CapEff": 0, ...}."""
+    pairs = (item.split(":") for item in report.split(";") if ":" in item)
+    return {k.strip(): int(v.strip(), 16) for k, v in pairs}
+
+
+def test_the_daemons_probe_of_another_users_env_runs_as_that_user(
+    fs: Path, user: pwd.struct_passwd
+) -> None:
+    from tfgpud.collectors.tensorflow import probe_env
+    from tfgpud.collectors.tensorflow.discovered import probe_target
+    from tfgpud.model import ProbeStatus
+
+    (fs / "home" / user.pw_name).mkdir(parents=True)
+    _reporting_venv(fs, f"/home/{user.pw_name}/tf", user, REPORTER)
+    env = _find(fs)
+    (target,) = merge_envs([], [env])
+    result = probe_target(target, lambda config: probe_env(config, timeout=30))
+    assert result.status is ProbeStatus.OK, result
+    assert result.environment["PROBE_UID"] == str(user.pw_uid)  # said by the child itself
+    caps = _caps(result.environment["PROBE_CAPS"])
+    assert caps["CapEff"] == caps["CapPrm"] == caps["CapAmb"] == caps["CapInh"] == 0, caps
+
+
+def test_a_world_writable_env_is_never_executed_and_reports_its_metadata(
+    fs: Path, user: pwd.struct_passwd
+) -> None:
+    import io
+
+    from tfgpud.config import parse_config
+    from tfgpud.doctor import run_doctor
+    from tfgpud.model import GpuReading, NvmlReading, PciReading
+
+    marks = fs / "marks"
+    marks.mkdir()
+    marks.chmod(0o777)  # whoever ran it could leave the mark
+    marker = marks / "ran"
+    prefix = _reporting_venv(
+        fs, "/srv/shared-tf", user, f"#!/bin/sh\nid -u > {marker}\n" + REPORTER.split("\n", 1)[1]
+    )
+    (prefix / "bin").chmod(0o777)
+    config = parse_config(
+        f'[daemon]\nstate_dir = "{fs / "state"}"\n'
+        f'[tensorflow.discover]\nroots = ["{fs / "srv"}"]\n'
+        "jupyter = false\nconda = false\nsystem = false\n"
+    )
+    out = io.StringIO()
+    nvml = NvmlReading(up=True, driver_version="550.54.14", gpus=(GpuReading(0, "GPU-a"),))
+    code = run_doctor(
+        config,
+        python=None,
+        as_json=True,
+        out=out,
+        read_pci=lambda *_: PciReading(),
+        read_nvml=lambda _: nvml,
+    )
+    doc = json.loads(out.getvalue())
+    assert not marker.exists()  # not as its owner, not as nobody, not as root
+    (tf,) = doc["snapshot"]["tf"]
+    assert tf["status"] == "not-run" and "everyone" in tf["refused_writers"]
+    (f,) = [f for f in doc["findings"] if f["code"] == "tf-probe-refused"]
+    assert f["subject"] == tf["env"] and f["severity"] == "warning" and code == 1
+    evidence = "\n".join(f["evidence"])
+    assert f"tensorflow 2.21.0 in {prefix}/lib/python3.11/site-packages" in evidence
+    assert "Python 3.11.2: within the range TensorFlow 2.21" in evidence
+    assert f"{prefix}/bin: owner {user.pw_name}" in evidence
+    assert f"sudo chmod -R go-w {prefix}" in f["fix"]
+
+
+# Run as a user holding only CAP_SETUID and CAP_SETGID (ambient, as the packaged unit grants
+# them): the same probe of a discovered env, and what the child says about itself.
+CAPABLE = """
+import json, os, sys
+from tfgpud.collectors.discovery import discover_envs, merge_envs
+from tfgpud.collectors.tensorflow import probe_env
+from tfgpud.collectors.tensorflow.discovered import probe_target
+from tfgpud.config import DiscoverConfig
+from tfgpud.runner import can_switch_user
+
+fs = sys.argv[1]
+settings = DiscoverConfig(roots=("/home",), jupyter=False, conda=False, system=False)
+(env,) = discover_envs(settings, fsroot=fs, homes=()).envs
+(target,) = merge_envs([], [env])
+result = probe_target(target, lambda config: probe_env(config, timeout=30))
+with open("/proc/self/status") as fh:
+    mine = [line.split()[1] for line in fh if line.startswith("CapEff:")][0]
+print(json.dumps({"uid": os.geteuid(), "can_switch": can_switch_user(), "cap_eff": mine,
+                  "status": result.status.value, "error": result.error,
+                  "environment": dict(result.environment)}))
+"""
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
+def test_with_only_cap_setuid_and_setgid_the_probe_child_holds_no_capability(
+    fs: Path, user: pwd.struct_passwd
+) -> None:
+    (fs / "home" / user.pw_name).mkdir(parents=True)
+    _reporting_venv(fs, f"/home/{user.pw_name}/tf", user, REPORTER)
+    site = REPO / ".venv" / "lib" / "python3.11" / "site-packages"
+    if not Path("/usr/bin/python3").exists() or not site.is_dir():
+        pytest.skip("needs /usr/bin/python3 and the checkout's .venv")
+    nobody = pwd.getpwnam("nobody")
+    proc = subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={nobody.pw_uid}",
+            f"--regid={nobody.pw_gid}",
+            "--clear-groups",
+            "--inh-caps=+setuid,+setgid",
+            "--ambient-caps=+setuid,+setgid",
+            "--",
+            "/usr/bin/python3",  # the checkout's interpreter may be out of nobody's reach
+            "-c",
+            CAPABLE,
+            str(fs),
+        ],
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO}:{site}", "HOME": "/nonexistent"},
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    # The stand-in daemon: an unprivileged user with exactly the two capabilities.
+    assert out["uid"] == nobody.pw_uid and out["can_switch"] is True
+    assert int(out["cap_eff"], 16) == (1 << 6) | (1 << 7)
+    assert out["status"] == "ok", out
+    assert out["environment"]["PROBE_UID"] == str(user.pw_uid)  # switched to the owner
+    caps = _caps(out["environment"]["PROBE_CAPS"])
+    assert caps["CapEff"] == caps["CapPrm"] == caps["CapAmb"] == caps["CapInh"] == 0, caps

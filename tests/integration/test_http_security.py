@@ -6,6 +6,7 @@ The server runs in-process (HttpServer + WebSecurity) on a loopback port; client
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import shutil
 import socket
@@ -347,3 +348,51 @@ def test_status_command_through_tls_and_basic_auth(
         # Without the CA the certificate cannot be verified: a clear error, not a traceback.
         assert main(["status", "--url", url, "--user", "alice"]) == 1
         assert "CERTIFICATE_VERIFY_FAILED" in capsys.readouterr().err
+
+
+def test_a_client_hello_split_across_packets_still_connects(tmp_path: Path, pki: Pki) -> None:
+    """The server waits for the whole first TLS record before starting OpenSSL: a ClientHello
+    that arrives in pieces, slowly, must still complete the handshake."""
+    with serving(tmp_path, web_config_yaml(pki)) as (server, _):
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = _client_context(pki).wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+        sock = socket.create_connection(("127.0.0.1", server.address[1]), timeout=5)
+        try:
+            with pytest.raises(ssl.SSLWantReadError):
+                tls.do_handshake()
+            hello = outgoing.read()
+            for i in range(0, len(hello), len(hello) // 4 + 1):  # 1-3 bytes, then the rest
+                sock.sendall(hello[i : i + len(hello) // 4 + 1])
+                time.sleep(0.2)
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    if data := outgoing.read():
+                        sock.sendall(data)
+                    incoming.write(sock.recv(65536))
+            tls.write(b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")
+            sock.sendall(outgoing.read())
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                incoming.write(sock.recv(65536))
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    answer += tls.read(65536)
+            assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+        finally:
+            sock.close()
+
+
+def test_plain_http_and_garbage_to_the_tls_port_are_closed_at_once(
+    tmp_path: Path, pki: Pki
+) -> None:
+    with serving(tmp_path, web_config_yaml(pki), handshake_timeout=5.0) as (server, _):
+        for data in (b"GET / HTTP/1.1\r\n\r\n", b"\x16\x03\x01\xff\xff", b"\x16\x02\x00\x00\x05"):
+            with socket.create_connection(("127.0.0.1", server.address[1]), timeout=5) as s:
+                start = time.monotonic()
+                s.sendall(data)
+                with contextlib.suppress(ConnectionResetError):  # closed, bytes unread
+                    assert s.recv(100) == b""
+                assert time.monotonic() - start < 2  # not after the handshake timeout
+        assert _https_get(server.address[1], _client_context(pki)) == 200

@@ -60,6 +60,17 @@ def _entries(sock: socket.socket, want: int, budget: float = 15.0) -> list[dict[
     return out
 
 
+def _run_on_the_journal(d: DaemonProcess, journal: socket.socket) -> list[dict[str, str]]:
+    """Start ``d`` with stderr as "the journal", collect what it sends for a while, stop it."""
+    d.stderr_path.touch()
+    st = d.stderr_path.stat()
+    d.env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+    d.start()
+    entries = _entries(journal, want=50, budget=4.0)
+    assert d.stop() == 0
+    return entries
+
+
 def test_transitions_and_xids_reach_the_journal_with_fields(
     tmp_path: Path, fakedriver: Path, scenario_path: Path, journal: socket.socket
 ) -> None:
@@ -73,12 +84,7 @@ def test_transitions_and_xids_reach_the_journal_with_fields(
         config_body="[alerts]\nfor_seconds = 0\n",
         scenario=scenario_path,
     ) as d:
-        d.stderr_path.touch()
-        st = d.stderr_path.stat()
-        d.env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
-        d.start()
-        entries = _entries(journal, want=50, budget=4.0)
-        assert d.stop() == 0
+        entries = _run_on_the_journal(d, journal)
     by_code = {e.get("FINDING_CODE"): e for e in entries if "FINDING_CODE" in e}
     lost = by_code["gpu-lost"]
     assert lost["SUBJECT"] == "GPU-unknown-index-1"  # lost from the start: no UUID to read
@@ -95,3 +101,25 @@ def test_transitions_and_xids_reach_the_journal_with_fields(
     assert xid and "Xid 79" in xid[0]["MESSAGE"] and xid[0]["PRIORITY"] == "4"
     # Nothing went to stderr in the plain format while the journal was in use.
     assert "<3>" not in d.stderr() and "FIRING" not in d.stderr()
+
+
+def test_journal_entries_carry_no_escape_sequences_from_a_probed_env(
+    tmp_path: Path, fakedriver: Path, scenario_path: Path, journal: socket.socket
+) -> None:
+    from helpers import fake_tf_python
+
+    title = "\x1b]0;pwned\x07"
+    write_scenario(scenario_path, [{"uuid": U0}], driver_version="550.54.15")
+    python = fake_tf_python(
+        tmp_path / "python",
+        0,
+        report={"import_error": f"ImportError: {title}"},
+        stderr=f"Error: {title}\n".encode(),
+    )
+    body = f'[alerts]\nfor_seconds = 0\n[[tensorflow.envs]]\nname = "evil"\npython = "{python}"\n'
+    with DaemonProcess(tmp_path, config_body=body, scenario=scenario_path) as d:
+        entries = _run_on_the_journal(d, journal)
+    fired = [e for e in entries if e.get("FINDING_CODE") == "tf-import-failed"]
+    assert fired and "\\x1b]0;pwned\\x07" in fired[0]["MESSAGE"]
+    for e in entries:
+        assert not any("\x1b" in v or "\x07" in v for v in e.values()), e

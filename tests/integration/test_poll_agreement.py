@@ -29,7 +29,9 @@ b.learn(NvmlReading(up=True, gpus=tuple(
     GpuReading(i, u, name, pci_bus_id=bus) for i, (u, name, bus) in enumerate(known))), 1.0)
 b.save(1.0)
 b.close()
-config = parse_config(f'[daemon]\\nstate_dir = "{{state}}"\\n')
+config = parse_config(
+    f'[daemon]\\nstate_dir = "{{state}}"\\n[tensorflow.discover]\\nenabled = false\\n'
+)
 if side == "daemon":
     from tfgpud.daemon import Daemon, HostPaths
     d = Daemon(config, paths=HostPaths(sys=empty, proc=empty, dev=empty), environ={{}})
@@ -86,3 +88,5 @@ def test_doctor_and_daemon_agree_on_the_findings(
         assert ("gpu-vanished", U1) in keys
     elif case == "driver-down":
         assert {("driver-not-loaded", "host"), ("gpu-vanished", U0), ("gpu-vanished", U1)} <= keys
+    # GPUs and no env to probe (none configured, discovery off): said by both, never all-clear.
+    assert ("tf-no-env", "host") in keys

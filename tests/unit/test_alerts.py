@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import logging
 import re
+import socket
 import threading
 import time
 import urllib.error
@@ -630,3 +633,56 @@ def test_a_redirect_is_a_failed_delivery_not_a_get(
     assert any(
         "redirected to" in r.getMessage() and "/landing" in r.getMessage() for r in caplog.records
     )
+
+
+# --- a receiver that never finishes its answer --------------------------------------------------
+
+
+class TricklingReceiver:
+    """Accepts, reads the request, then sends its answer one byte every 0.2 s for up to
+    ``for_seconds`` (a status line that never ends): each read gets a byte well inside any
+    per-read timeout, so only a deadline on the whole attempt ends it."""
+
+    def __init__(self, for_seconds: float = 20.0) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/hook"
+        self.for_seconds = for_seconds
+        self.stopped = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        conn, _ = self.sock.accept()
+        with conn:
+            conn.settimeout(1.0)
+            with contextlib.suppress(OSError):
+                conn.recv(65536)
+                end = time.monotonic() + self.for_seconds
+                for byte in itertools.cycle(b"HTTP/1.1 200 OK"):
+                    if time.monotonic() > end or self.stopped.wait(0.2):
+                        break
+                    conn.sendall(bytes([byte]))
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.sock.close()
+
+
+def test_a_receiver_that_trickles_its_answer_is_cut_at_the_attempt_deadline(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    receiver = TricklingReceiver()
+    caplog.set_level(logging.WARNING, logger="tfgpud.alerts")
+    sink = WebhookSink("webhook[0]", WebhookConfig(url=receiver.url, timeout_seconds=1.0), "h")
+    clock = Clock()
+    w = SinkWorker(sink, 10, 300.0, http_post, clock)
+    w.put(Delivery("firing", Alert(VANISHED, 1.0), clock()))
+    started = time.monotonic()
+    try:
+        assert drain(w) == [False]
+    finally:
+        receiver.close()
+    # Cut near its 1 s deadline; a per-read timeout would have waited the receiver's 20 s.
+    assert time.monotonic() - started < 10
+    s = w.stats()
+    assert (s.sent, s.failed, s.queued) == (0, 1, 1)
+    assert any("within 1 s" in r.getMessage() for r in caplog.records)

@@ -14,6 +14,7 @@ from helpers import emitted_codes
 from tfgpud.config import Config, parse_config
 from tfgpud.diagnosis import cpu_fallback_envs, diagnose, worst_severity
 from tfgpud.model import (
+    DiscoverySummary,
     Finding,
     GpuProcess,
     GpuReading,
@@ -23,8 +24,10 @@ from tfgpud.model import (
     PciGpu,
     PciReading,
     ProbeStatus,
+    SearchDir,
     Severity,
     Snapshot,
+    TfEnvRecord,
     TfGpu,
     TfProbeResult,
     TfProcess,
@@ -95,7 +98,7 @@ def probe(**kw: Any) -> TfProbeResult:
         "library_search_dirs": PIP_DIRS,
         "environment": frozen_map({"TF_CPP_MIN_LOG_LEVEL": "0"}),
     }
-    for key in ("build_info", "packages", "environment", "device_access"):
+    for key in ("build_info", "packages", "environment", "device_access", "loader_failures"):
         if key in kw and isinstance(kw[key], dict):
             kw[key] = frozen_map(kw[key])
     base.update(kw)
@@ -520,7 +523,8 @@ def test_cuda_libs_missing_matches_issue_wording() -> None:
         "libcudart.so.12 and libcudnn.so.9 cannot be loaded (searched: "
     )
     assert "LD_LIBRARY_PATH unset" in f.summary and "ld.so cache" in f.summary
-    assert f.fix == f"{PY} -m pip install 'tensorflow[and-cuda]==2.21.0'"
+    assert f.fix.startswith(f"{PY} -m pip install 'tensorflow[and-cuda]==2.21.0'")
+    assert "nvidia-cuda-runtime-cu12, nvidia-cudnn-cu12" in f.fix  # the two that are missing
     assert any("Cannot dlopen" in e for e in f.evidence)
     assert cpu_fallback_envs(found) == {"research"}
 
@@ -550,9 +554,28 @@ def test_gpus_hidden_by_env(value: str) -> None:
     assert "Remove CUDA_VISIBLE_DEVICES" in f.fix
 
 
-def test_cuda_visible_devices_subset_is_intentional() -> None:
+def test_cuda_visible_devices_subset_is_intentional_and_said() -> None:
     r = probe(gpus=(TfGpu("/physical_device:GPU:0"),), environment={"CUDA_VISIBLE_DEVICES": "1"})
-    assert diagnose(snap(tf=(r,)), CONFIG) == ()
+    cfg = parse_config(
+        f'[[tensorflow.envs]]\nname = "research"\npython = "{PY}"\n'
+        'environment = { CUDA_VISIBLE_DEVICES = "1" }\n'
+    )
+    found = diagnose(snap(tf=(r,)), cfg)
+    f = one(found, "tf-gpus-selected-by-env", "research")
+    assert f.severity is Severity.INFO and worst_severity(found) is Severity.INFO
+    assert f.summary == (
+        "TensorFlow 2.21.0 in env `research` uses 1 of the 2 GPUs, on purpose: "
+        "CUDA_VISIBLE_DEVICES=1 (set in the [[tensorflow.envs]] `research` environment table)"
+    )
+    assert f"used: GPU 1 NVIDIA H100 80GB HBM3 {UUID1}" in " ".join(f.evidence)
+    assert f"left to other jobs: GPU 0 NVIDIA H100 80GB HBM3 {UUID0}" in " ".join(f.evidence)
+    assert codes(found) == {"tf-gpus-selected-by-env"}
+    # Every GPU given (or no variable): nothing to say.
+    r = replace(r, gpus=r.gpus * 2, environment=frozen_map({"CUDA_VISIBLE_DEVICES": "0,1"}))
+    assert diagnose(snap(tf=(r,)), cfg) == ()
+    # Fewer seen than given is partial visibility, not a choice.
+    r = replace(r, gpus=r.gpus[:1])
+    assert codes(diagnose(snap(tf=(r,)), cfg)) == {"tf-partial-visibility"}
 
 
 def test_libcuda_missing_points_at_the_nvml_dir() -> None:
@@ -579,6 +602,16 @@ def test_driver_too_old_names_the_fixing_drivers() -> None:
         "555.42.02 (or ≥ 525.60.13 with minor-version compatibility)"
     )
     assert "tensorflow[and-cuda]==2.14.*" in f.fix
+
+
+def test_driver_too_old_is_critical_even_when_tensorflow_lists_the_gpus() -> None:
+    """TF lists GPUs through libcuda on any driver; a 12.5 build on a CUDA 11.4 driver fails at
+    the first op ("CUDA driver version is insufficient for CUDA runtime version")."""
+    nvml = replace(NVML2, driver_version="470.256.02", cuda_driver_version=11040)
+    found = diagnose(snap(nvml=nvml, tf=(probe(),)), CONFIG)
+    f = one(found, "tf-driver-too-old", "research")
+    assert f.severity is Severity.CRITICAL and f.summary.startswith("driver 470.x supports CUDA")
+    assert "tf-cpu-fallback" not in codes(found) and "tf-partial-visibility" not in codes(found)
 
 
 def test_driver_same_major_older_minor_is_covered_by_minor_compat() -> None:
@@ -636,8 +669,95 @@ def test_compute_capability_unsupported() -> None:
     found = diagnose(snap(nvml=nvml, tf=(r,)), CONFIG)
     f = one(found, "tf-compute-capability-unsupported", "research")
     assert "5.2" in f.summary and "6.0" in f.summary and "PTX 9.0" in f.summary
-    assert "TF_CUDA_COMPUTE_CAPABILITIES=5.2" in f.fix
+    assert "lists it" not in text(f) and "TensorFlow lists no GPU" in f.evidence
+    assert "tensorflow[and-cuda]==2.14.*" in f.fix and "sm_50" in f.fix
+    assert "Kepler" not in f.fix  # a Maxwell GPU: current drivers still support it
+    assert "CUDA_VISIBLE_DEVICES" not in f.fix  # no other GPU to keep TensorFlow on
     assert "tf-cpu-fallback" in codes(found)
+
+
+K80 = gpu(0, UUID0, compute_capability=(3, 7), name="Tesla K80")
+A6000 = gpu(1, UUID1, compute_capability=(8, 6), name="NVIDIA RTX A6000")
+LISTED_BOTH = (
+    TfGpu("/physical_device:GPU:0", "Tesla K80", (3, 7)),
+    TfGpu("/physical_device:GPU:1", "NVIDIA RTX A6000", (8, 6)),
+)
+NOT_BUILT_37 = (
+    "TensorFlow was not built with CUDA kernel binaries compatible with compute capability 3.7. "
+    "CUDA kernels will be jit-compiled from PTX, which could take 30 minutes or longer."
+)
+
+
+def test_a_gpu_tensorflow_lists_without_a_kernel_for_it_is_critical() -> None:
+    """TF 2.21 lists a K80 (3.7 >= its listing minimum 3.5); its build has sm_60+ and compute_90:
+    nothing the K80 can run, whatever TF's "will be jit-compiled" line says."""
+    nvml = replace(NVML2, gpus=(K80, A6000))
+    r = probe(gpus=LISTED_BOTH, python_version="3.11.9", log_lines=(NOT_BUILT_37,))
+    found = diagnose(snap(nvml=nvml, tf=(r,)), CONFIG)
+    f = one(found, "tf-compute-capability-unsupported", "research")
+    assert f.severity is Severity.CRITICAL
+    assert f.summary == (
+        f"TensorFlow 2.21.0 in env `research` cannot run on GPU 0 Tesla K80 {UUID0} "
+        "00000000:01:00.0 (cc 3.7): its kernels are for compute capability 6.0, 7.0, 8.0, 8.9 "
+        "+ PTX 9.0 only; TensorFlow lists it, and the first kernel there fails"
+    )
+    assert NOT_BUILT_37 in f.evidence
+    assert (
+        "TensorFlow lists GPU:0 Tesla K80 (cc 3.7), GPU:1 NVIDIA RTX A6000 (cc 8.6)" in f.evidence
+    )
+    assert f"{PY} -m venv $HOME/tf-2.14" in f.fix and "'tensorflow[and-cuda]==2.14.*'" in f.fix
+    assert (
+        "470 branch, the last that supports Kepler" in f.fix
+    )  # Kepler: the last driver branch that supports it
+    assert f"export CUDA_VISIBLE_DEVICES={UUID1}" in f.fix  # the A6000 stays usable
+    assert "tf-ptx-jit-only" not in codes(found) and "tf-partial-visibility" not in codes(found)
+    # Kept off the K80 by CUDA_VISIBLE_DEVICES (UUID or index): nothing unusable is left.
+    for cvd in (UUID1, "1"):
+        r2 = replace(r, gpus=LISTED_BOTH[1:], environment=frozen_map({"CUDA_VISIBLE_DEVICES": cvd}))
+        assert codes(diagnose(snap(nvml=nvml, tf=(r2,)), CONFIG)) == {"tf-gpus-selected-by-env"}
+
+
+def test_blackwell_without_its_kernels_is_critical_not_a_jit_warning() -> None:
+    rtx5090 = gpu(0, UUID0, compute_capability=(12, 0), name="NVIDIA GeForce RTX 5090")
+    nvml = replace(NVML2, gpus=(rtx5090,), driver_version="570.86.10", cuda_driver_version=12080)
+    r = probe(gpus=(TfGpu("/physical_device:GPU:0", "NVIDIA GeForce RTX 5090", (12, 0)),))
+    found = diagnose(snap(nvml=nvml, tf=(r,)), CONFIG)
+    f = one(found, "tf-compute-capability-unsupported", "research")
+    assert f.severity is Severity.CRITICAL
+    assert "TensorFlow lists it, then every kernel fails there with CUDA_ERROR_INVALID_PTX" in (
+        f.summary
+    )
+    assert "tensorflow#99592" in text(f) and "CUDA_ERROR_INVALID_HANDLE" in text(f)
+    assert "nvcr.io/nvidia/tensorflow" in f.fix
+    assert "HERMETIC_CUDA_COMPUTE_CAPABILITIES=sm_120" in f.fix
+    assert "this driver supports CUDA 12.8)" in f.fix  # 570 is enough for a source build
+    assert codes(found) == {"tf-compute-capability-unsupported"}  # no tf-ptx-jit-only
+    # B200 (10.0) likewise; a driver older than CUDA 12.8 is named as such.
+    b200 = replace(rtx5090, name="NVIDIA B200", compute_capability=(10, 0))
+    nvml = replace(nvml, gpus=(b200,), cuda_driver_version=12040)
+    f = one(diagnose(snap(nvml=nvml, tf=(r,)), CONFIG), "tf-compute-capability-unsupported")
+    assert "sm_100" in f.fix and "supports CUDA 12.4, so upgrade it" in f.fix
+
+
+def test_below_tensorflows_minimum_is_never_a_build_with_its_kernels() -> None:
+    """cc 3.0: TF drops it at listing; no pip release ever had sm_30 kernels."""
+    k4200 = gpu(0, UUID0, compute_capability=(3, 0), name="Quadro K4200")
+    nvml = replace(NVML2, gpus=(k4200, A6000))
+    ignoring = (
+        "Ignoring visible gpu device (device: 0, name: Quadro K4200, pci bus id: 0000:01:00.0, "
+        "compute capability: 3.0) with Cuda compute capability 3.0. The minimum required Cuda "
+        "capability is 3.5."
+    )
+    r = probe(gpus=LISTED_BOTH[1:], log_lines=(ignoring, "Adding visible gpu devices: 1"))
+    found = diagnose(snap(nvml=nvml, tf=(r,)), CONFIG)
+    f = one(found, "tf-compute-capability-unsupported", "research")
+    assert "TensorFlow ignores it (below its minimum 3.5)" in f.summary
+    assert ignoring in f.evidence and "Adding visible gpu devices: 1" in f.evidence
+    assert "sm_30" not in f.fix and "2.14" not in f.fix
+    assert f.fix.startswith("No TensorFlow pip release has kernels for compute capability 3.0")
+    assert f"export CUDA_VISIBLE_DEVICES={UUID1}" in f.fix
+    partial = one(found, "tf-partial-visibility", "research")
+    assert "tf-compute-capability-unsupported" in partial.fix
 
 
 def test_cudnn_mismatch_from_package_version() -> None:
@@ -682,6 +802,187 @@ def test_cudnn_fix_names_the_wheel_of_the_builds_cuda_major() -> None:
 def test_cudnn_major_mismatch_under_fallback() -> None:
     r = probe(gpus=(), packages={"nvidia-cudnn-cu12": "8.9.7.29"}, libraries=libs({"cudnn"}))
     assert {"tf-cpu-fallback", "tf-cudnn-mismatch"} <= codes(diagnose(snap(tf=(r,)), CONFIG))
+
+
+SITE = "/opt/research/lib/python3.11/site-packages"
+FRAMEWORK = f"{SITE}/tensorflow/libtensorflow_framework.so.2"
+# TF 2.21's framework RUNPATH as the loader expands it: no nvidia/cusolver/lib.
+RUNPATH = tuple(
+    SearchDir(f"{SITE}/tensorflow/python/platform/../../../nvidia/{d}/lib", "RUNPATH")
+    for d in ("nccl", "cuda_cupti", "cublas", "cudnn", "cufft", "cusparse", "cuda_runtime")
+)
+DEFAULT_DIRS = tuple(SearchDir(d, "default") for d in ("/lib/x86_64-linux-gnu", "/usr/lib"))
+
+
+def lib_at(name: str, path: str, via: str, **kw: Any) -> LibraryCheck:
+    return LibraryCheck(name, path.rsplit("/", 1)[-1], True, path, via=via, **kw)
+
+
+def with_cudnn(check: LibraryCheck) -> tuple[LibraryCheck, ...]:
+    return tuple(check if x.name == "cudnn" else x for x in libs())
+
+
+def test_cudnn_older_minor_than_compiled_is_critical_even_when_tf_lists_the_gpus() -> None:
+    """cudnnGetVersion() of the library TF loads says 9.1.0; TF 2.21 was compiled with 9.3.0
+    and refuses an older minor at its first cuDNN call."""
+    cudnn = lib_at("cudnn", "/opt/cuda/lib/libcudnn.so.9", "LD_LIBRARY_PATH", version=90100)
+    r = probe(
+        libraries=with_cudnn(cudnn),
+        packages={"tensorflow": "2.21.0"},  # no wheel: only the loaded library tells
+        environment={"LD_LIBRARY_PATH": "/opt/cuda/lib"},
+        log_lines=("TensorFlow compiled with CUDA 12.5 and cuDNN 9.3.0",),
+    )
+    found = diagnose(snap(tf=(r,)), CONFIG)
+    f = one(found, "tf-cudnn-mismatch", "research")
+    assert f.severity is Severity.CRITICAL and "tf-cpu-fallback" not in codes(found)
+    assert (
+        "cuDNN 9.1.0 is installed and is what it loads (/opt/cuda/lib/libcudnn.so.9, via "
+        "LD_LIBRARY_PATH)" in f.summary
+    )
+    assert "Loaded runtime CuDNN library: 9.1.0 but source was compiled with: 9.3.0" in f.summary
+    assert "cudnnGetVersion() of /opt/cuda/lib/libcudnn.so.9: 90100" in f.evidence
+    assert f"`{PY} -m pip install 'nvidia-cudnn-cu12>=9.3,<10'` and remove /opt/cuda/lib from " in (
+        f.fix
+    )
+    # The wheel's 9.3.0.75 metadata does not hide the 9.1 library the loader finds first.
+    r = replace(r, packages=frozen_map({"nvidia-cudnn-cu12": "9.3.0.75"}))
+    assert "tf-cudnn-mismatch" in codes(diagnose(snap(tf=(r,)), CONFIG))
+    # The same version via the ld.so cache: the wheel is found first through the RUNPATH.
+    cudnn = lib_at("cudnn", "/usr/lib/x86_64-linux-gnu/libcudnn.so.9", "ld.so.cache", version=90102)
+    f = one(
+        diagnose(snap(tf=(replace(r, libraries=with_cudnn(cudnn)),)), CONFIG), "tf-cudnn-mismatch"
+    )
+    assert "RUNPATH finds that wheel before the system's cuDNN 9.1.2" in f.fix
+    # 9.3 or newer 9.x: fine.
+    for ok in (90300, 90501):
+        cudnn = lib_at("cudnn", "/opt/cuda/lib/libcudnn.so.9", "LD_LIBRARY_PATH", version=ok)
+        assert diagnose(snap(tf=(replace(r, libraries=with_cudnn(cudnn)),)), CONFIG) == ()
+
+
+def test_cudnn_8_only_is_one_cause_the_cudnn_mismatch() -> None:
+    cudnn8 = LibraryCheck(
+        "cudnn", "libcudnn.so.8", True, "/opt/cuda/lib/libcudnn.so.8", version=8907
+    )
+    missing = LibraryCheck(
+        "cudnn",
+        "libcudnn.so.9",
+        False,
+        error="libcudnn.so.9: cannot open shared object file: No such file or directory",
+        other_versions=(cudnn8,),
+    )
+    r = probe(
+        gpus=(),
+        libraries=with_cudnn(missing),
+        packages={"tensorflow": "2.21.0"},
+        loader_failures={"libcudnn.so.9": "libcudnn.so.9: cannot open shared object file"},
+    )
+    found = diagnose(snap(tf=(r,)), CONFIG)
+    f = one(found, "tf-cudnn-mismatch", "research")
+    assert "cuDNN 8.9.7 is installed (/opt/cuda/lib/libcudnn.so.8)" in f.summary
+    assert "it loads only libcudnn.so.9, so it has no cuDNN at all" in f.summary
+    assert f.fix.startswith(f"`{PY} -m pip install 'nvidia-cudnn-cu12>=9.3,<10'`")
+    assert "tf-cuda-libs-missing" not in codes(found)
+    assert "(cause: tf-cudnn-mismatch)" in one(found, "tf-cpu-fallback", "research").summary
+
+
+def test_a_library_outside_tensorflows_search_path_is_missing_with_the_dir_to_add() -> None:
+    """The pip wheel layout: nvidia/cusolver/lib exists but is not on the framework library's
+    RUNPATH. TF's own loader line and the probe's loader-order check agree."""
+    gap = f"{SITE}/nvidia/cusolver/lib"
+    missing = LibraryCheck(
+        "cusolver",
+        "libcusolver.so.11",
+        False,
+        error="libcusolver.so.11: cannot open shared object file: No such file or directory",
+        found_elsewhere=(f"{gap}/libcusolver.so.11",),
+    )
+    r = probe(
+        gpus=(),
+        libraries=tuple(missing if x.name == "cusolver" else x for x in libs()),
+        loader_object=FRAMEWORK,
+        loader_search=(*RUNPATH, *DEFAULT_DIRS),
+        loader_failures={"libcusolver.so.11": "libcusolver.so.11: cannot open shared object file"},
+        log_lines=("Cannot dlopen some GPU libraries. Skipping registering GPU devices...",),
+    )
+    cfg = parse_config(f'[[tensorflow.envs]]\nname = "research"\npython = "{PY}"\n')
+    found = diagnose(snap(tf=(r,)), cfg)
+    f = one(found, "tf-cuda-libs-missing", "research")
+    assert f.summary.endswith(
+        ": libcusolver.so.11 is installed in nvidia/cusolver/lib, which is not on the RUNPATH of "
+        "libtensorflow_framework.so.2 nor on LD_LIBRARY_PATH"
+    )
+    assert "the RUNPATH of libtensorflow_framework.so.2 (7 dirs)" in f.summary
+    assert (
+        f"RUNPATH of {FRAMEWORK}: nvidia/nccl/lib, nvidia/cuda_cupti/lib, nvidia/cublas/lib, "
+        "nvidia/cudnn/lib, nvidia/cufft/lib, nvidia/cusparse/lib, nvidia/cuda_runtime/lib"
+    ) in f.evidence
+    assert any(
+        e.startswith("TensorFlow's loader: Could not load dynamic library") for e in f.evidence
+    )
+    assert (
+        f'add LD_LIBRARY_PATH = "{gap}" to the `environment` table of the [[tensorflow.envs]] '
+        in (f.fix)
+    )
+    assert f"`export LD_LIBRARY_PATH={gap}${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}`" in f.fix
+    assert "pip install" not in f.fix  # the wheel is installed; reinstalling changes nothing
+    assert "(cause: tf-cuda-libs-missing)" in one(found, "tf-cpu-fallback", "research").summary
+    # An env the config does not name (discovered): only the shell part; an existing table
+    # value is kept behind the new directory.
+    f = one(diagnose(snap(tf=(r,)), CONFIG), "tf-cuda-libs-missing", "research")
+    assert "environment` table" not in f.fix and "export LD_LIBRARY_PATH=" in f.fix
+    cfg = parse_config(
+        f'[[tensorflow.envs]]\nname = "research"\npython = "{PY}"\n'
+        'environment = { LD_LIBRARY_PATH = "/drv" }\n'
+    )
+    f = one(diagnose(snap(tf=(r,)), cfg), "tf-cuda-libs-missing", "research")
+    assert f'LD_LIBRARY_PATH = "{gap}:/drv"' in f.fix
+
+
+def test_tensorflows_own_loader_lines_decide_which_library_is_missing() -> None:
+    # The probe opened libcufft, but TF's loader said it could not: TF's word counts.
+    r = probe(
+        gpus=(),
+        loader_failures={"libcufft.so.11": "libcufft.so.11: wrong ELF class: ELFCLASS32"},
+    )
+    f = one(diagnose(snap(tf=(r,)), CONFIG), "tf-cuda-libs-missing", "research")
+    assert "libcufft.so.11 cannot be loaded" in f.summary and "wrong ELF class" in text(f)
+    # The probe could not open libcudnn, but TF opened it: not missing.
+    r = probe(gpus=(), libraries=libs(missing={"cudnn"}), loader_opened=("libcudnn.so.9",))
+    assert "tf-cuda-libs-missing" not in codes(diagnose(snap(tf=(r,)), CONFIG))
+
+
+CONTEXT_ERROR = (
+    "RuntimeError: Bad StatusOr access: INTERNAL: CUDA error: : CUDA_ERROR_NOT_SUPPORTED"
+)
+
+
+def test_smoke_failing_at_context_creation_says_what_to_check() -> None:
+    r = probe(smoke_ok=False, smoke_error=CONTEXT_ERROR, smoke_stage="context")
+    f = one(diagnose(snap(tf=(r,)), CONFIG), "tf-smoke-failed", "research")
+    assert "could not initialise GPU:0 (no CUDA context)" in f.summary
+    assert any(e.startswith("failed at: creating the CUDA context of GPU:0") for e in f.evidence)
+    assert "tfgpud doctor" not in f.fix
+    assert "nvidia-smi -q -d COMPUTE" in f.fix and "journalctl -k | grep -i xid" in f.fix
+    assert "`sudo nvidia-smi -i 0 -c DEFAULT`" in f.fix  # GPU:0 is NVML's GPU 0 here
+    assert f.fix.index("`nvidia-smi`") < f.fix.index("nvidia-modprobe -u -c 0")  # uvm is there
+    # /dev/nvidia-uvm missing on the host: that first; persistence mode off: said.
+    pci = replace(PCI2, device_nodes=("nvidia0", "nvidia1", "nvidiactl"))
+    nvml = replace(NVML2, gpus=tuple(replace(g, persistence_mode=False) for g in NVML2.gpus))
+    f = one(diagnose(snap(pci=pci, nvml=nvml, tf=(r,)), CONFIG), "tf-smoke-failed")
+    assert "create the missing /dev/nvidia-uvm with `sudo nvidia-modprobe -u -c 0`" in f.fix
+    assert f.fix.index("nvidia-modprobe") < f.fix.index("`nvidia-smi`")
+    assert "nvidia-persistenced" in f.fix
+    # Errors that name their cause get that fix.
+    for err, needle in (
+        ("CUDA_ERROR_OUT_OF_MEMORY: out of memory", "--query-compute-apps"),
+        (
+            "CUDA_ERROR_DEVICES_UNAVAILABLE: CUDA-capable device(s) is/are busy or unavailable",
+            "-c DEFAULT",
+        ),
+        ("CUDA_ERROR_SYSTEM_NOT_READY: system not yet initialized", "nvidia-fabricmanager"),
+    ):
+        r2 = replace(r, smoke_error=f"InternalError: {err}")
+        assert needle in one(diagnose(snap(tf=(r2,)), CONFIG), "tf-smoke-failed").fix, err
 
 
 def test_device_permission() -> None:
@@ -763,10 +1064,11 @@ def test_compute_capability_fix_respects_the_envs_python() -> None:
     nvml = replace(NVML2, gpus=(gpu(0, UUID0, compute_capability=(5, 2), name="Tesla M60"),))
     r = probe(gpus=(), python_version="3.11.9")
     f = one(diagnose(snap(nvml=nvml, tf=(r,)), CONFIG), "tf-compute-capability-unsupported")
-    assert "tensorflow[and-cuda]==2.14.*" in f.fix
+    assert f"`{PY} -m venv $HOME/tf-2.14 && " in f.fix
     r = probe(gpus=(), python_version="3.12.3")
     f = one(diagnose(snap(nvml=nvml, tf=(r,)), CONFIG), "tf-compute-capability-unsupported")
-    assert "==2.14" not in f.fix and "do not support this env's Python 3.12" in f.fix
+    assert "`python3.11 -m venv $HOME/tf-2.14 && " in f.fix  # 2.14 supports Python 3.9-3.11
+    assert "This env's Python 3.12 is too new for it" in f.fix
 
 
 @pytest.mark.parametrize(
@@ -782,7 +1084,7 @@ def test_compute_capability_fix_respects_the_envs_python() -> None:
             "TF_FORCE_GPU_ALLOW_GROWTH=true",
         ),
         ("UnimplementedError: DNN library is not found.", "--force-reinstall"),
-        ("InternalError: something else", "tfgpud doctor --python"),
+        ("InternalError: something else", "journalctl -k | grep -i xid"),
     ],
 )
 def test_smoke_failed(error: str, in_fix: str) -> None:
@@ -792,6 +1094,7 @@ def test_smoke_failed(error: str, in_fix: str) -> None:
     assert f.severity is Severity.CRITICAL
     assert f"smoke test: {error}" in f.evidence
     assert in_fix in f.fix
+    assert "tfgpud doctor" not in f.fix  # the doctor has just run
     assert "tf-smoke-failed" not in codes(diagnose(snap(tf=(probe(smoke_ok=True),)), CONFIG))
     assert "tf-smoke-failed" not in codes(diagnose(snap(tf=(probe(),)), CONFIG))
 
@@ -844,6 +1147,8 @@ def test_probe_error_and_garbage_are_crash_findings(status: ProbeStatus) -> None
     r = probe(status=status, error="probe output is not JSON: 'hello'")
     f = one(diagnose(snap(tf=(r,)), CONFIG), "tf-import-crashed", "research")
     assert "not JSON" in f.summary
+    assert "tfgpud doctor" not in f.fix  # the doctor that reports this has just run
+    assert f'`{PY} -c "import tensorflow"` shows the whole error' in f.fix
 
 
 def test_probe_timeout_is_warning() -> None:
@@ -884,3 +1189,70 @@ def test_findings_sorted_most_severe_first_and_unique() -> None:
     ranks = [f.severity.rank for f in found]
     assert ranks == sorted(ranks, reverse=True)
     assert len({f.key for f in found}) == len(found)
+
+
+# --- which envs are watched ---------------------------------------------------------------------
+
+SEARCHED = ("root /home: searched (4 entries)", "system /usr: searched (69 entries)")
+DISCOVERED_RECORD = TfEnvRecord(
+    env="home-alice-tf",
+    python="/home/alice/tf/bin/python",
+    source="discovered",
+    prefix="/home/alice/tf",
+    owner="alice",
+    kind="venv",
+    found_by="/home/alice/tf/pyvenv.cfg",
+    metadata=("tensorflow 2.21.0 in /home/alice/tf/lib/python3.11/site-packages",),
+)
+
+
+def nothing_to_probe(**kw: Any) -> Snapshot:
+    d = DiscoverySummary(enabled=True, found=0, searched=SEARCHED, finished_at=NOW)
+    return snap(**{"tf": (), "tf_envs": (), "discovery": d, **kw})
+
+
+def test_gpus_and_nothing_to_probe_is_tf_no_env_with_what_was_searched() -> None:
+    found = diagnose(nothing_to_probe(), CONFIG)
+    f = one(found, "tf-no-env", "host")
+    assert f.severity is Severity.WARNING and "2 GPU(s)" in f.summary
+    assert set(SEARCHED) <= set(f.evidence)
+    assert "[[tensorflow.envs]]\nname = " in f.fix and "/home, /opt, /srv, /root" in f.fix
+    assert worst_severity(found) is Severity.WARNING
+
+
+def test_tf_no_env_with_discovery_off_says_so_and_how_to_turn_it_on() -> None:
+    s = nothing_to_probe(discovery=DiscoverySummary(enabled=False))
+    f = one(diagnose(s, CONFIG), "tf-no-env", "host")
+    assert "discovery is off ([tensorflow.discover] enabled = false)" in f.evidence
+    assert "enabled = true" in f.fix
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["cpu-only machine", "first search still running", "an env to probe", "not known"],
+)
+def test_no_tf_no_env(case: str) -> None:
+    s = {
+        "cpu-only machine": nothing_to_probe(pci=PciReading(), nvml=NvmlReading(up=True)),
+        "first search still running": nothing_to_probe(discovery=DiscoverySummary(enabled=True)),
+        "an env to probe": nothing_to_probe(tf_envs=(DISCOVERED_RECORD,)),
+        "not known": nothing_to_probe(tf_envs=None),
+    }[case]
+    assert "tf-no-env" not in codes(diagnose(s, CONFIG))
+
+
+def test_a_discovered_env_not_probed_reports_its_metadata_and_the_fix() -> None:
+    r = probe(
+        env="home-alice-tf",
+        python="/home/alice/tf/bin/python",
+        status=ProbeStatus.NOT_RUN,
+        error="writable by everyone besides its owner alice",
+        refused_writers=("alice", "everyone"),
+        log_lines=("/home/alice/tf/bin: owner alice, mode drwxrwxrwx (writable by everyone)",),
+    )
+    found = diagnose(snap(tf=(r,), tf_envs=(DISCOVERED_RECORD,)), CONFIG)
+    f = one(found, "tf-probe-refused", "home-alice-tf")
+    assert f.severity is Severity.WARNING and "was not probed" in f.summary
+    assert DISCOVERED_RECORD.metadata[0] in f.evidence and r.log_lines[0] in f.evidence
+    assert "sudo chown -R alice: /home/alice/tf && sudo chmod -R go-w /home/alice/tf" in f.fix
+    assert codes(found) == {"tf-probe-refused"}  # no probe: no verdict on its GPUs

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import pwd
 from pathlib import Path
 from typing import Any
 
-from tfgpud.config import Config, TfEnvConfig, parse_config
+from tfgpud.collectors.discovery import (
+    DiscoveredEnv,
+    DiscoveryResult,
+    Distribution,
+    EnvKind,
+    SearchedPlace,
+)
+from tfgpud.config import Config, DiscoverConfig, TfEnvConfig, parse_config
 from tfgpud.doctor import run_doctor
 from tfgpud.model import (
     GpuReading,
@@ -41,6 +50,30 @@ def fake_nvml(library: str | None) -> NvmlReading:
     return NVML
 
 
+SEARCHED = (SearchedPlace("/home", "root", "searched", 4),)
+
+
+def found_nothing(settings: DiscoverConfig) -> DiscoveryResult:
+    return DiscoveryResult(envs=(), found=0, searched=SEARCHED, homes=1)
+
+
+def discovered(python: str, label: str = "opt-found") -> DiscoveredEnv:
+    """A discovered env owned by the user running the tests (its interpreter need not exist)."""
+    prefix = os.path.dirname(os.path.dirname(python))
+    return DiscoveredEnv(
+        env=label,
+        python=python,
+        prefix=prefix,
+        kind=EnvKind.VENV,
+        source=f"{prefix}/pyvenv.cfg",
+        owner_uid=os.geteuid(),
+        owner=pwd.getpwuid(os.geteuid()).pw_name,
+        tensorflow=Distribution("tensorflow", "2.21.0"),
+        site_packages=f"{prefix}/lib/python3.11/site-packages",
+        python_version="3.11.2",
+    )
+
+
 def probe_without_cuda_libs(env: TfEnvConfig, timeout: float) -> TfProbeResult:
     return TfProbeResult(
         env=env.name,
@@ -61,8 +94,9 @@ def doctor(
     python: str | None = None,
     as_json: bool = True,
     read_nvml: Any = None,
+    discover: Any = found_nothing,
 ) -> tuple[int, str]:
-    """run_doctor on the injected PCI/NVML readings; returns (exit code, output)."""
+    """run_doctor on the injected PCI/NVML readings and discovery; returns (exit code, output)."""
     out = io.StringIO()
     code = run_doctor(
         config,
@@ -72,6 +106,7 @@ def doctor(
         read_pci=fake_pci,
         read_nvml=read_nvml or fake_nvml,
         probe=probe or probe_without_cuda_libs,
+        discover=discover,
     )
     return code, out.getvalue()
 
@@ -136,7 +171,9 @@ def test_broken_collector_is_reported_not_raised(tmp_path: Path) -> None:
     config = parse_config(f'[daemon]\nstate_dir = "{tmp_path}"\n')
     code, text = doctor(config, as_json=False, read_nvml=broken)
     assert "Driver (NVML)\n  not read (collector failed)" in text
-    assert code == 0  # one healthy-looking PCI GPU, no envs: nothing to report
+    # One healthy-looking PCI GPU and no env to probe: that is said, never an all-clear.
+    assert code == 1 and "[WARNING] tf-no-env  (host)" in text
+    assert "    - root /home: searched (4 entries)" in text
 
 
 def test_doctor_reads_the_daemons_baseline(tmp_path: Path) -> None:
@@ -159,3 +196,44 @@ def test_doctor_reads_the_daemons_baseline(tmp_path: Path) -> None:
     codes = {f["code"] for f in json.loads(doctor(config)[1])["findings"]}
     assert "baseline-state-error" in codes
     assert (tmp_path / "baseline.json").read_text() == "{not json"
+
+
+def test_configured_and_discovered_envs_are_probed_and_python_probes_only_that_one(
+    tmp_path: Path,
+) -> None:
+    probed: list[str] = []
+
+    def probe(env: TfEnvConfig, timeout: float) -> TfProbeResult:
+        probed.append(env.name)
+        return probe_without_cuda_libs(env, timeout)
+
+    searches: list[DiscoverConfig] = []
+
+    def discover(settings: DiscoverConfig) -> DiscoveryResult:
+        searches.append(settings)
+        envs = (discovered("/opt/main/bin/python", "opt-main"), discovered("/opt/found/bin/python"))
+        return DiscoveryResult(envs=envs, found=2, searched=SEARCHED)
+
+    cfg = parse_config(
+        f'[daemon]\nstate_dir = "{tmp_path}"\n'
+        '[[tensorflow.envs]]\nname = "main"\npython = "/opt/main/bin/python"\n'
+    )
+    code, text = doctor(cfg, probe, discover=discover)
+    doc = json.loads(text)
+    assert code == 2
+    # The configured env wins over its discovered duplicate; the other one joins.
+    assert probed == ["main", "opt-found"] and len(searches) == 1
+    assert [(e["env"], e["source"]) for e in doc["snapshot"]["tf_envs"]] == [
+        ("main", "configured"),
+        ("opt-found", "discovered"),
+    ]
+    assert {"discovery", "tensorflow:main", "tensorflow:opt-found"} <= {
+        c["name"] for c in doc["snapshot"]["collectors"]
+    }
+    assert {f["subject"] for f in doc["findings"] if f["code"] == "tf-cpu-fallback"} == {
+        "main",
+        "opt-found",
+    }
+    probed.clear()
+    doctor(cfg, probe, discover=discover, python="/opt/v/bin/python")
+    assert probed == ["cli"] and len(searches) == 1  # --python: nothing discovered

@@ -16,6 +16,7 @@ from tfgpud.model import (
     Finding,
     GpuProcess,
     GpuReading,
+    KnownGpu,
     NvmlReading,
     PciGpu,
     PciReading,
@@ -53,7 +54,12 @@ def fixture_snapshot() -> Snapshot:
             GpuProcess(pid=4343, used_memory_bytes=None, name="gone"),
         ),
     )
-    lost = GpuReading(index=1, uuid=UUID1, name="NVIDIA H100 80GB HBM3", lost=True)
+    # Lost while this daemon ran: NVML still tells name and bus id, not the compute capability.
+    lost = GpuReading(
+        index=1, uuid=UUID1, name="NVIDIA H100 80GB HBM3", pci_bus_id="00000000:02:00.0", lost=True
+    )
+    # Lost before this process ever read its UUID, and not matched to the baseline.
+    unnamed = GpuReading(index=2, uuid="GPU-unknown-index-2", lost=True)
     probe = TfProbeResult(
         env="research",
         python="/opt/venv/bin/python",
@@ -87,7 +93,7 @@ def fixture_snapshot() -> Snapshot:
             up=True,
             driver_version="550.54.15",
             cuda_driver_version=12040,
-            gpus=(healthy, lost),
+            gpus=(healthy, lost, unnamed),
         ),
         tf=(probe, broken),
         xid_counts=MappingProxyType({(UUID1, 79): 1, (UUID0, 13): 2}),
@@ -101,7 +107,11 @@ def fixture_snapshot() -> Snapshot:
             Finding("tf-partial-visibility", Severity.CRITICAL, "research", "TF sees 1 of 2"),
             Finding("tf-import-failed", Severity.CRITICAL, "old", "no TF"),
         ),
-        expected_gpus=2,
+        baseline=(
+            KnownGpu(UUID0, "NVIDIA H100 80GB HBM3", "00000000:01:00.0"),
+            KnownGpu(UUID1, "NVIDIA H100 80GB HBM3", "00000000:02:00.0"),
+        ),
+        expected_gpus=3,
         tf_processes=(TfProcess(4242, "gpu"), TfProcess(5151, "cpu"), TfProcess(5252, "cpu")),
         workloads=WorkloadScan(processes=812, candidates=9, unreadable=1),
     )
@@ -211,3 +221,101 @@ def test_exposition_cache_renders_once_per_snapshot() -> None:
     current[0] = Snapshot(taken_at=1.0, nvml=NvmlReading(up=False, error="DRIVER_NOT_LOADED"))
     fresh, _ = expo("")
     assert fresh != first and b"tfgpud_nvml_up 0.0" in fresh
+
+
+def test_gpu_info_of_a_lost_gpu_is_what_was_last_known_or_absent() -> None:
+    text = render(fixture_snapshot())
+    info = [line for line in text.splitlines() if line.startswith("tfgpud_gpu_info{")]
+    # Never an empty label value or an invented UUID: the GPU lost before the daemon knew its
+    # compute capability, and the one whose UUID was never read, have no identity series.
+    assert len(info) == 1 and f'uuid="{UUID0}"' in info[0]
+    assert not any('=""' in line or "GPU-unknown" in line for line in info)
+    # Its health is still visible: tfgpud_gpu_up and the count by state.
+    assert f'tfgpud_gpu_up{{gpu="1",uuid="{UUID1}"}} 0.0' in text
+    assert 'tfgpud_gpus{state="lost"} 2.0' in text and 'tfgpud_gpus{state="ok"} 1.0' in text
+    assert 'uuid="GPU-unknown-index-2",xid=' not in text
+
+
+def test_a_gpu_lost_while_the_daemon_runs_keeps_its_identity_labels() -> None:
+    healthy = GpuReading(
+        index=1,
+        uuid=UUID1,
+        name="NVIDIA A100-SXM4-80GB",
+        pci_bus_id="00000000:41:00.0",
+        compute_capability=(8, 0),
+    )
+    # NVML no longer answers for it; only the UUID comes from the collector's own memory.
+    lost = GpuReading(index=1, uuid=UUID1, lost=True, error="GPU_IS_LOST")
+    current = [Snapshot(taken_at=0.0, nvml=NvmlReading(up=True, gpus=(healthy,)))]
+    registry = make_registry(lambda: current[0])
+    generate_latest(registry)
+    current[0] = Snapshot(taken_at=1.0, nvml=NvmlReading(up=True, gpus=(lost,)))
+    text = generate_latest(registry).decode()
+    assert (
+        'tfgpud_gpu_info{compute_capability="8.0",gpu="1",name="NVIDIA A100-SXM4-80GB",'
+        f'pci_bus_id="00000000:41:00.0",uuid="{UUID1}"}} 1.0'
+    ) in text
+    assert 'tfgpud_gpus{state="lost"} 1.0' in text
+
+
+def test_gpu_identity_memory_is_bounded() -> None:
+    from tfgpud.exporter import GpuIdentities
+
+    ids = GpuIdentities(limit=4)
+    snap = Snapshot(taken_at=0.0)
+    for i in range(10):
+        g = GpuReading(
+            index=i, uuid=f"GPU-{i:08d}", name="n", pci_bus_id="b", compute_capability=(9, 0)
+        )
+        assert ids.identify(g, snap) == ("n", "b", "9.0")
+    first = GpuReading(index=0, uuid="GPU-00000000", lost=True)
+    last = GpuReading(index=9, uuid="GPU-00000009", lost=True)
+    assert ids.identify(first, snap) is None  # forgotten: the oldest went first
+    assert ids.identify(last, snap) == ("n", "b", "9.0")
+
+
+@pytest.mark.parametrize(
+    ("nvml", "expected", "states"),
+    [
+        # NVML down: every expected GPU is missing, and at least those on the PCI bus.
+        (NvmlReading(up=False, error="DRIVER_NOT_LOADED"), 1, (0, 0, 0, 2)),
+        # One of the two baseline GPUs vanished from NVML's list.
+        (NvmlReading(up=True, gpus=(GpuReading(index=0, uuid=UUID0),)), 2, (1, 0, 0, 1)),
+        # Listed but unreadable for something other than GPU_IS_LOST.
+        (
+            NvmlReading(
+                up=True,
+                gpus=(
+                    GpuReading(index=0, uuid=UUID0, error="UNKNOWN"),
+                    GpuReading(index=1, uuid=UUID1),
+                ),
+            ),
+            2,
+            (1, 0, 1, 0),
+        ),
+    ],
+)
+def test_gpus_by_state(nvml: NvmlReading, expected: int, states: tuple[int, ...]) -> None:
+    snap = Snapshot(
+        taken_at=0.0,
+        pci=fixture_snapshot().pci,
+        nvml=nvml,
+        baseline=(KnownGpu(UUID0), KnownGpu(UUID1)),
+        expected_gpus=expected,
+    )
+    text = render(snap)
+    for state, n in zip(("ok", "lost", "failing", "missing"), states, strict=True):
+        assert f'tfgpud_gpus{{state="{state}"}} {float(n)}' in text
+
+
+def test_the_render_cache_holds_one_body_per_format_whatever_is_asked() -> None:
+    from tfgpud.exporter import CONTENT_TYPES, Exposition
+
+    snap = fixture_snapshot()
+    expo = Exposition(make_registry(lambda: snap), lambda: snap)
+    types = set()
+    for i in range(500):
+        types.add(expo(f"application/openmetrics-text; version=1.0.{i}; x={'y' * i}")[1])
+        types.add(expo(f"application/openmetrics-text; escaping=dots{i}")[1])
+    assert types <= set(CONTENT_TYPES.values()) and len(types) == 2
+    assert len(expo._cache) == 2

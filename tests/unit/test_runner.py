@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -11,8 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import run_python
 
-from tfgpud.runner import run_bounded
+from tfgpud.runner import deadline_scope, run_bounded
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -164,3 +166,66 @@ def test_ambient_capabilities_are_not_passed_to_the_child(tmp_path: Path) -> Non
     ).stdout.split()
     assert int(out[0], 16) != 0, "the test did not get an ambient capability"
     assert int(out[1], 16) == 0
+
+
+def _wait_gone(pid: int, seconds: float = 3.0) -> bool:
+    """True once ``pid`` is gone (a zombie counts as gone); kills it when it is not."""
+    deadline = time.monotonic() + seconds
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if not _alive(pid):
+        return True
+    os.kill(pid, signal.SIGKILL)  # leave nothing behind, even when failing
+    return False
+
+
+def test_a_grandchild_in_its_own_session_holding_the_pipes_is_killed(tmp_path: Path) -> None:
+    """setsid() leaves the process group the group kill reaches; the pipes it keeps give it
+    away (this process is no subreaper, so that is the only trace)."""
+    pidfile = tmp_path / "grandchild"
+    r = run_bounded(
+        ["sh", "-c", f"setsid sleep 1000 & echo $! > {pidfile}; sleep 0.3; echo done"],
+        env=ENV,
+        timeout=10,
+    )
+    assert r.returncode == 0 and r.stdout == b"done\n" and not r.timed_out
+    assert r.duration_seconds < 3
+    assert _wait_gone(int(pidfile.read_text()))
+
+
+def test_on_timeout_a_grandchild_in_its_own_session_is_killed(tmp_path: Path) -> None:
+    pidfile = tmp_path / "grandchild"
+    script = f"setsid sh -c 'exec >/dev/null 2>&1; sleep 1000' & echo $! > {pidfile}; sleep 1000"
+    r = run_bounded(["sh", "-c", script], env=ENV, timeout=1.0)
+    assert r.timed_out
+    assert _wait_gone(int(pidfile.read_text()))  # seen by the /proc walk while it ran
+
+
+def test_a_subreaper_kills_and_reaps_an_orphan_that_closed_its_pipes() -> None:
+    """The daemon's case: a grandchild that left the session and closed stdout and stderr,
+    orphaned when its parent exited. It comes back to the subreaper, which kills and reaps it.
+    Run in a fresh process: a subreaper test process would adopt every orphan of the suite."""
+    code = (
+        "import json, os, time\n"
+        "from tfgpud.runner import become_subreaper, run_bounded\n"
+        "assert become_subreaper()\n"
+        "script = \"setsid sh -c 'exec >/dev/null 2>&1; sleep 1000' & echo $!\"\n"
+        "r = run_bounded(['sh', '-c', script], env={'PATH': '/usr/bin:/bin'}, timeout=10)\n"
+        "pid = int(r.stdout)\n"
+        "time.sleep(0.2)\n"
+        "print(json.dumps({'rc': r.returncode, 'left': os.path.exists(f'/proc/{pid}'),\n"
+        "                  'children': open(f'/proc/{os.getpid()}/task/{os.getpid()}/children')\n"
+        "                  .read().split()}))\n"
+    )
+    out = run_python(code, scenario=None)
+    assert out.data == {"rc": 0, "left": False, "children": []}, out.stderr
+
+
+def test_a_deadline_scope_bounds_several_runs_together() -> None:
+    start = time.monotonic()
+    with deadline_scope(1.0):
+        first = run_bounded(["sleep", "30"], env=ENV, timeout=30)
+        second = run_bounded(["sleep", "30"], env=ENV, timeout=30)
+    assert first.timed_out and second.timed_out
+    assert time.monotonic() - start < 4
+    assert run_bounded(["true"], env=ENV, timeout=5).returncode == 0  # no scope outside

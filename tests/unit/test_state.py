@@ -509,3 +509,37 @@ def test_expect_count_without_a_baseline_reports_the_shortfall() -> None:
     assert f.subject == "host" and "1 of the 2" in f.summary
     ok = Snapshot(taken_at=1.0, pci=PciReading(), nvml=nvml(U0, U1), expected_gpus=2)
     assert not [f for f in diagnose(ok, cfg) if f.code == "gpu-vanished"]
+
+
+def test_a_long_name_in_the_file_is_cut_to_what_nvml_can_return(tmp_path: Path) -> None:
+    # A hand-edited or tampered file: such strings must not live on in the daemon's memory.
+    doc = {"version": 1, "gpus": [{"uuid": U0, "name": "A" * 500_000, "pci_bus_id": "0" * 999}]}
+    (tmp_path / "baseline.json").write_text(json.dumps(doc))
+    b = Baseline.open(tmp_path)
+    assert b.problems() == ()
+    (g,) = b.gpus
+    assert g.uuid == U0 and g.name == "A" * 96 and g.pci_bus_id == "0" * 32
+
+
+def test_a_file_larger_than_any_baseline_is_moved_aside_unread(tmp_path: Path) -> None:
+    doc = {"version": 1, "gpus": [{"uuid": U0, "name": "A" * 50_000_000}]}
+    (tmp_path / "baseline.json").write_text(json.dumps(doc))
+    b = Baseline.open(tmp_path)
+    assert b.gpus == ()
+    assert len(b.problems()) == 1
+    (corrupt,) = tmp_path.glob("baseline.json.*.corrupt")
+    assert corrupt.stat().st_size > 50_000_000
+
+
+def test_a_uuid_longer_than_nvml_allows_makes_the_file_corrupt(tmp_path: Path) -> None:
+    doc = {"version": 1, "gpus": [{"uuid": "GPU-" + "f" * 200}]}
+    (tmp_path / "baseline.json").write_text(json.dumps(doc))
+    b = Baseline.open(tmp_path)
+    assert b.gpus == () and len(b.problems()) == 1
+
+
+def test_more_gpus_than_any_machine_has_makes_the_file_corrupt(tmp_path: Path) -> None:
+    doc = {"version": 1, "gpus": [{"uuid": f"GPU-{i}"} for i in range(300)]}
+    (tmp_path / "baseline.json").write_text(json.dumps(doc))
+    b = Baseline.open(tmp_path)
+    assert b.gpus == () and len(b.problems()) == 1

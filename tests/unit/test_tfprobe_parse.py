@@ -113,6 +113,102 @@ def test_log_lines_keep_meaning_drop_noise_and_prefixes() -> None:
     )
 
 
+# What TF 2.21's loader prints at TF_CPP_MAX_VLOG_LEVEL=1 in the pip wheel layout (measured).
+VLOG_STDERR = "\n".join(
+    [
+        "I0000 00:00:1796162326.766958    8718 dso_loader.cc:133] Successfully opened dynamic "
+        "library libcuda.so.1",
+        "I0000 00:00:1796162326.772901    8718 dso_loader.cc:133] Successfully opened dynamic "
+        "library libcudart.so.12",
+        "I0000 00:00:1796162326.773121    8718 dso_loader.cc:133] Could not load dynamic library "
+        "'libcusolver.so.11'; dlerror: libcusolver.so.11: cannot open shared object file: No such "
+        "file or directory; LD_LIBRARY_PATH: /drv",
+        "W0000 00:00:1796162326.9 8718 gpu_device.cc:2344] Cannot dlopen some GPU libraries. "
+        "Please make sure the missing libraries mentioned above are installed properly if you "
+        "would like to use GPU. Skipping registering GPU devices...",
+    ]
+).encode()
+
+
+def test_tensorflows_loader_lines_name_what_failed_and_what_opened() -> None:
+    res = parse(run(stderr=VLOG_STDERR))
+    assert dict(res.loader_failures) == {
+        "libcusolver.so.11": "libcusolver.so.11: cannot open shared object file: No such file or "
+        "directory"
+    }
+    assert res.loader_opened == ("libcuda.so.1", "libcudart.so.12")
+    assert any("Could not load dynamic library 'libcusolver.so.11'" in x for x in res.log_lines)
+    assert not any("Successfully opened" in x for x in res.log_lines)  # noise, not evidence
+
+
+def test_parses_where_the_loader_found_each_library() -> None:
+    report = {
+        **REPORT,
+        "libraries": [
+            {
+                "name": "cudnn",
+                "soname": "libcudnn.so.9",
+                "loaded": False,
+                "path": None,
+                "error": "libcudnn.so.9: cannot open shared object file",
+                "via": None,
+                "found_elsewhere": ["/sp/nvidia/cudnn/lib/libcudnn.so.9"],
+                "other_versions": [
+                    {"soname": "libcudnn.so.8", "path": "/opt/libcudnn.so.8", "version": 8907}
+                ],
+            },
+            {
+                "name": "cudart",
+                "soname": "libcudart.so.12",
+                "loaded": True,
+                "path": "/x",
+                "error": None,
+                "via": "RUNPATH",
+                "version": None,
+            },
+        ],
+        "loader": {
+            "object": "/sp/tensorflow/libtensorflow_framework.so.2",
+            "search_path": [
+                {"dir": "/drv", "source": "LD_LIBRARY_PATH"},
+                {"dir": "/sp/tensorflow/../nvidia/cudnn/lib", "source": "RUNPATH"},
+            ],
+        },
+        "smoke": {
+            "ok": False,
+            "error": "RuntimeError: CUDA_ERROR_NOT_SUPPORTED",
+            "stage": "context",
+        },
+    }
+    res = parse(run(stdout=json.dumps(report).encode()))
+    assert res.status is ProbeStatus.OK
+    cudnn, cudart = res.libraries
+    assert cudnn.found_elsewhere == ("/sp/nvidia/cudnn/lib/libcudnn.so.9",)
+    (other,) = cudnn.other_versions
+    assert other.soname == "libcudnn.so.8" and other.loaded and other.version == 8907
+    assert cudart.via == "RUNPATH" and cudart.loaded
+    assert res.loader_object == "/sp/tensorflow/libtensorflow_framework.so.2"
+    assert [(d.path, d.source) for d in res.loader_search] == [
+        ("/drv", "LD_LIBRARY_PATH"),
+        ("/sp/tensorflow/../nvidia/cudnn/lib", "RUNPATH"),
+    ]
+    assert res.smoke_ok is False and res.smoke_stage == "context"
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        ({"libraries": [{"name": "cudnn", "version": "9.3"}]}, "version"),
+        ({"libraries": [{"name": "cudnn", "other_versions": "8"}]}, "other_versions"),
+        ({"loader": "libtensorflow_framework.so.2"}, "loader"),
+        ({"loader": {"search_path": ["/drv"]}}, "search_path"),
+    ],
+)
+def test_malformed_loader_fields_are_bad_output(extra: dict[str, Any], needle: str) -> None:
+    res = parse(run(stdout=json.dumps({**REPORT, **extra}).encode()))
+    assert res.status is ProbeStatus.BAD_OUTPUT and needle in (res.error or "")
+
+
 def test_log_lines_are_bounded() -> None:
     spam = b"".join(b"CUDA_ERROR number %d\n" % i for i in range(1000))
     assert len(meaningful_log_lines(spam)) == 40
@@ -168,6 +264,7 @@ def test_probe_environment_is_clean(monkeypatch: pytest.MonkeyPatch) -> None:
         "LANG": "C.UTF-8",
         "FOO": "bar",
         "TF_CPP_MIN_LOG_LEVEL": "0",
+        "TF_CPP_MAX_VLOG_LEVEL": "1",  # TF's loader names each library it cannot load
     }
     with_ld = TfEnvConfig(name="e", python="/p", environment={"LD_LIBRARY_PATH": "/drv"})
     assert probe_environment(with_ld)["LD_LIBRARY_PATH"] == "/drv"

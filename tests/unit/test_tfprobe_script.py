@@ -59,20 +59,74 @@ def test_script_does_not_import_tfgpud() -> None:
 def test_check_library_finds_a_real_library_and_its_path() -> None:
     found = tfprobe.check_library("c", "libc.so.6", [])
     assert found["loaded"] and found["path"] and Path(found["path"]).exists()
-    assert Path(found["path"]).name.startswith("libc")
-    missing = tfprobe.check_library("cudnn", "libcudnn.so.9", ["/nonexistent"])
+    assert Path(found["path"]).name.startswith("libc") and found["via"] == "ld.so.cache"
+    search = [{"dir": "/nonexistent", "source": "RUNPATH"}]
+    missing = tfprobe.check_library("cudnn", "libcudnn.so.9", search)
     assert not missing["loaded"] and "libcudnn.so.9" in missing["error"]
+    assert missing["found_elsewhere"] == []
 
 
-def test_check_library_prefers_pip_dirs(tmp_path: Path) -> None:
-    libdir = tmp_path / "nvidia" / "fake" / "lib"
-    libdir.mkdir(parents=True)
+def _fake_lib(where: Path, soname: str) -> Path:
+    """A file of that soname that dlopen accepts (a symlink to libm)."""
+    where.mkdir(parents=True, exist_ok=True)
     real = Path(tfprobe.check_library("m", "libm.so.6", [])["path"])
-    (libdir / "libfakeprobe.so.1").symlink_to(real)
-    dirs = tfprobe.pip_library_dirs([str(tmp_path), "/nonexistent"])
-    assert dirs == [str(libdir)]
-    found = tfprobe.check_library("fake", "libfakeprobe.so.1", dirs)
-    assert found["loaded"] and found["path"] == str(real.resolve())
+    (where / soname).symlink_to(real)
+    return real
+
+
+def test_check_library_follows_the_loaders_order(tmp_path: Path) -> None:
+    """LD_LIBRARY_PATH, then RUNPATH, by full path in that order; a copy in a pip dir the
+    loader does not search is not "found", only reported as found elsewhere."""
+    real = _fake_lib(tmp_path / "ld", "libfakeprobe.so.1")
+    _fake_lib(tmp_path / "runpath", "libfakeprobe.so.1")
+    search = [
+        {"dir": str(tmp_path / "ld"), "source": "LD_LIBRARY_PATH"},
+        {"dir": str(tmp_path / "runpath"), "source": "RUNPATH"},
+    ]
+    found = tfprobe.check_library("fake", "libfakeprobe.so.1", search)
+    assert found["loaded"] and found["via"] == "LD_LIBRARY_PATH"
+    assert found["path"] == str(real.resolve())
+    found = tfprobe.check_library("fake", "libfakeprobe.so.1", search[1:])
+    assert found["via"] == "RUNPATH"
+
+    gap = tmp_path / "site" / "nvidia" / "fakesolver" / "lib"
+    _fake_lib(gap, "libfakesolver.so.11")
+    pip_dirs = tfprobe.pip_library_dirs([str(tmp_path / "site"), "/nonexistent"])
+    assert pip_dirs == [str(gap)]
+    missing = tfprobe.check_library("fakesolver", "libfakesolver.so.11", search, pip_dirs)
+    assert not missing["loaded"] and missing["via"] is None
+    assert missing["found_elsewhere"] == [str(gap / "libfakesolver.so.11")]
+    # Search path unknown (no dlinfo): pip's dirs are the approximation.
+    found = tfprobe.check_library("fakesolver", "libfakesolver.so.11", None, pip_dirs)
+    assert found["loaded"] and found["via"] == "pip"
+
+
+def test_classify_search_path() -> None:
+    dirs = ["/drv", "/x/nvidia/cublas/lib", "/x/tensorrt", "/lib/x86_64-linux-gnu", "/usr/lib"]
+    got = tfprobe.classify_search_path(dirs, "/drv")
+    assert [e["source"] for e in got] == [
+        "LD_LIBRARY_PATH",
+        "RUNPATH",
+        "RUNPATH",
+        "default",
+        "default",
+    ]
+    assert [e["source"] for e in tfprobe.classify_search_path(dirs[1:], "")] == [
+        "RUNPATH",
+        "RUNPATH",
+        "default",
+        "default",
+    ]
+
+
+def test_search_path_of_a_loaded_library_ends_with_the_default_dirs() -> None:
+    import ctypes
+
+    ctypes.CDLL("libm.so.6")
+    dirs = tfprobe.search_path("libm.so.6")
+    assert dirs is not None and dirs, dirs
+    assert any(tfprobe._DEFAULT_DIR.match(d) for d in dirs)
+    assert tfprobe.search_path("/nonexistent/libnothing.so.1") is None  # not loaded
 
 
 def test_packages_lists_metadata_dirs() -> None:
@@ -159,6 +213,8 @@ class _FakeTensor:
 class _FakeTf:
     def __init__(self) -> None:
         self.calls: list[tuple[str, object]] = []
+        self.fail_init = False
+        self.fail_matmul = False
         outer = self
 
         class Experimental:
@@ -171,9 +227,17 @@ class _FakeTf:
             def set_visible_devices(self, gpu: object, kind: str) -> None:
                 outer.calls.append(("visible", (gpu, kind)))
 
+            def list_logical_devices(self, kind: str) -> list[str]:
+                outer.calls.append(("init", kind))
+                if outer.fail_init:
+                    raise RuntimeError("CUDA error: : CUDA_ERROR_NOT_SUPPORTED")
+                return ["/device:GPU:0"]
+
         class Linalg:
             def matmul(self, a: _FakeTensor, b: _FakeTensor) -> _FakeTensor:
                 outer.calls.append(("matmul", None))
+                if outer.fail_matmul:
+                    raise RuntimeError("CUDA_ERROR_LAUNCH_FAILED")
                 return _FakeTensor([[7.0, 10.0], [15.0, 22.0]])
 
         self.config = Config()
@@ -190,7 +254,19 @@ class _FakeTf:
 
 def test_smoke_test_makes_only_the_first_gpu_visible() -> None:
     tf = _FakeTf()
-    assert tfprobe._smoke(tf, ["gpu0", "gpu1"]) == (True, None)
+    assert tfprobe._smoke(tf, ["gpu0", "gpu1"]) == (True, None, None)
     assert tf.calls[0] == ("visible", ("gpu0", "GPU"))
     assert ("growth", "gpu1") not in tf.calls
-    assert tf.calls[-1] == ("matmul", None)
+    assert tf.calls[-2:] == [("init", "GPU"), ("matmul", None)]
+
+
+def test_smoke_test_says_where_it_failed() -> None:
+    tf = _FakeTf()
+    tf.fail_init = True
+    ok, error, stage = tfprobe._smoke(tf, ["gpu0"])
+    assert (ok, stage) == (False, "context")
+    assert error == "RuntimeError: CUDA error: : CUDA_ERROR_NOT_SUPPORTED"
+    assert ("matmul", None) not in tf.calls  # one attempt: after a failed context TF hangs
+    tf = _FakeTf()
+    tf.fail_matmul = True
+    assert tfprobe._smoke(tf, ["gpu0"])[::2] == (False, "matmul")

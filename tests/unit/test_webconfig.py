@@ -187,3 +187,30 @@ def test_peer_sans() -> None:
     cert = {"subjectAltName": (("DNS", "a.example"), ("IP Address", "10.0.0.1"))}
     assert peer_sans(cert) == {"a.example", "10.0.0.1"}
     assert peer_sans(None) == set()
+
+
+def test_nested_or_huge_web_configs_are_errors_not_crashes(tmp_path: Path) -> None:
+    assert "nested too deeply" in _problems("rate_limit: " + "[" * 2000 + "]" * 2000 + "\n")
+    huge = tmp_path / "web.yml"
+    huge.write_text("# padding\n" * 200_000)
+    with pytest.raises(WebConfigError, match="larger than 1024 KiB"):
+        load_web_config(huge)
+
+
+def test_response_headers_must_be_sendable() -> None:
+    text = 'http_server_config:\n  headers:\n    X-Frame-Options: "deny\\r\\nSet-Cookie: x"\n'
+    assert "control character" in _problems(text)
+
+
+def test_cached_verdict_needs_bcrypt_only_for_unverified_credentials(tmp_path: Path) -> None:
+    path = tmp_path / "web.yml"
+    path.write_text(web_config_yaml(None, {"alice": bcrypt_hash("pw")}))
+    sec = WebSecurity.from_file(path)
+    good = _basic("alice", "pw")
+    assert sec.cached_verdict(None) is False
+    assert sec.cached_verdict("Basic !!!") is False
+    assert sec.cached_verdict(good) is None  # not verified yet: bcrypt needed
+    assert sec.cached_verdict(_basic("mallory", "pw")) is None  # unknown users cost bcrypt too
+    assert sec.authenticate(good)
+    assert sec.cached_verdict(good) is True
+    assert sec.cached_verdict(_basic("alice", "other")) is None

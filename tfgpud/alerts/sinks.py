@@ -10,16 +10,20 @@ urllib would turn the POST into a body-less GET.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import socket
 import threading
 import time
 import urllib.error
-import urllib.request
+import urllib.parse
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from email.message import Message
+from http.client import HTTPConnection, HTTPException, HTTPSConnection
 from typing import Any, Protocol
 
 from tfgpud.alerts.transitions import Alert, State, alertname, finding_fields
@@ -157,41 +161,58 @@ def webhook_event(d: Delivery, instance: str) -> dict[str, Any]:
     }
 
 
-class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
-    """A redirect is a failed delivery: urllib would re-send a POST answered 301/302/303 as a
-    GET without the body and report success. The error names where it pointed."""
-
-    def redirect_request(
-        self,
-        req: urllib.request.Request,
-        fp: Any,
-        code: int,
-        msg: str,
-        headers: Any,
-        newurl: str,
-    ) -> urllib.request.Request | None:
-        raise urllib.error.HTTPError(
-            req.full_url,
-            code,
-            f"HTTP {code} {msg}: redirected to {newurl} (not followed: set the sink's url to "
-            "the final address)",
-            headers,
-            fp,
-        )
-
-
-_opener = urllib.request.build_opener(_RefuseRedirects)
-
-
 def http_post(req: Request, timeout: float) -> None:
-    """POST; raises OSError/URLError on any failure (non-2xx, redirects included)."""
-    r = urllib.request.Request(req.url, data=req.body, headers=req.headers, method="POST")
+    """POST ``req`` and read the answer, all within ``timeout`` seconds: connecting, sending and
+    the whole answer. A receiver that accepts and then trickles its answer a byte at a time is
+    cut at that deadline (a socket timeout alone applies to each read, so it would never be).
+
+    Raises ``urllib.error.URLError`` (an ``OSError``) on any failure: the deadline, a refused or
+    reset connection, a malformed answer; ``urllib.error.HTTPError`` for any non-2xx answer. A
+    redirect is a failure too, not followed (a POST re-sent as a GET would be lost): the error
+    names where it pointed.
+    """
+    url = urllib.parse.urlsplit(req.url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise urllib.error.URLError(f"not an http(s) URL: {req.url}")
+    conn_class = HTTPSConnection if url.scheme == "https" else HTTPConnection
+    conn = conn_class(url.hostname, url.port, timeout=timeout)
+    expired = threading.Event()
+
+    def cut() -> None:  # on the timer's thread: unblocks whatever read or write is waiting
+        expired.set()
+        sock = conn.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    timer = threading.Timer(timeout, cut)
+    timer.daemon = True
+    timer.start()
     try:
-        with _opener.open(r, timeout=timeout) as resp:  # any other non-2xx raises HTTPError
-            resp.read(65536)
-    except urllib.error.HTTPError as exc:
-        exc.close()  # the answer's connection: not left for the garbage collector
-        raise
+        target = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        conn.request("POST", target, body=req.body, headers=req.headers)
+        resp = conn.getresponse()
+        resp.read(65536)
+        status, reason, location = resp.status, resp.reason, resp.getheader("Location")
+    except (OSError, HTTPException) as exc:
+        if expired.is_set():
+            raise urllib.error.URLError(
+                f"no complete answer within {timeout:g} s (the receiver stalls or trickles)"
+            ) from exc
+        raise urllib.error.URLError(str(exc) or type(exc).__name__) from exc
+    finally:
+        timer.cancel()
+        conn.close()
+    if expired.is_set():  # the answer ended exactly as the deadline cut it: not trusted
+        raise urllib.error.URLError(f"no complete answer within {timeout:g} s")
+    if 300 <= status < 400:
+        msg = (
+            f"HTTP {status} {reason}: redirected to {urllib.parse.urljoin(req.url, location or '')}"
+            " (not followed: set the sink's url to the final address)"
+        )
+        raise urllib.error.HTTPError(req.url, status, msg, Message(), None)
+    if not 200 <= status < 300:
+        raise urllib.error.HTTPError(req.url, status, f"HTTP {status} {reason}", Message(), None)
 
 
 Poster = Callable[[Request, float], None]

@@ -19,11 +19,14 @@ from typing import Any
 from tfgpud.alerts.sinks import Delivery
 from tfgpud.alerts.transitions import Alert, finding_fields
 from tfgpud.model import Finding, Severity
-from tfgpud.state import write_atomically
+from tfgpud.state import StateFileError, read_bounded, write_atomically
 
 log = logging.getLogger("tfgpud.alerts")
 
 ALERTS_FILE = "alerts.json"
+# The firing set and the outboxes are bounded ([alerts] queue_size per sink); a file larger than
+# this was not written by tfgpud and is not read into memory.
+MAX_STATE_BYTES = 64 << 20
 
 
 def _alert_to_json(a: Alert) -> dict[str, Any]:
@@ -69,10 +72,10 @@ class SavedState:
 
 def _read_doc(path: Path) -> dict[str, Any] | None:
     try:
-        doc = json.loads(path.read_bytes())
+        doc = json.loads(read_bounded(path, MAX_STATE_BYTES))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, StateFileError) as exc:
         log.warning("ignoring %s (%s): alerts firing before the restart fire again", path, exc)
         return None
     if not isinstance(doc, dict):

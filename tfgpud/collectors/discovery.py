@@ -61,6 +61,7 @@ from enum import StrEnum
 from tfgpud.config import DiscoverConfig, TfEnvConfig
 from tfgpud.diagnosis import compat
 from tfgpud.model import frozen_map
+from tfgpud.runner import can_switch_user
 
 SYSTEM_KERNEL_DIRS = ("/usr/share/jupyter/kernels", "/usr/local/share/jupyter/kernels")
 USER_KERNEL_DIR = ".local/share/jupyter/kernels"
@@ -1045,22 +1046,6 @@ def private_group(user: str) -> str | None:
     except KeyError:
         return None
     return group.gr_name if set(group.gr_mem) <= {user} else None
-
-
-def can_switch_user(status: str = "/proc/self/status") -> bool:
-    """Whether this process may change its uid and gid: root, or CAP_SETUID and CAP_SETGID
-    in its effective set."""
-    if os.geteuid() == 0:
-        return True
-    try:
-        with open(status, encoding="ascii", errors="replace") as fh:
-            for line in fh:
-                if line.startswith("CapEff:"):
-                    caps = int(line.split()[1], 16)
-                    return bool(caps & (1 << 6)) and bool(caps & (1 << 7))
-    except (OSError, ValueError, IndexError):
-        pass
-    return False
 
 
 def plan_discovered_probe(

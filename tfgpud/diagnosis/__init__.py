@@ -38,18 +38,15 @@ from tfgpud.diagnosis.gpus import (
     rule_gpu_vanished,
     rule_gpu_xid_critical,
 )
-from tfgpud.diagnosis.host import (
-    rule_device_nodes_missing,
-    rule_driver_library_mismatch,
-    rule_driver_not_loaded,
-    rule_no_nvidia_gpu,
-    rule_nouveau_bound,
-    rule_nvml_library_missing,
-    rule_nvml_no_permission,
-)
+from tfgpud.diagnosis.host import DRIVER_RULES, rule_no_nvidia_gpu
 from tfgpud.diagnosis.memory import rule_gpu_memory_pressure
 from tfgpud.diagnosis.readings import Rule
-from tfgpud.diagnosis.tensorflow import cpu_fallback_envs, rule_tensorflow
+from tfgpud.diagnosis.tensorflow import (
+    cpu_fallback_envs,
+    rule_tensorflow,
+    rule_tf_no_env,
+    rule_tf_not_probed,
+)
 from tfgpud.diagnosis.workloads import rule_tf_job_on_cpu
 from tfgpud.model import Finding, Severity, Snapshot
 
@@ -58,12 +55,7 @@ __all__ = ["RULES", "cpu_fallback_envs", "diagnose", "worst_severity"]
 
 RULES: tuple[Rule, ...] = (
     rule_no_nvidia_gpu,
-    rule_nvml_library_missing,
-    rule_driver_not_loaded,
-    rule_driver_library_mismatch,
-    rule_nouveau_bound,
-    rule_device_nodes_missing,
-    rule_nvml_no_permission,
+    *DRIVER_RULES,
     rule_gpu_lost,
     rule_gpu_vanished,
     rule_gpu_appeared,
@@ -72,6 +64,8 @@ RULES: tuple[Rule, ...] = (
     rule_gpu_memory_pressure,
     rule_tf_job_on_cpu,
     rule_tensorflow,
+    rule_tf_not_probed,
+    rule_tf_no_env,
 )
 
 

@@ -168,3 +168,62 @@ def python_range(python_version: str | None) -> str:
     """ "3.12.3" -> "3.12"; "?" when unknown."""
     py = parse_version(python_version)
     return f"{py[0]}.{py[1]}" if py and len(py) > 1 else "?"
+
+
+# --- compute capability (what a GPU can run of a build) ---------------------------------------
+
+# TF 2.21 drops GPUs below this at listing ("Ignoring visible gpu device ... The minimum
+# required Cuda capability is 3.5"), although its kernels start at 6.0.
+TF_LISTING_MIN_CC = (3, 5)
+# Blackwell and later: TF's compute_90 PTX does not run there (CUDA_ERROR_INVALID_PTX).
+BLACKWELL_CC = (10, 0)
+# Kernel targets of pip releases, as get_build_info()["cuda_compute_capabilities"] lists them.
+KERNEL_TARGETS: dict[str, str] = {
+    "2.21": "sm_60,sm_70,sm_80,sm_89,compute_90",
+    "2.14": "sm_35,sm_50,sm_60,sm_70,sm_75,compute_80",
+}
+# The newest pip release with binary kernels for 3.5-5.x GPUs (CUDA 11.8; CUDA 12 has no
+# Kepler), and the last driver branch that supports Kepler (3.x) GPUs.
+OLD_GPU_TF = "2.14"
+KEPLER_LAST_DRIVER_BRANCH = "470"
+# The toolkit that first compiles for Blackwell (sm_100, sm_120).
+BLACKWELL_CUDA = (12, 8)
+
+
+def runs_on(cc: tuple[int, int], sm: list[tuple[int, int]], ptx: list[tuple[int, int]]) -> str:
+    """ "binary", "ptx" (JIT-compiled from PTX) or "none" for a GPU of compute capability ``cc``.
+
+    A binary ``sm_XY`` runs on GPUs of the same major and minor >= Y; PTX ``compute_XY`` on
+    GPUs of compute capability >= X.Y, except that PTX older than Blackwell does not run on a
+    Blackwell GPU (TF 2.21's compute_90 fails there with CUDA_ERROR_INVALID_PTX).
+    """
+    if any(m[0] == cc[0] and m[1] <= cc[1] for m in sm):
+        return "binary"
+    if any(p <= cc and (cc < BLACKWELL_CC or p >= BLACKWELL_CC) for p in ptx):
+        return "ptx"
+    return "none"
+
+
+def cudnn_version_tuple(version: int) -> tuple[int, int, int]:
+    """``cudnnGetVersion()`` -> (major, minor, patch): 90300 -> (9, 3, 0) (cuDNN 9 and later:
+    major*10000 + minor*100 + patch), 8907 -> (8, 9, 7) (cuDNN 8: major*1000 + ...)."""
+    if version >= 10000:
+        return (version // 10000, version % 10000 // 100, version % 100)
+    return (version // 1000, version % 1000 // 100, version % 100)
+
+
+# The cuDNN a release was compiled with, in full, where known (TF's own line at device creation:
+# "TensorFlow compiled with CUDA 12.5 and cuDNN 9.3.0"; its .bazelrc HERMETIC_CUDNN_VERSION).
+COMPILED_CUDNN: dict[str, str] = {"2.21": "9.3.0"}
+
+
+# The pip wheel (nvidia-<name>-cu<CUDA major>) that ships each library TF dlopens.
+CUDA_LIB_WHEELS: dict[str, str] = {
+    "cudart": "nvidia-cuda-runtime",
+    "cublas": "nvidia-cublas",
+    "cublasLt": "nvidia-cublas",
+    "cufft": "nvidia-cufft",
+    "cusolver": "nvidia-cusolver",
+    "cusparse": "nvidia-cusparse",
+    "cudnn": "nvidia-cudnn",
+}

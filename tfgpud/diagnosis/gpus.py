@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterable
 
 from tfgpud.config import Config
+from tfgpud.diagnosis.host import DRIVER_RULES
 from tfgpud.diagnosis.readings import (
     CRIT,
     HOST,
@@ -73,14 +74,6 @@ def rule_gpu_vanished(s: Snapshot, c: Config) -> Iterable[Finding]:
         if up
         else f"NVML is down ({s.nvml.error or 'unknown error'}): the driver lists no GPU"
     )
-    fix = (
-        "Check `journalctl -k | grep -iE 'xid|nvrm'` and `lspci -d 10de:`; a GPU that fell "
-        "off the bus needs a reboot (and reseating/power checks if it recurs). If it was "
-        "removed on purpose, accept that with `tfgpud baseline forget UUID` (all GPUs: "
-        "`tfgpud baseline reset`)."
-    )
-    if not up:
-        fix = "Bring the driver back first (see the driver finding beside this one). " + fix
     missing = [k for k in s.baseline if k.uuid not in seen]
     for k in missing:
         on_bus = k.pci_bus_id is not None and norm_bus(k.pci_bus_id) in pci_addrs
@@ -104,7 +97,7 @@ def rule_gpu_vanished(s: Snapshot, c: Config) -> Iterable[Finding]:
                 nvml_now,
                 *pci_lines(s),
             ],
-            fix,
+            _vanished_fix(s, c, k.uuid),
         )
     expected = s.expected_gpus or 0
     unnamed = expected - len(s.nvml.gpus if up else ()) - len(missing)
@@ -116,8 +109,35 @@ def rule_gpu_vanished(s: Snapshot, c: Config) -> Iterable[Finding]:
             f"{unnamed} of the {expected} GPU(s) this machine should have ([expect] gpus) "
             "are not visible",
             [f"[expect] gpus = {c.expect.gpus}", nvml_now, *pci_lines(s)],
-            fix,
+            _vanished_fix(s, c, None),
         )
+
+
+def _vanished_fix(s: Snapshot, c: Config, uuid: str | None) -> str:
+    """What to do about a vanished GPU (``uuid``; None: one counted by ``[expect] gpus``):
+    the driver first when it is down, naming only a driver finding that is present."""
+    fix = (
+        "Check `journalctl -k | grep -iE 'xid|nvrm'` and `lspci -d 10de:`; a GPU that fell "
+        "off the bus needs a reboot (and reseating/power checks if it recurs). "
+    )
+    if uuid is not None:
+        fix += (
+            f"If it was removed on purpose, accept that with `tfgpud baseline forget {uuid}` "
+            "(all GPUs: `tfgpud baseline reset`)."
+        )
+    else:
+        fix += (
+            f"If the machine has fewer GPUs on purpose now, lower [expect] gpus ({c.expect.gpus})."
+        )
+    if s.nvml is None or s.nvml.up:
+        return fix
+    present = [f.code for rule in DRIVER_RULES for f in rule(s, c)]
+    if present:
+        return f"Bring the driver back first (see {', '.join(present)}). " + fix
+    return (
+        f"Bring the driver back first: NVML does not answer ({s.nvml.error or 'unknown error'}); "
+        "check that `nvidia-smi` works and `journalctl -k | grep -i nvrm` says why. " + fix
+    )
 
 
 def rule_baseline_state_error(s: Snapshot, c: Config) -> Iterable[Finding]:
@@ -167,7 +187,7 @@ def rule_gpu_appeared(s: Snapshot, c: Config) -> Iterable[Finding]:
             f"New GPU: {gpu_label(g)} {joined}",
             [f"baseline before it: {len(others)} GPU(s): " + ", ".join(others)],
             "Nothing to do if it was installed on purpose: it is now expected on this machine "
-            "(`tfgpud baseline forget UUID` removes it again).",
+            f"(`tfgpud baseline forget {g.uuid}` removes it again).",
         )
 
 

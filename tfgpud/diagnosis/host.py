@@ -207,3 +207,15 @@ def rule_nvml_no_permission(s: Snapshot, c: Config) -> Iterable[Finding]:
         "NVreg_DeviceFileMode/NVreg_DeviceFileGID restrict them, add the daemon's user to that "
         "group: `sudo usermod -aG <group> tfgpud`.",
     )
+
+
+# The rules whose findings explain a driver that does not answer (what a vanished GPU's fix
+# points at, when one of them is present), in the order diagnose() runs them.
+DRIVER_RULES = (
+    rule_nvml_library_missing,
+    rule_driver_not_loaded,
+    rule_driver_library_mismatch,
+    rule_nouveau_bound,
+    rule_device_nodes_missing,
+    rule_nvml_no_permission,
+)

@@ -45,7 +45,9 @@ def probe_environment(
 
     PATH (the env's bin dir first, as activation would), HOME (``home``, else ``/``: never the
     caller's), LANG, then the env's ``environment`` table, then TF_CPP_MIN_LOG_LEVEL=0 so TF's
-    diagnostics are never hidden, and PYTHONNOUSERSITE=1 unless ``user_site``.
+    diagnostics are never hidden and TF_CPP_MAX_VLOG_LEVEL=1 so its loader names each library
+    it cannot load (a few dozen lines more, no higher level), and PYTHONNOUSERSITE=1 unless
+    ``user_site``.
     LD_LIBRARY_PATH only appears when the table sets it.
     """
     bindir = os.path.dirname(env.python)
@@ -56,6 +58,7 @@ def probe_environment(
     }
     result.update(env.environment)
     result["TF_CPP_MIN_LOG_LEVEL"] = "0"
+    result["TF_CPP_MAX_VLOG_LEVEL"] = "1"
     if not user_site:
         result["PYTHONNOUSERSITE"] = "1"
     return {k: v for k, v in result.items() if not _FORBIDDEN_ENV.match(k)}

@@ -16,6 +16,7 @@ from tfgpud.config import TfEnvConfig
 from tfgpud.model import (
     LibraryCheck,
     ProbeStatus,
+    SearchDir,
     TfGpu,
     TfProbeResult,
     frozen_map,
@@ -45,7 +46,9 @@ _MEANINGFUL = tuple(
         "COMPAT_NOT_SUPPORTED",
         "driver version is insufficient",
         "Ignoring visible gpu device",
+        "Adding visible gpu devices",
         "not built with CUDA kernel binaries",
+        "TensorFlow compiled with CUDA",
         "CUDA_ERROR",
         "Loaded runtime CuDNN library",
         "out of memory",
@@ -157,21 +160,68 @@ def _gpus(value: Any) -> tuple[TfGpu, ...]:
     )
 
 
+def _opt_int(value: Any, what: str) -> int | None:
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise _BadReport(f"{what} is {type(value).__name__}, expected an integer")
+
+
+def _library(v: dict[str, Any]) -> LibraryCheck:
+    others = v.get("other_versions") or []
+    if not isinstance(others, list) or not all(isinstance(o, dict) for o in others):
+        raise _BadReport("libraries[].other_versions is not a list of objects")
+    return LibraryCheck(
+        name=str(v.get("name", "?")),
+        soname=str(v.get("soname", "?")),
+        # other_versions entries carry no "loaded": they were opened if they have a path
+        loaded=bool(v["loaded"]) if "loaded" in v else bool(v.get("path")),
+        path=_opt_str(v.get("path"), "libraries[].path"),
+        error=_opt_str(v.get("error"), "libraries[].error"),
+        via=_opt_str(v.get("via"), "libraries[].via"),
+        version=_opt_int(v.get("version"), "libraries[].version"),
+        found_elsewhere=_str_tuple(v.get("found_elsewhere"), "libraries[].found_elsewhere"),
+        other_versions=tuple(_library({"name": v.get("name"), **o}) for o in others),
+    )
+
+
 def _libraries(value: Any) -> tuple[LibraryCheck, ...]:
     if value is None:
         return ()
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
         raise _BadReport("libraries is not a list of objects")
-    return tuple(
-        LibraryCheck(
-            name=str(v.get("name", "?")),
-            soname=str(v.get("soname", "?")),
-            loaded=bool(v.get("loaded")),
-            path=_opt_str(v.get("path"), "libraries[].path"),
-            error=_opt_str(v.get("error"), "libraries[].error"),
-        )
-        for v in value
-    )
+    return tuple(_library(v) for v in value)
+
+
+def _loader(value: Any) -> tuple[str | None, tuple[SearchDir, ...]]:
+    if value is None:
+        return None, ()
+    if not isinstance(value, dict):
+        raise _BadReport("loader is not an object")
+    search = value.get("search_path") or []
+    if not isinstance(search, list) or not all(isinstance(e, dict) for e in search):
+        raise _BadReport("loader.search_path is not a list of objects")
+    dirs = tuple(SearchDir(str(e.get("dir", "")), str(e.get("source", "?"))) for e in search)
+    return _opt_str(value.get("object"), "loader.object"), dirs
+
+
+# TF's dso_loader at VLOG 1: "Could not load dynamic library 'libcusolver.so.11'; dlerror: ..."
+_DLOPEN_FAILED = re.compile(r"Could not load dynamic library '([^']+)'; dlerror: ([^;\n]*)")
+_DLOPEN_OK = re.compile(r"Successfully opened dynamic library (\S+)")
+
+
+def loader_lines(stderr: bytes) -> tuple[dict[str, str], tuple[str, ...]]:
+    """TensorFlow's own loader verdicts in its stderr: ({soname: dlerror} of the libraries it
+    could not load, the sonames it opened). Bounded by the captured stderr."""
+    text = stderr.decode("utf-8", errors="replace")
+    failed: dict[str, str] = {}
+    for m in _DLOPEN_FAILED.finditer(text):
+        if len(failed) < 32:
+            failed.setdefault(m.group(1), m.group(2).strip()[:MAX_LOG_LINE_CHARS])
+    opened: list[str] = []
+    for m in _DLOPEN_OK.finditer(text):
+        if m.group(1) not in opened and len(opened) < 32:
+            opened.append(m.group(1))
+    return failed, tuple(opened)
 
 
 def parse_probe_run(
@@ -296,7 +346,14 @@ def _report_result(run: RunResult, base: dict[str, Any], logs: tuple[str, ...]) 
             "smoke_error": (
                 _opt_str(smoke.get("error"), "smoke.error") if smoke is not None else None
             ),
+            "smoke_stage": (
+                _opt_str(smoke.get("stage"), "smoke.stage") if smoke is not None else None
+            ),
         }
+        fields_["loader_object"], fields_["loader_search"] = _loader(data.get("loader"))
+        failed, opened = loader_lines(run.stderr)
+        fields_["loader_failures"] = frozen_map(failed)
+        fields_["loader_opened"] = opened
         import_error = _opt_str(data.get("import_error"), "import_error")
     except _BadReport as exc:
         return fail(ProbeStatus.BAD_OUTPUT, f"malformed probe report: {exc}")

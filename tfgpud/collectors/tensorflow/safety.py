@@ -1,10 +1,11 @@
 """Who may run the TensorFlow probe of an env: never more privilege than the env's owner.
 
 The probe executes the env's interpreter and whatever it imports. Run by root, an env that
-another user can write is a root shell for that user. So, when tfgpud runs as root,
-:func:`decide_probe_user` finds who can write any code the probe could run and refuses unless
-every such writer is root or the user ``run_as`` names (the probe then runs as that user). Not
-root: the probe runs as tfgpud's own user and nothing is switched.
+another user can write is a root shell for that user. So, when tfgpud runs as root — or may
+switch users (CAP_SETUID and CAP_SETGID, as the packaged unit grants: that is as good as root)
+— :func:`decide_probe_user` finds who can write any code the probe could run and refuses unless
+every such writer is root or the user ``run_as`` names (the probe then runs as that user).
+Otherwise the probe runs as tfgpud's own user and nothing is switched.
 
 What is checked (each path's owner, group-write and other-write bits; symlinks are followed to
 their targets, whose directories above are checked too):
@@ -52,6 +53,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from tfgpud.config import TfEnvConfig
+from tfgpud.runner import can_switch_user, run_bounded
 from tfgpud.text import user_name
 
 log = logging.getLogger(__name__)
@@ -297,8 +299,6 @@ def _libdirs(prefix: str) -> list[str]:
 def query_sys_path(python: str, env: TfEnvConfig, user: str | None) -> list[str] | None:
     """``sys.path`` as the interpreter reports it when run as ``user`` (default ``nobody``),
     with the env's PYTHONPATH and the probe's flags; None when that fails."""
-    from tfgpud.runner import run_bounded  # runner is only needed as root
-
     as_user = user or _QUERY_USER
     child_env = {"PATH": SAFE_PATH, "HOME": "/nonexistent", "LANG": "C.UTF-8"}
     if "PYTHONPATH" in env.environment:
@@ -453,18 +453,25 @@ def decide_probe_user(
 
     ``python`` is the resolved interpreter (default: ``env.python`` resolved on the safe PATH);
     ``script`` the probe script; ``query`` asks the interpreter for its sys.path (None: don't).
+    A process that may switch users (root, or CAP_SETUID and CAP_SETGID) is checked as root
+    is; ``euid`` given, only that uid decides (0: checked).
     """
-    if (os.geteuid() if euid is None else euid) != 0:
+    privileged = can_switch_user() if euid is None else euid == 0
+    if not privileged:
         return ProbeDecision(user=None)  # already unprivileged: probe as ourselves
+    if (os.geteuid() if euid is None else euid) == 0:
+        runs, me = "tfgpud runs as root", "root"
+    else:
+        runs, me = "tfgpud can switch users (CAP_SETUID, CAP_SETGID)", "tfgpud's user"
     if not env.run_as:
         bad = root_forbidden_vars(env)
         if bad:
             return ProbeDecision(
                 user=None,
                 refused=(
-                    f"tfgpud runs as root and env `{env.name}`'s environment table sets "
+                    f"{runs} and env `{env.name}`'s environment table sets "
                     f"{', '.join(bad)}, which could make the interpreter run unchecked code: "
-                    "remove it or set run_as so the probe does not run as root"
+                    f"remove it or set run_as so the probe does not run as {me}"
                 ),
             )
     if python is None:
@@ -494,9 +501,9 @@ def decide_probe_user(
         return ProbeDecision(
             user=None,
             refused=(
-                f"tfgpud runs as root and env `{env.name}`'s code spans more than {limit} files "
+                f"{runs} and env `{env.name}`'s code spans more than {limit} files "
                 f"(at {exc}): too many to verify who can write them; set run_as so the probe "
-                "does not run as root"
+                f"does not run as {me}"
             ),
         )
     writers, evidence, checked = checker.writers, checker.evidence, len(checker.stats)
@@ -508,10 +515,10 @@ def decide_probe_user(
         return ProbeDecision(user=env.run_as, writers=tuple(sorted(writers)), checked=checked)
     others = sorted(writers - allowed)
     why = (
-        f"tfgpud runs as root and env `{env.name}`'s interpreter or packages are writable by "
+        f"{runs} and env `{env.name}`'s interpreter or packages are writable by "
         f"{', '.join(others)}"
         + (f" (run_as = {env.run_as!r} covers only that user)" if env.run_as else "")
-        + ": running them as root would hand root to that user"
+        + f": running them as {me} would hand its privileges to that user"
     )
     return ProbeDecision(
         user=None,

@@ -1,5 +1,7 @@
 """When each env is probed: at start, on change (driver, GPU inventory, the env's install), on a
 slow interval, with retries; probes run on worker threads so none delays a poll or a scrape.
+The schedule is the configured envs plus the discovered ones, which come and go with each
+search (:meth:`TfProbeScheduler.set_discovered`).
 """
 
 from __future__ import annotations
@@ -12,14 +14,17 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from tfgpud.collectors.discovery import DiscoveredEnv, EnvSource, ProbeTarget, merge_envs
+from tfgpud.collectors.tensorflow.discovered import env_record, probe_target
 from tfgpud.collectors.tensorflow.launch import probe_env
 from tfgpud.config import TensorflowConfig, TfEnvConfig
 from tfgpud.model import (
     NvmlReading,
     ProbeStatus,
+    TfEnvRecord,
     TfProbeResult,
 )
-from tfgpud.runner import abandoned_children
+from tfgpud.runner import abandoned_children, deadline_scope
 
 log = logging.getLogger("tfgpud.collectors.tensorflow")
 
@@ -53,7 +58,7 @@ def driver_fingerprint(nvml: NvmlReading) -> tuple[str | None, frozenset[str]]:
     return (nvml.driver_version, frozenset(g.uuid for g in nvml.gpus))
 
 
-# REFUSED and NO_ACCESS are fixed by chown/chmod/setfacl, which change no mtime; an
+# REFUSED, NO_ACCESS and NOT_RUN are fixed by chown/chmod/setfacl, which change no mtime; an
 # IMPORT_FAILED env may get TensorFlow installed (also caught by the site dirs' mtimes).
 _RETRY_STATUSES = frozenset(
     {
@@ -63,6 +68,7 @@ _RETRY_STATUSES = frozenset(
         ProbeStatus.BAD_OUTPUT,
         ProbeStatus.REFUSED,
         ProbeStatus.NO_ACCESS,
+        ProbeStatus.NOT_RUN,
         ProbeStatus.IMPORT_FAILED,
         ProbeStatus.MISSING_INTERPRETER,
     }
@@ -72,6 +78,8 @@ _RETRY_STATUSES = frozenset(
 @dataclass
 class _EnvState:
     env: TfEnvConfig
+    target: ProbeTarget
+    record: TfEnvRecord
     started: float | None = None  # caller's (monotonic) clock, at the last start
     driver: tuple[str | None, frozenset[str]] | None = None  # at the last start
     installed: Fingerprint | None = None  # after the last finished probe
@@ -82,6 +90,14 @@ class _EnvState:
     reasons: list[str] = field(default_factory=list)
 
 
+def _state(target: ProbeTarget) -> _EnvState:
+    return _EnvState(target.config, target, env_record(target))
+
+
+def _owner_uid(target: ProbeTarget) -> int | None:
+    return target.discovered.owner_uid if target.discovered is not None else None
+
+
 class TfProbeScheduler:
     """Decides when each env is probed and runs the probes on background threads.
 
@@ -90,7 +106,8 @@ class TfProbeScheduler:
     env's installed TensorFlow/nvidia packages changed. Never two probes of one env at once
     (nor while the previous probe's killed child still exists), and at most
     ``max_concurrent`` probes at once across envs (the others wait for a later call).
-    Methods are safe to call from one controlling thread while probes run.
+    Methods are safe to call from one controlling thread while probes run. ``switch``: whether
+    this process can switch users, for the plan of a discovered env's probe (None: ask).
     """
 
     def __init__(
@@ -103,9 +120,15 @@ class TfProbeScheduler:
         retry_seconds: float = 900.0,
         on_result: Callable[[], None] | None = None,
         max_concurrent: int = 1,
+        switch: bool | None = None,
     ) -> None:
         self._on_result = on_result  # called on the probe's thread after each result lands
-        self._states = {e.name: _EnvState(e) for e in envs}
+        self._configured = tuple(envs)
+        self._discovered: tuple[DiscoveredEnv, ...] = ()
+        self._states = {e.name: _state(ProbeTarget(e, EnvSource.CONFIGURED)) for e in envs}
+        # Probes of envs dropped from the schedule while running: they finish unseen.
+        self._retired: list[threading.Thread] = []
+        self._switch = switch
         self._interval = interval
         self._timeout = timeout
         self._retry = min(retry_seconds, interval)
@@ -166,7 +189,7 @@ class TfProbeScheduler:
                 return ()
             busy = sum(
                 1 for st in self._states.values() if st.thread is not None and st.thread.is_alive()
-            )
+            ) + sum(1 for t in self._retired if t.is_alive())
             lingering = abandoned_children()
             for name, st in self._states.items():
                 if busy >= self._max_concurrent:
@@ -197,7 +220,13 @@ class TfProbeScheduler:
 
     def _run(self, st: _EnvState) -> None:
         try:
-            result = self._probe(st.env, timeout=self._timeout, cancel=self._cancel)
+            # The pre-check (as root) shares the probe's timeout and is cancelled with it.
+            with deadline_scope(self._timeout, self._cancel):
+                result = probe_target(
+                    st.target,
+                    lambda env: self._probe(env, timeout=self._timeout, cancel=self._cancel),
+                    switch=self._switch,
+                )
         except Exception as exc:  # a worker thread must always leave a result
             log.exception("probe of env %s failed", st.env.name)
             result = TfProbeResult(
@@ -229,6 +258,50 @@ class TfProbeScheduler:
         with self._lock:
             return tuple(st.result for st in self._states.values() if st.result is not None)
 
+    def env_records(self) -> tuple[TfEnvRecord, ...]:
+        """Every env on the schedule, configured first, probed or not."""
+        with self._lock:
+            return tuple(st.record for st in self._states.values())
+
+    def set_discovered(self, envs: Sequence[DiscoveredEnv]) -> None:
+        """Make the schedule the configured envs plus ``envs`` (``merge_envs``: a configured env
+        wins over a discovered one with the same interpreter). A new env is due at once; one no
+        longer found is dropped with its result, so its series and findings end (a probe of it
+        still running finishes unseen). An env whose interpreter or owner changed is new."""
+        found = tuple(envs)
+        with self._lock:
+            if found == self._discovered or self._closed:
+                return
+            self._discovered = found
+            states: dict[str, _EnvState] = {}
+            for target in merge_envs(self._configured, found):
+                name = target.config.name
+                st = self._states.get(name)
+                if (
+                    st is None
+                    or st.env != target.config
+                    or _owner_uid(st.target) != _owner_uid(target)
+                ):
+                    st = _state(target)
+                    log.info(
+                        "TensorFlow env %s discovered: %s (owner %s)",
+                        name,
+                        st.record.prefix,
+                        st.record.owner,
+                    )
+                else:  # the same env: its metadata may have changed, its schedule has not
+                    st.target, st.record = target, env_record(target)
+                states[name] = st
+            for name, old in self._states.items():
+                if states.get(name) is old:
+                    continue
+                if name not in states:
+                    log.info("TensorFlow env %s is no longer found: its series end", name)
+                if old.thread is not None and old.thread.is_alive():
+                    self._retired.append(old.thread)
+            self._retired = [t for t in self._retired if t.is_alive()]
+            self._states = states
+
     def running(self) -> tuple[str, ...]:
         with self._lock:
             return tuple(
@@ -252,6 +325,7 @@ class TfProbeScheduler:
         deadline = time.monotonic() + timeout
         with self._lock:
             threads = [st.thread for st in self._states.values() if st.thread is not None]
+            threads += self._retired
         for t in threads:
             t.join(max(0.0, deadline - time.monotonic()))
         return not any(t.is_alive() for t in threads)

@@ -19,6 +19,7 @@ import importlib
 import json
 import os
 import platform
+import re
 import site
 import stat
 import sys
@@ -67,7 +68,7 @@ def sonames(build: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def pip_library_dirs(paths: list[str]) -> list[str]:
-    """The ``nvidia/<pkg>/lib`` dirs under each path entry: where TF's RUNPATH looks."""
+    """The ``nvidia/<pkg>/lib`` dirs under each path entry: where pip's CUDA wheels put them."""
     dirs: list[str] = []
     for entry in paths:
         if entry and os.path.isdir(entry):
@@ -79,15 +80,35 @@ class _LinkMap(ctypes.Structure):
     _fields_ = [("l_addr", ctypes.c_void_p), ("l_name", ctypes.c_char_p)]
 
 
-def _loaded_path(lib: ctypes.CDLL) -> str | None:
-    """The file the dynamic loader actually mapped for ``lib`` (symlinks resolved)."""
+class _SerInfoHead(ctypes.Structure):
+    _fields_ = [("dls_size", ctypes.c_size_t), ("dls_cnt", ctypes.c_uint)]
+
+
+class _SerPath(ctypes.Structure):
+    _fields_ = [("dls_name", ctypes.c_char_p), ("dls_flags", ctypes.c_uint)]
+
+
+_RTLD_NOLOAD = 4
+_RTLD_DI_SERINFO, _RTLD_DI_SERINFOSIZE = 4, 5
+# The loader's built-in directories (after LD_LIBRARY_PATH, RUNPATH and ld.so.cache).
+_DEFAULT_DIR = re.compile(r"^/(usr/)?lib(32|64)?(/[^/]+-linux-gnu[^/]*)?/?$")
+
+
+def _dlinfo() -> Any:
     try:
-        dlinfo = ctypes.CDLL(None).dlinfo
+        return ctypes.CDLL(None).dlinfo
     except AttributeError:  # glibc < 2.34 keeps dlinfo in libdl
         try:
-            dlinfo = ctypes.CDLL("libdl.so.2").dlinfo
+            return ctypes.CDLL("libdl.so.2").dlinfo
         except (OSError, AttributeError):
             return None
+
+
+def _loaded_path(lib: ctypes.CDLL) -> str | None:
+    """The file the dynamic loader actually mapped for ``lib`` (symlinks resolved)."""
+    dlinfo = _dlinfo()
+    if dlinfo is None:
+        return None
     lmap = ctypes.POINTER(_LinkMap)()
     if dlinfo(ctypes.c_void_p(lib._handle), _RTLD_DI_LINKMAP, ctypes.byref(lmap)) != 0:
         return None
@@ -95,28 +116,165 @@ def _loaded_path(lib: ctypes.CDLL) -> str | None:
     return os.path.realpath(name.decode(errors="replace")) if name else None
 
 
-def check_library(name: str, soname: str, pip_dirs: list[str]) -> dict[str, Any]:
-    """dlopen ``soname`` the way TF would find it: pip's nvidia dirs, then the loader's search.
+def framework_library(tf: Any) -> str | None:
+    """TensorFlow's ``libtensorflow_framework.so.*``, the library whose dlopen calls load the
+    CUDA libraries (so its RUNPATH is the one searched), if this process has it loaded."""
+    try:
+        tf_dir = os.path.dirname(os.path.abspath(tf.__file__))
+    except (AttributeError, TypeError):
+        return None
+    for path in sorted(glob.glob(os.path.join(tf_dir, "libtensorflow_framework.so*"))):
+        try:
+            ctypes.CDLL(path, mode=os.RTLD_NOW | _RTLD_NOLOAD)
+        except OSError:
+            continue
+        return path
+    return None
 
-    Returns {"name", "soname", "loaded", "path", "error"} and never raises.
+
+def search_path(library: str) -> list[str] | None:
+    """The directories the dynamic loader searches for a dlopen made by ``library`` (already
+    loaded), in order: LD_LIBRARY_PATH, its RUNPATH ($ORIGIN expanded), the default dirs; the
+    ld.so cache is searched between the last two. None when the loader cannot tell."""
+    dlinfo = _dlinfo()
+    if dlinfo is None:
+        return None
+    try:
+        handle = ctypes.CDLL(library, mode=os.RTLD_NOW | _RTLD_NOLOAD)._handle
+    except OSError:
+        return None
+    head = _SerInfoHead()
+    if dlinfo(ctypes.c_void_p(handle), _RTLD_DI_SERINFOSIZE, ctypes.byref(head)) != 0:
+        return None
+
+    class SerInfo(ctypes.Structure):
+        _fields_ = [
+            ("dls_size", ctypes.c_size_t),
+            ("dls_cnt", ctypes.c_uint),
+            ("dls_serpath", _SerPath * head.dls_cnt),
+        ]
+
+    buf = ctypes.create_string_buffer(max(head.dls_size, ctypes.sizeof(SerInfo)))
+    info = SerInfo.from_buffer(buf)
+    info.dls_size, info.dls_cnt = head.dls_size, head.dls_cnt
+    if dlinfo(ctypes.c_void_p(handle), _RTLD_DI_SERINFO, ctypes.byref(info)) != 0:
+        return None
+    return [p.dls_name.decode(errors="replace") for p in info.dls_serpath if p.dls_name]
+
+
+def classify_search_path(dirs: list[str], ld_library_path: str) -> list[dict[str, str]]:
+    """[{"dir", "source"}] for a loader search path: source is "LD_LIBRARY_PATH", "RUNPATH" or
+    "default" (LD_LIBRARY_PATH entries come first, the default dirs last, RUNPATH between)."""
+    env = [d for d in ld_library_path.split(":") if d]
+    lead = 0
+    while lead < len(dirs) and lead < len(env) and dirs[lead] == env[lead]:
+        lead += 1
+    tail = len(dirs)
+    while tail > lead and _DEFAULT_DIR.match(dirs[tail - 1]):
+        tail -= 1
+    out = []
+    for i, d in enumerate(dirs):
+        source = "LD_LIBRARY_PATH" if i < lead else ("RUNPATH" if i < tail else "default")
+        out.append({"dir": d, "source": source})
+    return out
+
+
+def _cudnn_version(lib: ctypes.CDLL) -> int | None:
+    """``cudnnGetVersion()`` of a loaded cuDNN (e.g. 90300 for 9.3.0); None if it has none."""
+    try:
+        fn = lib.cudnnGetVersion
+    except AttributeError:
+        return None
+    fn.restype = ctypes.c_size_t
+    fn.argtypes = []
+    version = int(fn())
+    return version or None
+
+
+def _open(name: str, soname: str, candidate: str, via: str) -> dict[str, Any]:
+    lib = ctypes.CDLL(candidate)  # raises OSError
+    out: dict[str, Any] = {
+        "name": name,
+        "soname": soname,
+        "loaded": True,
+        "path": _loaded_path(lib) or candidate,
+        "error": None,
+        "via": via,
+    }
+    if name == "cudnn":
+        out["version"] = _cudnn_version(lib)
+    return out
+
+
+def check_library(
+    name: str,
+    soname: str,
+    search: list[dict[str, str]] | None,
+    pip_dirs: list[str] | None = None,
+) -> dict[str, Any]:
+    """dlopen ``soname`` the way TensorFlow's loader finds it and report where it was found.
+
+    ``search`` is the loader's search path of TF's framework library (classify_search_path):
+    each directory is tried by full path in order, then the bare soname (the ld.so cache, and
+    a library of that soname something already loaded). None (unknown search path) tries
+    ``pip_dirs`` first, as an approximation. A library not found is also looked for in
+    ``pip_dirs``: copies there that the loader does not search are ``found_elsewhere``.
+    Returns {"name", "soname", "loaded", "path", "error", "via", ...}; never raises.
     """
     errors: list[str] = []
-    candidates = [os.path.join(d, soname) for d in pip_dirs]
-    candidates = [c for c in candidates if os.path.exists(c)] + [soname]
-    for candidate in candidates:
-        try:
-            lib = ctypes.CDLL(candidate)
-        except OSError as exc:
-            errors.append(str(exc))
+    if search is None:
+        search = [{"dir": d, "source": "pip"} for d in pip_dirs or []]
+    searched = set()
+    for entry in search:
+        candidate = os.path.join(entry["dir"], soname)
+        searched.add(os.path.realpath(entry["dir"]))
+        if not os.path.exists(candidate):
             continue
-        return {
-            "name": name,
-            "soname": soname,
-            "loaded": True,
-            "path": _loaded_path(lib) or candidate,
-            "error": None,
-        }
-    return {"name": name, "soname": soname, "loaded": False, "path": None, "error": errors[-1]}
+        try:
+            return _open(name, soname, candidate, entry["source"])
+        except OSError as exc:  # e.g. a file of another ELF class: the loader goes on too
+            errors.append(str(exc))
+    try:
+        return _open(name, soname, soname, "ld.so.cache")
+    except OSError as exc:
+        errors.append(str(exc))
+    elsewhere = [
+        os.path.join(d, soname)
+        for d in pip_dirs or []
+        if os.path.exists(os.path.join(d, soname)) and os.path.realpath(d) not in searched
+    ]
+    return {
+        "name": name,
+        "soname": soname,
+        "loaded": False,
+        "path": None,
+        "error": errors[-1],
+        "via": None,
+        "found_elsewhere": elsewhere,
+    }
+
+
+def other_cudnn(search: list[dict[str, str]] | None, pip_dirs: list[str], want: str) -> list[Any]:
+    """Other cuDNN majors on the search path or in pip's dirs, when ``want`` is missing:
+    [{"soname", "path", "version"}] (TF asks for one major only; e.g. cuDNN 8 beside TF 2.21)."""
+    dirs = [e["dir"] for e in search or []] + pip_dirs
+    found: list[Any] = []
+    seen = set()
+    for d in dirs:
+        for path in sorted(glob.glob(os.path.join(d, "libcudnn.so.[0-9]*"))):
+            soname = os.path.basename(path)
+            if soname == want or not re.fullmatch(r"libcudnn\.so\.\d+", soname):
+                continue
+            real = os.path.realpath(path)
+            if real in seen or len(found) >= 4:
+                continue
+            seen.add(real)
+            try:
+                version = _cudnn_version(ctypes.CDLL(path))
+            except OSError:
+                version = None
+            found.append({"soname": soname, "path": real, "version": version})
+    return found
 
 
 def packages() -> tuple[dict[str, str], list[str]]:
@@ -187,21 +345,58 @@ def _stringify(value: Any) -> str:
     return str(value)
 
 
-def _smoke(tf: Any, gpus: list[Any]) -> tuple[bool, str | None]:
+def _smoke(tf: Any, gpus: list[Any]) -> tuple[bool, str | None, str | None]:
+    """(ok, error, stage): stage "context" when TF could not initialise GPU:0 (create its CUDA
+    context), "matmul" when the device came up but the computation failed."""
+    stage = "context"
     try:
         # Only the first GPU gets a context: the others stay untouched by the smoke test.
         tf.config.set_visible_devices(gpus[0], "GPU")
         tf.config.experimental.set_memory_growth(gpus[0], True)
+        tf.config.list_logical_devices("GPU")  # initialises GPU:0: its context, nothing else
+        stage = "matmul"
         with tf.device("/GPU:0"):
             x = tf.constant([[1.0, 2.0], [3.0, 4.0]])
             y = tf.linalg.matmul(x, x)
         if [list(r) for r in y.numpy().tolist()] != [[7.0, 10.0], [15.0, 22.0]]:
-            return False, f"matmul on GPU:0 gave a wrong result: {y.numpy().tolist()!r}"
+            return False, f"matmul on GPU:0 gave a wrong result: {y.numpy().tolist()!r}", stage
         if "GPU" not in y.device:
-            return False, f"matmul ran on {y.device}, not on GPU:0"
-        return True, None
+            return False, f"matmul ran on {y.device}, not on GPU:0", stage
+        return True, None, None
     except Exception as exc:  # noqa: BLE001 - any failure of the smoke test is its result
-        return False, f"{type(exc).__name__}: {exc}"
+        return False, f"{type(exc).__name__}: {exc}", stage
+
+
+def _fingerprint_dirs(libraries: list[dict[str, Any]], ld_library_path: str) -> list[str]:
+    """Directories whose mtime changes when a CUDA library is added or removed there: those
+    the libraries were loaded from, and the LD_LIBRARY_PATH entries (bounded)."""
+    dirs: list[str] = []
+    for d in [os.path.dirname(lib["path"]) for lib in libraries if lib.get("path")] + [
+        d for d in ld_library_path.split(":") if d
+    ]:
+        if d not in dirs and os.path.isdir(d) and len(dirs) < 16:
+            dirs.append(d)
+    return dirs
+
+
+def _libraries(tf: Any, build: dict[str, Any], out: dict[str, Any]) -> list[dict[str, Any]]:
+    """Check every library the build dlopens from where TF's loader searches, and say where
+    that is (``loader``: the calling library and its search path)."""
+    pip_dirs = pip_library_dirs(sys.path)
+    framework = framework_library(tf)
+    dirs = search_path(framework) if framework else None
+    search = (
+        classify_search_path(dirs, os.environ.get("LD_LIBRARY_PATH", ""))
+        if dirs is not None
+        else None
+    )
+    out["loader"] = {"object": framework, "search_path": search}
+    out["library_search_dirs"] = [e["dir"] for e in search] if search is not None else pip_dirs
+    libs = [check_library(n, s, search, pip_dirs) for n, s in sonames(build)]
+    for lib in libs:
+        if lib["name"] == "cudnn" and not lib["loaded"]:
+            lib["other_versions"] = other_cudnn(search, pip_dirs, lib["soname"])
+    return libs
 
 
 def probe(smoke: bool) -> dict[str, Any]:
@@ -230,7 +425,7 @@ def probe(smoke: bool) -> dict[str, Any]:
         out["traceback"] = traceback.format_exc().splitlines()[-15:]
         pip_dirs = pip_library_dirs(sys.path)
         out["library_search_dirs"] = pip_dirs
-        out["libraries"] = [check_library("cuda", "libcuda.so.1", pip_dirs)]
+        out["libraries"] = [check_library("cuda", "libcuda.so.1", None, pip_dirs)]
         return out
     out["tf_version"] = getattr(tf, "__version__", None)
     try:
@@ -258,12 +453,19 @@ def probe(smoke: bool) -> dict[str, Any]:
     out["gpus"] = devices
     # Checked after TF listed its devices: loading a library by full path first would let TF's
     # own soname lookup succeed and hide the very problem being diagnosed.
-    pip_dirs = pip_library_dirs(sys.path)
-    out["library_search_dirs"] = pip_dirs
-    out["libraries"] = [check_library(n, s, pip_dirs) for n, s in sonames(build)]
+    try:
+        out["libraries"] = _libraries(tf, build, out)
+    except Exception as exc:  # noqa: BLE001 - report, never die: the parent needs the rest
+        out["libraries_error"] = f"{type(exc).__name__}: {exc}"
+    try:
+        for d in _fingerprint_dirs(out.get("libraries", []), os.environ.get("LD_LIBRARY_PATH", "")):
+            if d not in pkg_dirs:
+                pkg_dirs.append(d)
+    except Exception:  # noqa: BLE001 - the fingerprint is a nicety: never lose the report
+        pass
     if smoke and gpus:
-        ok, error = _smoke(tf, gpus)
-        out["smoke"] = {"ok": ok, "error": error}
+        ok, error, stage = _smoke(tf, gpus)
+        out["smoke"] = {"ok": ok, "error": error, "stage": stage}
     return out
 
 
