@@ -290,8 +290,11 @@ class Daemon:
             self._discovery = EnvDiscovery(new.tensorflow.discover, on_result=self._on_probe_result)
             self._discovery.start()
         if new.tensorflow != old.tensorflow:
+            # Cancelled, not waited for: a probe takes a moment to die (a switched-user one a
+            # helper process), and this loop is the watchdog's heartbeat. The new schedule
+            # takes over the old probes' threads and waits for them itself.
             previous = self._tf
-            previous.close()
+            previous.cancel()
             self._tf = TfProbeScheduler.from_config(new.tensorflow, on_result=self._on_probe_result)
             self._tf.set_discovered(self._discovery.latest().envs)
             self._tf.adopt(previous)
@@ -315,6 +318,14 @@ class Daemon:
         next_ping = time.monotonic() + (wd or 0)
         if wd:
             self.notifier.watchdog()
+
+        def beat() -> None:
+            # Only this loop pings: if a poll hangs, pings stop and systemd steps in.
+            nonlocal next_ping
+            if wd and time.monotonic() >= next_ping:
+                self.notifier.watchdog()
+                next_ping = time.monotonic() + wd
+
         while not self._stop_requested:
             now = time.monotonic()
             due = next_poll if not wd else min(next_poll, next_ping)
@@ -325,6 +336,7 @@ class Daemon:
                 break
             if self._reload_requested:
                 self._reload()
+                beat()  # a reload is the loop advancing too; the poll below may follow
                 interval = self.config.daemon.interval_seconds
                 # A shorter interval applies now, not after the old one has run out.
                 next_poll = min(next_poll, self._last_poll_end + interval)
@@ -338,10 +350,7 @@ class Daemon:
                     self.notifier.status(line)
                 if due:  # an extra poll for a landed probe keeps the regular cadence
                     next_poll = max(next_poll + interval, time.monotonic() if interval else 0.0)
-            if wd and time.monotonic() >= next_ping:
-                # Only this loop pings: if a poll hangs, pings stop and systemd steps in.
-                self.notifier.watchdog()
-                next_ping = time.monotonic() + wd
+            beat()
 
     def shutdown(self, budget: float = 1.8) -> None:
         """Stop everything within ``budget`` seconds (systemd is told to expect ~2 s): HTTP,

@@ -23,6 +23,7 @@ from daemon_harness import DaemonProcess
 from helpers import run_python, write_scenario
 
 from tfgpud.collectors.workloads import WorkloadScanner
+from tfgpud.runner import children, run_bounded
 
 GIB = 1024**3
 UUID = "GPU-c0ffee00-0000-4000-8000-000000000000"
@@ -143,6 +144,34 @@ print(json.dumps({{"up": nvml.up, "placement": {{p.pid: p.placement for p in rea
         placement = result.data["placement"][str(tf_process.pid)]
         assert placement == ("gpu" if listed else "cpu")
         assert result.data["users"] == (ME if listed else None)
+
+
+def test_a_child_the_runner_started_is_never_a_workload(tmp_path: Path) -> None:
+    # A probe child, as the daemon starts it: through the runner, in a session of its own.
+    # Named so that only it matches the scan's names (other processes here come and go).
+    fake = tmp_path / "tfgpud-own-python"
+    fake.symlink_to(subprocess.check_output(["which", "sleep"], text=True).strip())
+    names = ("tfgpud-own-*",)
+    cancel = threading.Event()
+    thread = threading.Thread(
+        target=run_bounded,
+        args=([str(fake), "600"],),
+        kwargs={"env": {}, "timeout": 60, "cancel": cancel},
+    )
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not children():
+            assert time.monotonic() < deadline, "the runner's child did not start"
+            time.sleep(0.02)
+        everyone = WorkloadScanner(own_sessions=frozenset).scan(None, time.time(), names)
+        assert everyone.scan.candidates == 1  # the child is there and would be a candidate
+        reading = WorkloadScanner().scan(None, time.time(), names)
+        assert reading.scan.candidates == 0 and reading.scan.maps_read == 0
+    finally:
+        cancel.set()
+        thread.join(10)
+    assert children() == frozenset()
 
 
 def test_processes_exiting_mid_scan_cause_no_error(tmp_path: Path) -> None:
