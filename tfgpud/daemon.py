@@ -26,7 +26,7 @@ from tfgpud.collectors.tensorflow import TfProbeScheduler
 from tfgpud.collectors.workloads import WorkloadScanner
 from tfgpud.config import Config, ConfigError, load_config, parse_listen
 from tfgpud.diagnosis import diagnose
-from tfgpud.exporter import Exposition, make_registry
+from tfgpud.exporter import Exposition, export_options, make_registry
 from tfgpud.model import CollectorRun, KnownGpu, NvmlReading, Snapshot
 from tfgpud.poll import Expected, PressureTracker, Readings, build_snapshot
 from tfgpud.server import Endpoints, HttpServer
@@ -80,7 +80,9 @@ class Daemon:
         self._workloads = WorkloadScanner(self.paths.proc)
         self._xids = XidWatcher(self._nvml)
         self._tf = TfProbeScheduler.from_config(config.tensorflow, on_result=self._on_probe_result)
-        self._registry = make_registry(lambda: self._snapshot)
+        self._registry = make_registry(
+            lambda: self._snapshot, lambda: export_options(self.config, self._alerts.instance)
+        )
         self._exposition = Exposition(self._registry, lambda: self._snapshot)
         self._http: HttpServer | None = None
         self.polls = 0

@@ -29,8 +29,12 @@ REQUIRED = {
     "TfgpudTensorflowProbeFailing",
     "TfgpudTensorflowNotProbed",
     "TfgpudGpuMemoryPressure",
+    "TfgpudGpuMemoryHeldIdle",
     "TfgpudTensorflowJobOnCpu",
 }
+# Its finding is a warning (processes sharing a full GPU) or critical (an allocation failed):
+# the alert takes the finding's severity label.
+SEVERITY_FROM_FINDING = {"TfgpudGpuMemoryPressure"}
 
 
 def promtool(*args: str, cwd: Path = PROM) -> subprocess.CompletedProcess[str]:
@@ -60,11 +64,16 @@ def test_promtool_test_rules() -> None:
 
 @needs_promtool
 def test_promtool_test_rules_fails_when_a_rule_is_broken(tmp_path: Path) -> None:
-    """The unit tests can fail: a fallback rule that also fires on CPU-only machines is caught."""
-    broken = RULES.read_text().replace(
-        'tfgpud_tf_cpu_fallback{job="tfgpud"} == 1', 'tfgpud_tf_cpu_fallback{job="tfgpud"} >= 0'
+    """The unit tests can fail: a fallback rule that also takes the TF causes of envs that do
+    not fall back (they belong to TfgpudTensorflowCpuFallback only beside a fallback) is caught."""
+    text = RULES.read_text()
+    broken = text.replace(
+        "              and on (job, instance, subject)\n"
+        '              tfgpud_finding{job="tfgpud", code=~"tf-cpu-fallback|tf-partial-visibility"}',
+        "              or on (job, instance, subject)\n"
+        '              tfgpud_finding{job="tfgpud", code=~"tf-cpu-fallback|tf-partial-visibility"}',
     )
-    assert broken != RULES.read_text()
+    assert broken != text
     (tmp_path / "tfgpud.rules.yml").write_text(broken)
     shutil.copy(PROM / "tfgpud.rules.test.yml", tmp_path)
     out = promtool("test", "rules", "tfgpud.rules.test.yml", cwd=tmp_path)
@@ -92,7 +101,10 @@ def test_required_alerts_have_severity_summary_description_and_a_runbook_section
     for name, rule in by_name.items():
         labels = rule.get("labels")
         annotations = rule.get("annotations")
-        assert isinstance(labels, dict) and labels.get("severity") in {"warning", "critical"}
+        if name in SEVERITY_FROM_FINDING:
+            assert not labels and "tfgpud_finding" in str(rule["expr"]), name
+        else:
+            assert isinstance(labels, dict) and labels.get("severity") in {"warning", "critical"}
         assert isinstance(annotations, dict)
         assert annotations.get("summary") and annotations.get("description"), name
         assert f"docs/runbook.md#{name.lower()}" in str(annotations["description"]), name
@@ -104,12 +116,13 @@ def test_required_alerts_have_severity_summary_description_and_a_runbook_section
 
 def test_critical_finding_routes_every_code_excluded_elsewhere_back_conditionally() -> None:
     """TfgpudCriticalFinding's first part excludes exactly the codes the always-covered set and
-    the two conditional parts (driver findings, TF causes) name: no code is dropped or doubled."""
+    the two conditional parts (driver findings, TF causes) name: no code is dropped or doubled.
+    (The third `code=~` is the fallback finding the TF causes are set against.)"""
     by_name = {str(r["alert"]): r for r in rules()}
     expr = str(by_name["TfgpudCriticalFinding"]["expr"])
     excluded = set(re.search(r'code!~"([^"]+)"', expr).group(1).split("|"))  # type: ignore[union-attr]
     parts = [set(m.split("|")) for m in re.findall(r'code=~"([^"]+)"', expr)]
-    assert len(parts) == 2 and not parts[0] & parts[1]
+    assert len(parts) == 3 and not parts[0] & parts[1]
     always = {
         "gpu-vanished",
         "gpu-lost",
@@ -118,7 +131,9 @@ def test_critical_finding_routes_every_code_excluded_elsewhere_back_conditionall
         "tf-partial-visibility",
         "tf-import-failed",
         "tf-import-crashed",
+        "gpu-memory-pressure",
     }
+    assert parts[2] == {"tf-cpu-fallback", "tf-partial-visibility"}
     assert excluded == always | parts[0] | parts[1]
     # The always-covered codes each have their alert.
     other = " ".join(str(r["expr"]) for n, r in by_name.items() if n != "TfgpudCriticalFinding")
