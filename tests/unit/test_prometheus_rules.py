@@ -139,3 +139,56 @@ def test_critical_finding_routes_every_code_excluded_elsewhere_back_conditionall
     other = " ".join(str(r["expr"]) for n, r in by_name.items() if n != "TfgpudCriticalFinding")
     for code in ("gpu-vanished", "tf-import-failed", "tf-import-crashed"):
         assert code in other
+
+
+AMTOOL = shutil.which("amtool")
+AM_EXAMPLE = PROM / "alertmanager.example.yml"
+
+
+@pytest.mark.skipif(
+    AMTOOL is None, reason="amtool not installed (apt install prometheus-alertmanager)"
+)
+def test_alertmanager_example_is_valid_and_routes_findings_by_root_cause() -> None:
+    def amtool(*args: str) -> subprocess.CompletedProcess[str]:
+        assert AMTOOL is not None
+        return subprocess.run(
+            [AMTOOL, *args], capture_output=True, text=True, timeout=60, check=False
+        )
+
+    check = amtool("check-config", str(AM_EXAMPLE))
+    assert check.returncode == 0 and "2 inhibit rules" in check.stdout, check.stdout + check.stderr
+    route = ["config", "routes", "test", f"--config.file={AM_EXAMPLE}"]
+    cause = ["role=cause", "cause=TfgpudDriverNotLoaded", "host=gpu1"]
+    assert amtool(*route, *cause, "severity=critical").stdout.strip() == "tfgpud-pager"
+    assert amtool(*route, *cause, "severity=warning").stdout.strip() == "tfgpud-team"
+    assert amtool(*route, "alertname=TfgpudDown", "severity=warning").stdout.strip() == (
+        "tfgpud-team"
+    )
+
+
+def test_alertmanager_example_pairs_paths_and_causes_on_labels_both_paths_carry() -> None:
+    """The contract of alertmanager.example.yml: a finding route grouped by root cause, and the
+    two inhibit rules on labels that both the daemon's pushes and the rules' alerts carry."""
+    doc = yaml.safe_load(AM_EXAMPLE.read_text())
+    assert doc["route"]["receiver"] and doc["receivers"]
+    finding_route = next(r for r in doc["route"]["routes"] if "group_by" in r)
+    assert finding_route["group_by"] == ["host", "cause"]
+    rules_ = [
+        (r["source_matchers"], r["target_matchers"], r["equal"]) for r in doc["inhibit_rules"]
+    ]
+    assert rules_ == [
+        (
+            ['job="tfgpud"', 'role=~"cause|consequence"'],
+            ['origin="tfgpud"'],
+            ["host", "code", "subject"],
+        ),
+        (['role="cause"'], ['role="consequence"'], ["host", "cause"]),
+    ]
+    # Every label they match on is on both paths: the push (sinks.am_alert) and the rules'
+    # alerts (tfgpud_finding's labels, which every finding rule keeps).
+    from tfgpud.alerts import Alert, Delivery, am_alert
+    from tfgpud.model import Finding, Severity
+
+    f = Finding("gpu-vanished", Severity.CRITICAL, "GPU-1", "gone", cause="driver-not-loaded")
+    pushed = am_alert(Delivery("firing", Alert(f, 0.0), 0.0), "gpu1", 0.0, 60.0)["labels"]
+    assert {"host", "code", "subject", "cause", "role"} <= set(pushed) and pushed["origin"]
