@@ -27,7 +27,7 @@ from tfgpud.collectors.tensorflow.discovered import FIRST_SEARCH_WAIT, EnvDiscov
 from tfgpud.collectors.workloads import WorkloadScanner
 from tfgpud.config import Config, ConfigError, load_config, parse_listen
 from tfgpud.diagnosis import diagnose
-from tfgpud.exporter import Exposition, make_registry
+from tfgpud.exporter import Exposition, export_options, make_registry
 from tfgpud.model import CollectorRun, KnownGpu, NvmlReading, Snapshot
 from tfgpud.poll import Expected, PressureTracker, Readings, build_snapshot
 from tfgpud.runner import become_subreaper
@@ -83,7 +83,9 @@ class Daemon:
         self._xids = XidWatcher(self._nvml)
         self._tf = TfProbeScheduler.from_config(config.tensorflow, on_result=self._on_probe_result)
         self._discovery = EnvDiscovery(config.tensorflow.discover, on_result=self._on_probe_result)
-        self._registry = make_registry(lambda: self._snapshot)
+        self._registry = make_registry(
+            lambda: self._snapshot, lambda: export_options(self.config, self._alerts.instance)
+        )
         self._exposition = Exposition(self._registry, lambda: self._snapshot)
         self._http: HttpServer | None = None
         self.polls = 0

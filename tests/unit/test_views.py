@@ -83,7 +83,9 @@ def test_verdict_driver_down_is_the_root_cause_not_the_vanished_gpus() -> None:
 
 
 def test_verdict_memory_nearly_full_is_a_warning_with_a_short_gpu_name() -> None:
-    full = gpu(0, UUID0, memory_used_bytes=79 * 1024**3)
+    # Two jobs sharing the GPU fill it: pressure (one job owning a full GPU is not).
+    shared = (GpuProcess(4242, 40 * 1024**3, "python3"), GpuProcess(4343, 39 * 1024**3, "python3"))
+    full = gpu(0, UUID0, memory_used_bytes=79 * 1024**3, processes=shared)
     s = diagnosed(
         snap(
             nvml=replace(NVML2, gpus=(full, gpu(1, UUID1))),

@@ -139,6 +139,25 @@ def test_finds_tf_processes_and_their_placement(proc: Proc) -> None:
     assert dict(scan.gpu_process_users) == {101: "root", 106: "root"}  # 999 is not running
 
 
+def test_facts_of_every_process_on_a_gpu_for_the_memory_rules(proc: Proc) -> None:
+    """User, command line and TensorFlow or not, for each pid NVML lists (TensorFlow or not),
+    read once per process; nothing for a listed pid /proc does not show."""
+    proc.add(101, maps=TF_MAPS, uid=0, cmdline=["python3", "-m", "ipykernel_launcher"])
+    proc.add(106, "blender", uid=0, cmdline=["blender", "-b", "scene.blend"])
+    d = proc.add(107, "render", maps=None)
+    (d / "maps").mkdir()  # unreadable maps (another user's, without CAP_SYS_PTRACE)
+    scanner = WorkloadScanner(proc.root)
+    facts = scanner.scan(nvml(101, 106, 107, 999), NOW).scan.gpu_processes
+    assert {pid: (f.user, f.cmdline, f.tensorflow) for pid, f in facts.items()} == {
+        101: ("root", "python3 -m ipykernel_launcher", True),
+        106: ("root", "blender -b scene.blend", False),
+        107: ("root", "render train.py", None),
+    }
+    (proc.root / "106" / "cmdline").write_bytes(b"changed\0")
+    again = scanner.scan(nvml(101, 106, 107), NOW).scan.gpu_processes
+    assert again[106].cmdline == "blender -b scene.blend"  # read once per process
+
+
 @pytest.mark.parametrize("reading", [None, NvmlReading(up=False, error="DRIVER_NOT_LOADED")])
 def test_open_gpu_node_counts_only_while_nvml_is_down(
     proc: Proc, reading: NvmlReading | None

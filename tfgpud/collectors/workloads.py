@@ -42,6 +42,7 @@ from types import MappingProxyType
 
 from tfgpud.config import DEFAULT_PROCESS_NAMES
 from tfgpud.model import (
+    GpuProcessFacts,
     NvmlReading,
     TfProcess,
     WorkloadScan,
@@ -78,6 +79,7 @@ class _Entry:
     unreadable: bool = False
     user: str | None = None
     uid_read: bool = False
+    cmdline: str | None = None  # read once, for a process NVML lists on a GPU
     tf: TfProcess | None = None  # the static facts, read once when TensorFlow is found
     gpu_fds: bool = False
     fds_checked_at: float = -math.inf
@@ -91,6 +93,7 @@ class _Counts:
     unreadable: int = 0
     maps_read: int = 0
     users: dict[int, str] = field(default_factory=dict)
+    gpu: dict[int, GpuProcessFacts] = field(default_factory=dict)
 
 
 def _read(path: str, limit: int = -1) -> bytes:
@@ -252,6 +255,8 @@ class WorkloadScanner:
             tf = self._inspect(pid, entry, counts, gpu_pids, now, nvml_up)
             if tf is not None:
                 found.append(tf)
+            if pid in gpu_pids:
+                counts.gpu[pid] = self._gpu_facts(pid, entry)
         self._entries = live
         if counts.unreadable and not self._warned_unreadable:
             self._warned_unreadable = True
@@ -272,6 +277,7 @@ class WorkloadScanner:
             unreadable=counts.unreadable,
             maps_read=counts.maps_read,
             gpu_process_users=MappingProxyType(counts.users),
+            gpu_processes=MappingProxyType(counts.gpu),
         )
         return WorkloadsReading(tuple(sorted(found, key=lambda p: p.pid)), scan)
 
@@ -303,6 +309,25 @@ class WorkloadScanner:
             except (OSError, ValueError, IndexError):
                 entry.user = None
         return entry.user
+
+    def _gpu_facts(self, pid: int, entry: _Entry) -> GpuProcessFacts:
+        """User, command line and whether it has TensorFlow, for a process on a GPU (what the
+        memory rules name); the command line is read once per process."""
+        if entry.cmdline is None:
+            if entry.tf is not None:
+                entry.cmdline = entry.tf.cmdline
+            else:
+                try:
+                    entry.cmdline = _cmdline(_read(f"{self._root}/{pid}/cmdline", 1 << 16))
+                except OSError:
+                    entry.cmdline = ""
+        if entry.tf_library is not None:
+            tf: bool | None = True
+        elif entry.unreadable or entry.vsize_at_read < 0:
+            tf = None  # maps not read (another user's, or it exited mid-scan)
+        else:
+            tf = False
+        return GpuProcessFacts(pid, self._entry_user(pid, entry), entry.cmdline, tf)
 
     def _inspect(
         self,
