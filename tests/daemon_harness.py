@@ -16,11 +16,68 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKEDRIVER = ROOT / "build" / "fakedriver"
 DISCOVERY_OFF = "[tensorflow.discover]\nenabled = false\n"
+
+
+@dataclass(frozen=True)
+class ThreadStat:
+    """One thread of a process, from /proc/PID/task/TID: its name, CPU and wake-ups so far."""
+
+    tid: int
+    name: str
+    cpu_ticks: int  # utime + stime from task/TID/stat, in clock ticks
+    cpu_ns: int | None  # run time from task/TID/schedstat (ns resolution), when the kernel has it
+    voluntary: int  # voluntary_ctxt_switches: each one is a block followed by a wake-up
+    involuntary: int
+
+
+def _thread_stat(task: Path) -> ThreadStat | None:
+    try:
+        stat = (task / "stat").read_text()
+        status = (task / "status").read_text()
+        name = (task / "comm").read_text().strip()
+    except OSError:  # the thread exited while we looked
+        return None
+    after_name = stat.rsplit(")", 1)[1].split()  # fields from the 3rd on
+    ticks = int(after_name[11]) + int(after_name[12])  # fields 14 and 15: utime, stime
+    switches = {}
+    for line in status.splitlines():
+        key, _, value = line.partition(":")
+        if key.endswith("ctxt_switches"):
+            switches[key] = int(value)
+    try:
+        cpu_ns: int | None = int((task / "schedstat").read_text().split()[0])
+    except (OSError, IndexError, ValueError):
+        cpu_ns = None
+    return ThreadStat(
+        int(task.name),
+        name,
+        ticks,
+        cpu_ns,
+        switches.get("voluntary_ctxt_switches", 0),
+        switches.get("nonvoluntary_ctxt_switches", 0),
+    )
+
+
+def thread_stats(pid: int) -> dict[int, ThreadStat]:
+    """Every live thread of ``pid`` by thread id."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        st = _thread_stat(task)
+        if st is not None:
+            out[st.tid] = st
+    return out
+
+
+def process_cpu_ticks(pid: int) -> int:
+    """utime + stime of the whole process, exited threads included (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
 
 
 def free_port() -> int:

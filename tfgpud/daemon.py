@@ -15,13 +15,13 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import FrameType, MappingProxyType
+from types import FrameType
 
 from tfgpud import __version__
 from tfgpud.alerts import AlertDispatcher
 from tfgpud.collectors.base import timed
 from tfgpud.collectors.nvml import NvmlSession, XidWatcher
-from tfgpud.collectors.pci import collect_pci
+from tfgpud.collectors.pci import Identities, collect_pci
 from tfgpud.collectors.tensorflow import TfProbeScheduler
 from tfgpud.collectors.tensorflow.discovered import FIRST_SEARCH_WAIT, EnvDiscovery
 from tfgpud.collectors.workloads import WorkloadScanner
@@ -38,6 +38,25 @@ from tfgpud.views import status_document, summarize
 from tfgpud.webconfig import WebConfigError, WebSecurity, load_web_config
 
 log = logging.getLogger(__name__)
+
+
+def name_threads(named: set[int]) -> None:
+    """Give each Python thread its name in the kernel too (``/proc/PID/task/TID/comm``: what
+    ``top -H``, ``ps -L`` and the benchmarks show), so the cost of each thread can be told apart.
+    The main thread keeps the process's name. ``named`` holds the thread ids done before (only
+    new threads are written; ids of threads gone are dropped, the kernel reuses them)."""
+    threads = threading.enumerate()
+    named.intersection_update(t.native_id for t in threads)
+    for t in threads:
+        tid = t.native_id
+        if tid is None or tid in named or t is threading.main_thread():
+            continue
+        named.add(tid)
+        try:
+            with open(f"/proc/self/task/{tid}/comm", "w", encoding="utf-8") as f:
+                f.write(t.name.encode()[:15].decode("utf-8", "ignore"))  # the kernel keeps 15
+        except OSError:
+            pass  # the thread ended meanwhile, or /proc is not ours to write
 
 
 class StartupError(Exception):
@@ -88,6 +107,8 @@ class Daemon:
         )
         self._exposition = Exposition(self._registry, lambda: self._snapshot)
         self._http: HttpServer | None = None
+        self._named: set[int] = set()  # thread ids given their name (name_threads)
+        self._pci_known: Identities = {}  # what each PCI address is (collect_pci)
         self.polls = 0
 
     # -- signals -----------------------------------------------------------------------------
@@ -179,7 +200,8 @@ class Daemon:
     def _poll(self, now: float) -> Snapshot:
         runs: list[CollectorRun] = []
         pci, run = timed(
-            "pci", lambda: collect_pci(self.paths.sys, self.paths.proc, self.paths.dev)
+            "pci",
+            lambda: collect_pci(self.paths.sys, self.paths.proc, self.paths.dev, self._pci_known),
         )
         runs.append(run)
         nvml, run = timed("nvml", self._nvml.poll)
@@ -197,6 +219,7 @@ class Daemon:
             names = self.config.workloads.process_names
             workloads, run = timed("workloads", lambda: self._workloads.scan(nvml, now, names))
             runs.append(run)
+        xids = self._xids.view()
         readings = Readings(
             taken_at=now,
             pci=pci,
@@ -204,8 +227,8 @@ class Daemon:
             tf=self._tf.results(),
             collectors=tuple(runs),
             workloads=workloads,
-            xid_counts=MappingProxyType(self._xids.counts()),
-            xid_events=self._xids.events(),
+            xid_counts=xids.counts,
+            xid_events=xids.events,
             tf_envs=self._tf.env_records(),
             discovery=found.summary,
         )
@@ -255,6 +278,7 @@ class Daemon:
             )
         snap = self.poll_once()
         self._http.start()
+        name_threads(self._named)
         addr = self._http.address
         scheme = self._http.scheme
         log.info(
@@ -314,6 +338,12 @@ class Daemon:
         log.info("configuration reloaded from %s", self.config_path)
 
     def main_loop(self) -> None:
+        """Sleep until the next poll (or a signal, or a landed probe); poll; repeat.
+
+        WATCHDOG=1 goes out with a poll whenever the next ping would fall due before the next
+        poll, so at the default interval the pings cost no wake-up of their own; only an
+        interval longer than the ping period adds wake-ups for pings in between.
+        """
         interval = self.config.daemon.interval_seconds
         next_poll = time.monotonic() + interval
         wd = self.notifier.watchdog_interval
@@ -321,12 +351,14 @@ class Daemon:
         if wd:
             self.notifier.watchdog()
 
-        def beat() -> None:
-            # Only this loop pings: if a poll hangs, pings stop and systemd steps in.
+        def beat(polled: bool = False) -> None:
+            # Only this loop pings: if a poll hangs, pings stop and systemd steps in. A ping
+            # rides on a poll whenever the next one would fall due before the next poll.
             nonlocal next_ping
-            if wd and time.monotonic() >= next_ping:
+            now = time.monotonic()
+            if wd and (now >= next_ping or (polled and next_ping < next_poll)):
                 self.notifier.watchdog()
-                next_ping = time.monotonic() + wd
+                next_ping = now + wd
 
         while not self._stop_requested:
             now = time.monotonic()
@@ -343,7 +375,8 @@ class Daemon:
                 # A shorter interval applies now, not after the old one has run out.
                 next_poll = min(next_poll, self._last_poll_end + interval)
             due = time.monotonic() >= next_poll
-            if due or self._probe_landed:
+            polled = due or self._probe_landed
+            if polled:
                 self._probe_landed = False
                 snap = self.poll_once()
                 line = summarize(snap)
@@ -352,7 +385,8 @@ class Daemon:
                     self.notifier.status(line)
                 if due:  # an extra poll for a landed probe keeps the regular cadence
                     next_poll = max(next_poll + interval, time.monotonic() if interval else 0.0)
-            beat()
+                name_threads(self._named)  # threads started by the poll (probes, reapers)
+            beat(polled)
 
     def shutdown(self, budget: float = 1.8) -> None:
         """Stop everything within ``budget`` seconds (systemd is told to expect ~2 s): HTTP,

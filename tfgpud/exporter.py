@@ -22,7 +22,8 @@ from tfgpud import __version__
 from tfgpud.codes import cause_labels
 from tfgpud.config import Config
 from tfgpud.diagnosis import cpu_fallback_envs
-from tfgpud.model import GpuReading, Snapshot
+from tfgpud.model import GpuReading, Snapshot, XidCode
+from tfgpud.xids import KNOWN_XIDS
 
 # What ``tfgpud_gpus{state}`` counts; see gpu_state_counts().
 GPU_STATES = ("ok", "lost", "failing", "missing")
@@ -32,9 +33,9 @@ Identity = tuple[str, str, str]  # name, pci_bus_id, compute_capability
 
 log = logging.getLogger(__name__)
 
-# Pre-created at 0 per GPU so `increase()` sees the first event of these critical and warning
-# Xids (docs/diagnosis-facts.md).
-WATCHED_XIDS = (48, 62, 64, 74, 79, 94, 95, 119, 120)
+# Pre-created at 0 per GPU so `increase()` sees the first event of the critical and warning
+# Xids (docs/diagnosis-facts.md): 48, 62, 64, 74, 79, 94, 95, 119, 120.
+WATCHED_XIDS = tuple(x for x, info in KNOWN_XIDS.items() if info.kind != "application")
 # Per-GPU cap on process series; the rest are summed into pid="other".
 MAX_PROCESS_SERIES = 16
 # Per-GPU cap on the users named in the by-user series; the rest are summed into user="other".
@@ -327,8 +328,11 @@ def _gpu_families(
                 family.add_metric(labels, float(value))
         if not g.lost:
             nprocs.add_metric(labels, len(g.processes))
-        seen = {x for (u, x) in counts if u == g.uuid}
-        for x in sorted(seen | set(WATCHED_XIDS)):
+        # Codes outside the known table arrive as one "other" key (tfgpud.xids): bounded.
+        seen: set[XidCode] = {x for (u, x) in counts if u == g.uuid}
+        for x in sorted(
+            seen | set(WATCHED_XIDS), key=lambda c: c if isinstance(c, int) else 1 << 31
+        ):
             xid.add_metric([*labels, str(x)], float(counts.get((g.uuid, x), 0)))
     yield info
     yield up

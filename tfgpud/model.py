@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum, StrEnum
 from types import MappingProxyType
+from typing import Literal
 
 
 def frozen_map(items: Mapping[str, str] | None = None) -> Mapping[str, str]:
@@ -236,10 +237,15 @@ class Finding:
         return (self.code, self.subject)
 
 
+# An Xid outside the known table (tfgpud.xids) is counted under this one code.
+OTHER_XID: Literal["other"] = "other"
+XidCode = int | Literal["other"]
+
+
 @dataclass(frozen=True)
 class XidEvent:
     uuid: str
-    xid: int
+    xid: int  # the value the driver sent, also when it is counted as "other"
     at: float  # unix time the daemon received it
 
 
@@ -361,13 +367,17 @@ class Snapshot:
     pci: PciReading | None = None
     nvml: NvmlReading | None = None
     tf: tuple[TfProbeResult, ...] = ()
-    xid_counts: Mapping[tuple[str, int], int] = field(default_factory=lambda: MappingProxyType({}))
+    # Xid events received per (uuid, code), codes outside the known table as "other"
+    xid_counts: Mapping[tuple[str, XidCode], int] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
     collectors: tuple[CollectorRun, ...] = ()
     findings: tuple[Finding, ...] = ()
     # Baseline: GPUs expected (learned or from [expect]); None = nothing known yet.
     baseline: tuple[KnownGpu, ...] = ()
     expected_gpus: int | None = None
-    xid_events: tuple[XidEvent, ...] = ()  # recent events, newest last, bounded
+    # The last events per GPU and code (tfgpud.xids.EVENTS_PER_CODE each), oldest first
+    xid_events: tuple[XidEvent, ...] = ()
     tf_processes: tuple[TfProcess, ...] | None = None  # None = workloads not collected
     workloads: WorkloadScan | None = None  # the scan behind tf_processes
     # uuid -> unix time since which memory used/total has stayed >= [memory] pressure_ratio

@@ -23,6 +23,7 @@ from tfgpud.model import (
     TfEnvRecord,
     TfProbeResult,
     WorkloadsReading,
+    XidCode,
     XidEvent,
 )
 
@@ -37,7 +38,9 @@ class Readings:
     tf: tuple[TfProbeResult, ...] = ()
     collectors: tuple[CollectorRun, ...] = ()
     workloads: WorkloadsReading | None = None
-    xid_counts: Mapping[tuple[str, int], int] = field(default_factory=lambda: MappingProxyType({}))
+    xid_counts: Mapping[tuple[str, XidCode], int] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
     xid_events: tuple[XidEvent, ...] = ()
     tf_envs: tuple[TfEnvRecord, ...] | None = None  # the envs on the probe schedule
     discovery: DiscoverySummary | None = None

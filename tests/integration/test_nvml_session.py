@@ -112,3 +112,50 @@ print(json.dumps(dump(s.poll())))
     r = run_python(code, scenario=scenario_path)
     assert r.returncode == 0, r.stderr
     assert r.data == {"up": False, "error": "DEVICE_COUNT_FAILED", "gpus": []}
+
+
+def test_a_driver_loss_during_a_long_xid_wait_never_blocks_the_poll(
+    fakedriver: Path, scenario_path: Path
+) -> None:
+    three_gpus(scenario_path)
+    code = (
+        PRELUDE
+        + f"""
+import os, time
+from helpers import write_scenario
+from tfgpud.collectors.nvml import XidWatcher
+first = s.poll()
+w = XidWatcher(s, wait_ms=60_000)  # one wait outlasts this test unless an Xid ends it
+w.watch(g.uuid for g in first.gpus)
+w.start()
+deadline = time.monotonic() + 20
+while not s.waiting and time.monotonic() < deadline:
+    time.sleep(0.01)
+real = pynvml.nvmlSystemGetDriverVersion
+def gone():
+    raise pynvml.NVMLError(pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
+pynvml.nvmlSystemGetDriverVersion = gone
+lost = dump(s.poll())  # must not wait for the Xid thread's wait to end
+waiting_after_loss = s.waiting
+pynvml.nvmlSystemGetDriverVersion = real
+held = dump(s.poll())  # the lost session is still held by the wait: not re-initialised
+# An Xid ends the wait; that thread then frees the set and shuts the lost session down.
+write_scenario(os.environ["TFGPUD_FAKE_DRIVER"], [
+    {{"uuid": "{U[0]}", "pci_bus_id": "00000000:01:00.0", "xids": [79]}},
+    {{"uuid": "{U[1]}", "pci_bus_id": "00000000:02:00.0"}},
+    {{"uuid": "{U[2]}", "pci_bus_id": "00000000:03:00.0"}},
+])
+while not w.view().counts and time.monotonic() < deadline:
+    time.sleep(0.01)
+back = dump(s.poll())
+print(json.dumps({{"lost": lost, "waiting": waiting_after_loss, "held": held, "back": back,
+                   "counts": [[u, x, n] for (u, x), n in w.view().counts.items()]}}))
+"""
+    )
+    r = run_python(code, scenario=scenario_path)
+    assert r.returncode == 0, r.stderr
+    assert r.data["lost"]["up"] is False and r.data["lost"]["error"] == "DRIVER_NOT_LOADED"
+    assert r.data["waiting"] is True  # the poll returned while the wait went on
+    assert r.data["held"]["up"] is False
+    assert r.data["counts"] == [[U[0], 79, 1]]
+    assert r.data["back"]["up"] is True and len(r.data["back"]["gpus"]) == 3

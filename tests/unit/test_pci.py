@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from tfgpud.collectors.pci import collect_pci
@@ -61,3 +62,28 @@ def test_wsl_detected_from_kernel_release(tmp_path: Path) -> None:
     (tmp_path / "proc/sys/kernel").mkdir(parents=True)
     (tmp_path / "proc/sys/kernel/osrelease").write_text("5.15.153.1-microsoft-standard-WSL2\n")
     assert collect_pci(tmp_path / "sys", tmp_path / "proc", tmp_path / "dev").wsl
+
+
+def test_what_each_address_is_is_read_once_and_the_driver_binding_every_poll(
+    tmp_path: Path,
+) -> None:
+    _device(tmp_path, "0000:01:00.0", "0x10de", "0x030200", "0x2330", "nvidia")
+    _device(tmp_path, "0000:00:1f.0", "0x8086", "0x060100", "0x7a84", None)  # a bridge
+    roots = (tmp_path / "sys", tmp_path / "proc", tmp_path / "dev")
+    known: dict[str, tuple[str, str] | None] = {}
+    assert [g.address for g in collect_pci(*roots, known).gpus] == ["0000:01:00.0"]
+    devices = tmp_path / "sys/bus/pci/devices"
+    for dev in devices.iterdir():  # a listed device's identity files are not read again
+        (dev / "vendor").unlink()
+    (devices / "0000:01:00.0/driver").unlink()  # unbound: seen at once
+    drv = tmp_path / "sys/bus/pci/drivers/vfio-pci"
+    drv.mkdir(parents=True)
+    os.symlink(os.path.relpath(drv, devices / "0000:01:00.0"), devices / "0000:01:00.0/driver")
+    assert [(g.address, g.driver) for g in collect_pci(*roots, known).gpus] == [
+        ("0000:01:00.0", "vfio-pci")
+    ]
+    shutil.rmtree(devices / "0000:00:1f.0")  # gone: forgotten (bounded by what is listed)
+    _device(tmp_path, "0000:02:00.0", "0x10de", "0x030000", "0x2204", None)  # new: read
+    gpus = collect_pci(*roots, known).gpus
+    assert [g.address for g in gpus] == ["0000:01:00.0", "0000:02:00.0"]
+    assert set(known) == {"0000:01:00.0", "0000:02:00.0"}

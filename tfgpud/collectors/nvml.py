@@ -11,7 +11,6 @@ import ctypes
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +18,8 @@ from typing import Any, TypeVar
 
 import pynvml
 
-from tfgpud.model import GpuProcess, GpuReading, NvmlReading, XidEvent
+from tfgpud.model import GpuProcess, GpuReading, NvmlReading
+from tfgpud.xids import XidLog, XidView
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,6 +47,12 @@ _ERROR_NAMES: dict[int, str] = {
 
 XID_EVENT = pynvml.nvmlEventTypeXidCriticalError
 REGISTER_RETRY_SECONDS = 30.0  # a GPU whose Xid registration failed is tried again this often
+# One NVML wait lasts this long when nothing happens: an Xid ends it at once, so this bounds only
+# how late a changed GPU set (a GPU back after a reset, NVML re-initialised) is registered, and
+# costs one wake-up per wait.
+XID_WAIT_MS = 30_000
+# After an event wait failed (not a timeout), wait this long before building a new set.
+XID_RETRY_MS = 1_000
 
 
 def error_name(code: int) -> str:
@@ -89,6 +95,41 @@ def _loaded_library() -> tuple[str | None, bool]:
     return None, False
 
 
+_NOT_AVAILABLE = pynvml.NVML_VALUE_NOT_AVAILABLE_ulonglong.value
+
+
+def _compute_processes(handle: Any) -> list[tuple[int, int | None]]:
+    """(pid, used GPU memory or None) of each compute process, straight from the C structs.
+
+    What ``pynvml.nvmlDeviceGetComputeRunningProcesses`` returns, without turning each struct
+    into a "friendly" object (most of the cost of a poll on a busy GPU); falls back to that
+    call where this binding lacks the pieces used here.
+    """
+    fn_lookup = getattr(pynvml, "_nvmlGetFunctionPointer", None)
+    struct = getattr(pynvml, "c_nvmlProcessInfo_v3_t", None)
+    if fn_lookup is None or struct is None:
+        return [
+            (int(p.pid), None if p.usedGpuMemory is None else int(p.usedGpuMemory))
+            for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+        ]
+    fn = fn_lookup("nvmlDeviceGetComputeRunningProcesses_v3")
+    count = ctypes.c_uint(0)
+    ret = fn(handle, ctypes.byref(count), None)
+    if ret == pynvml.NVML_SUCCESS:
+        return []
+    if ret != pynvml.NVML_ERROR_INSUFFICIENT_SIZE:
+        raise pynvml.NVMLError(ret)
+    count.value = count.value * 2 + 5  # room for processes started since the first call
+    procs = (struct * count.value)()
+    ret = fn(handle, ctypes.byref(count), procs)
+    if ret != pynvml.NVML_SUCCESS:
+        raise pynvml.NVMLError(ret)
+    return [
+        (int(p.pid), None if p.usedGpuMemory == _NOT_AVAILABLE else int(p.usedGpuMemory))
+        for p in procs[: count.value]
+    ]
+
+
 def _proc_name(proc_root: str, pid: int) -> str | None:
     # Plain strings, not pathlib: this runs for every GPU process on every poll.
     try:
@@ -116,13 +157,21 @@ class NvmlSession:
         self._clock = clock
         self._up = False
         self._lock = threading.Lock()
+        # Held by the Xid thread for as long as it uses the event set, waits included; poll()
+        # never blocks on it (a driver loss it finds while a wait is in progress is finished by
+        # whoever holds this lock next: see _drop).
         self._event_lock = threading.Lock()
+        self._shutdown_due = False  # NVML must be shut down (and the event set freed) first
+        self._waiting = False  # the Xid thread is inside an NVML event wait
+        self._changed = threading.Event()  # wakes an idle Xid thread: NVML up, GPUs changed
         self._next_attempt = 0.0
         self._backoff = 0.0
         self._last_error: tuple[str, int] | None = None
         self._warned: set[tuple[str, int]] = set()
         # Identity of each index from the last good read: a lost GPU may not tell its UUID.
         self._identity: dict[int, tuple[str, str | None, str | None]] = {}
+        # uuid -> (name, bus id, compute capability) of the GPUs of the last poll
+        self._fixed_by_uuid: dict[str, tuple[str | None, str | None, tuple[int, int] | None]] = {}
         self._library_path: str | None = None
         self._generation = 0  # bumped at each successful init; event sets die with NVML
         self._events: tuple[tuple[frozenset[str], int], Any, dict[int, str]] | None = None
@@ -154,6 +203,10 @@ class NvmlSession:
     def _ensure_up(self) -> tuple[str, int] | None:
         if self._up:
             return None
+        if self._shutdown_due and not self._finish_shutdown(blocking=False):
+            # The Xid thread is in a wait on the lost session's event set; until it returns,
+            # re-initialising would only add a reference to that session.
+            return self._last_error
         now = self._clock()
         if now < self._next_attempt and self._last_error is not None:
             return self._last_error
@@ -164,6 +217,8 @@ class NvmlSession:
             self._up, self._last_error, self._backoff = True, None, 0.0
             self._generation += 1
             self._identity.clear()  # indexes may have moved while the driver was away
+            self._fixed_by_uuid.clear()
+            self._changed.set()
             return None
         # No library at all: back off up to 30 s (a dlopen search each poll is waste).
         # Any other init error is a loaded-but-unhappy driver: retry every poll, it is cheap.
@@ -176,32 +231,56 @@ class NvmlSession:
         return err
 
     def _drop(self, code: int) -> None:
-        with self._event_lock:
-            self._free_events()
-            self._up = False
+        """The driver went away (poll thread, under ``_lock``): NVML is down from now on. The
+        event set is freed and NVML shut down at once, or, while the Xid thread waits on the
+        set, by that thread when its wait returns (never under a wait in progress)."""
+        self._up = False
+        self._shutdown_due = True
         self._last_error = (error_name(code), code)
         self._next_attempt = 0.0
-        with contextlib.suppress(pynvml.NVMLError):
-            pynvml.nvmlShutdown()
+        self._finish_shutdown(blocking=False)
+
+    def _finish_shutdown(self, blocking: bool, timeout: float = -1) -> bool:
+        """Free the event set and shut NVML down if that is due; False when the Xid thread
+        holds the set (it finishes the job itself when its wait returns)."""
+        if not self._event_lock.acquire(blocking, timeout):
+            return False
+        try:
+            self._shutdown_locked()
+        finally:
+            self._event_lock.release()
+        return True
+
+    def _shutdown_locked(self) -> None:
+        if self._shutdown_due:
+            self._free_events()
+            with contextlib.suppress(pynvml.NVMLError):
+                pynvml.nvmlShutdown()
+            self._shutdown_due = False
+
+    @property
+    def waiting(self) -> bool:
+        """True while the Xid thread is blocked in an NVML event wait."""
+        return self._waiting
 
     def close(self, timeout: float = 1.0) -> None:
         """Shut NVML down if this session initialised it.
 
-        If the Xid thread is stuck inside a hung NVML wait, give up after ``timeout`` rather
-        than hang the shutdown: the process is exiting and the driver cleans up after it.
+        While the Xid thread is blocked in an event wait, NVML is left to the process exit (the
+        driver frees what the wait holds) rather than waiting up to the wait's length; a
+        drain in progress is waited for up to ``timeout``.
         """
-        with self._lock:  # same order as poll() -> _drop(): _lock, then _event_lock
-            if not self._event_lock.acquire(timeout=timeout):
-                log.warning("NVML event wait did not return; exiting without nvmlShutdown")
+        with self._lock:
+            if self._up:
+                self._up = False
+                self._shutdown_due = True
+            if not self._shutdown_due or self._finish_shutdown(blocking=False):
                 return
-            try:
-                self._free_events()
-                if self._up:
-                    self._up = False
-                    with contextlib.suppress(pynvml.NVMLError):
-                        pynvml.nvmlShutdown()
-            finally:
-                self._event_lock.release()
+            if self._waiting:
+                log.debug("an Xid wait is in progress; NVML is left to the process exit")
+                return
+            if not self._finish_shutdown(blocking=True, timeout=timeout):
+                log.warning("NVML event wait did not return; exiting without nvmlShutdown")
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -223,18 +302,11 @@ class NvmlSession:
             return None
 
     def _processes(self, handle: Any) -> tuple[GpuProcess, ...]:
-        procs = self._q(pynvml.nvmlDeviceGetComputeRunningProcesses, handle) or []
-        out = []
-        for p in procs:
-            used = p.usedGpuMemory
-            pid = int(p.pid)
-            out.append(
-                GpuProcess(
-                    pid=pid,
-                    used_memory_bytes=None if used is None else int(used),
-                    name=_proc_name(self._proc_root_str, pid),
-                )
-            )
+        procs = self._q(_compute_processes, handle) or []
+        out = [
+            GpuProcess(pid=pid, used_memory_bytes=used, name=_proc_name(self._proc_root_str, pid))
+            for pid, used in procs
+        ]
         return tuple(sorted(out, key=lambda p: p.pid))
 
     def _gpu(self, index: int) -> GpuReading:
@@ -254,10 +326,8 @@ class NvmlSession:
                 if code in _DRIVER_GONE:
                     raise DriverGone(code) from None
                 return self._unreadable(index, code)
-            name = self._q(pynvml.nvmlDeviceGetName, handle)
-            pci = self._q(pynvml.nvmlDeviceGetPciInfo, handle)
-            bus_id = _text(pci.busId) if pci is not None else None
-            self._identity[index] = (uuid, _text(name) if name else None, bus_id)
+            name, bus_id, cc = self._fixed(uuid, handle)
+            self._identity[index] = (uuid, name, bus_id)
             mem = self._q(pynvml.nvmlDeviceGetMemoryInfo, handle, pynvml.nvmlMemory_v2)
             reserved = None
             if mem is not None:
@@ -267,7 +337,6 @@ class NvmlSession:
             util = self._q(pynvml.nvmlDeviceGetUtilizationRates, handle)
             temp = self._q(pynvml.nvmlDeviceGetTemperature, handle, pynvml.NVML_TEMPERATURE_GPU)
             power = self._q(pynvml.nvmlDeviceGetPowerUsage, handle)
-            cc = self._q(pynvml.nvmlDeviceGetCudaComputeCapability, handle)
             ecc = self._q(
                 pynvml.nvmlDeviceGetTotalEccErrors,
                 handle,
@@ -279,7 +348,7 @@ class NvmlSession:
             return GpuReading(
                 index=index,
                 uuid=uuid,
-                name=_text(name) if name is not None else None,
+                name=name,
                 pci_bus_id=bus_id,
                 memory_total_bytes=int(mem.total) if mem is not None else None,
                 memory_used_bytes=int(mem.used) if mem is not None else None,
@@ -289,7 +358,7 @@ class NvmlSession:
                 utilization_memory_ratio=util.memory / 100.0 if util is not None else None,
                 temperature_celsius=float(temp) if temp is not None else None,
                 power_watts=power / 1000.0 if power is not None else None,
-                compute_capability=(int(cc[0]), int(cc[1])) if cc is not None else None,
+                compute_capability=cc,
                 ecc_uncorrected_total=int(ecc) if ecc is not None else None,
                 persistence_mode=bool(persistence) if persistence is not None else None,
                 mig_mode=bool(mig[0]) if mig is not None else None,
@@ -297,6 +366,26 @@ class NvmlSession:
             )
         except GpuGone as gone:
             return self._unreadable(index, gone.code)
+
+    def _fixed(
+        self, uuid: str, handle: Any
+    ) -> tuple[str | None, str | None, tuple[int, int] | None]:
+        """Name, PCI bus id and compute capability: fixed for a GPU, so read once per UUID and
+        NVML session (again while one of them could not be read)."""
+        known = self._fixed_by_uuid.get(uuid)
+        if known is not None:
+            return known
+        name = self._q(pynvml.nvmlDeviceGetName, handle)
+        pci = self._q(pynvml.nvmlDeviceGetPciInfo, handle)
+        cc = self._q(pynvml.nvmlDeviceGetCudaComputeCapability, handle)
+        fixed = (
+            _text(name) if name else None,
+            _text(pci.busId) if pci is not None else None,
+            (int(cc[0]), int(cc[1])) if cc is not None else None,
+        )
+        if None not in fixed:
+            self._fixed_by_uuid[uuid] = fixed
+        return fixed
 
     def _dedupe(self, gpus: tuple[GpuReading, ...]) -> tuple[GpuReading, ...]:
         """An unreadable GPU must not borrow the identity of a GPU that answered this poll."""
@@ -343,6 +432,9 @@ class NvmlSession:
                     # Without a count every GPU would look gone: say the driver is unusable.
                     return NvmlReading(up=False, error="DEVICE_COUNT_FAILED")
                 gpus = self._dedupe(tuple(self._gpu(i) for i in range(count)))
+                seen = {g.uuid for g in gpus}
+                for gone in self._fixed_by_uuid.keys() - seen:  # bounded by the GPUs now
+                    del self._fixed_by_uuid[gone]
             except DriverGone as gone:
                 log.warning("NVML lost the driver: %s", gone)
                 self._drop(gone.code)
@@ -390,7 +482,7 @@ class NvmlSession:
         exactly the GPU trouble that raised the event)."""
         if self._events is None or self._events[0][1] != self._generation:
             return
-        self._pending.extend(self._drain(self._events[1], self._events[2], 0))
+        self._pending.extend(self._drain(self._events[1], self._events[2], 0)[0])
 
     def _free_events(self) -> None:
         if self._events is not None:
@@ -398,46 +490,56 @@ class NvmlSession:
                 pynvml.nvmlEventSetFree(self._events[1])
             self._events = None
 
+    def wake(self) -> None:
+        """Wake an idle :meth:`wait_xids` (one that has no event set to wait on)."""
+        self._changed.set()
+
     def wait_xids(self, uuids: Iterable[str], timeout_ms: int) -> list[tuple[str, int]]:
         """Block up to ``timeout_ms`` for Xid events on the GPUs named; return (uuid, xid).
 
-        The event set persists across calls (events are not lost between waits) and is
-        rebuilt when the GPU set changes or NVML was re-initialised. Returns [] when NVML is
-        down, after sleeping the timeout so a caller's loop does not spin.
+        One NVML wait for the whole timeout, not slices of it: a thread that waits here wakes
+        for an event or the deadline only. The event set persists across calls (events are not
+        lost between waits) and is rebuilt at the start of a call when the GPU set changed or
+        NVML was re-initialised, so a change made during a wait applies when it returns. With
+        nothing to wait on (NVML down, no GPU registered) it sleeps until :meth:`wake` or the
+        timeout, and returns [].
         """
         wanted = frozenset(uuids)
-        deadline = time.monotonic() + timeout_ms / 1000.0
-        events: list[tuple[str, int]] = []
-        while not events:
-            remaining = int((deadline - time.monotonic()) * 1000)
-            if remaining <= 0:
-                return events
-            # Short slices under the lock: a poll that finds the driver gone can free the set
-            # and shut NVML down between two slices, never under a wait in progress.
-            with self._event_lock:
-                registered = self._event_set_for(wanted) if self._up and wanted else None
-                if registered is None or not registered[1]:
-                    idle = True
-                else:
-                    idle = False
-                    events = self._drain(registered[0], registered[1], min(remaining, 100))
-                if self._pending:
-                    events = [*self._pending, *events]
-                    self._pending.clear()
-            if idle:
-                time.sleep(min(remaining, 100) / 1000.0)
+        self._changed.clear()  # a wake() from here on ends the idle sleep below
+        idle_ms = timeout_ms
+        with self._event_lock:
+            self._shutdown_locked()
+            registered = self._event_set_for(wanted) if self._up and wanted else None
+            events, self._pending = self._pending, []
+            if not events and registered is not None and registered[1]:
+                self._waiting = True
+                try:
+                    events, failed = self._drain(registered[0], registered[1], timeout_ms)
+                finally:
+                    self._waiting = False
+                self._shutdown_locked()  # a driver loss poll() found during the wait
+                if not failed:
+                    return events
+                idle_ms = min(timeout_ms, XID_RETRY_MS)  # the set is gone: do not spin
+        if not events:
+            self._changed.wait(idle_ms / 1000.0)
         return events
 
-    def _drain(self, event_set: Any, by_handle: dict[int, str], wait: int) -> list[tuple[str, int]]:
+    def _drain(
+        self, event_set: Any, by_handle: dict[int, str], wait: int
+    ) -> tuple[list[tuple[str, int]], bool]:
+        """Events from ``event_set``: the first within ``wait`` ms, then what is already
+        queued. Returns (events, failed); on a failure other than a timeout the set is freed."""
         events: list[tuple[str, int]] = []
         while True:
             try:
                 data = pynvml.nvmlEventSetWait_v2(event_set, wait)
             except pynvml.NVMLError as exc:
-                if int(exc.value) != pynvml.NVML_ERROR_TIMEOUT:
-                    self._free_events()
-                    time.sleep(wait / 1000.0)
-                return events
+                if int(exc.value) == pynvml.NVML_ERROR_TIMEOUT:
+                    return events, False
+                log.debug("NVML event wait failed: %s", error_name(int(exc.value)))
+                self._free_events()
+                return events, True
             uuid = by_handle.get(ctypes.cast(data.device, ctypes.c_void_p).value or 0)
             if uuid is not None and data.eventType & XID_EVENT:
                 events.append((uuid, int(data.eventData)))
@@ -445,15 +547,16 @@ class NvmlSession:
 
 
 class XidWatcher:
-    """A thread blocked in ``nvmlEventSetWait_v2``; counts Xid events per (uuid, xid)."""
+    """A thread blocked in ``nvmlEventSetWait_v2``; records each Xid in an :class:`XidLog`."""
 
-    def __init__(self, session: NvmlSession, wait_ms: int = 500, keep: int = 256) -> None:
+    def __init__(
+        self, session: NvmlSession, wait_ms: int = XID_WAIT_MS, xids: XidLog | None = None
+    ) -> None:
         self._session = session
         self._wait_ms = wait_ms
         self._lock = threading.Lock()
         self._uuids: tuple[str, ...] = ()
-        self._counts: dict[tuple[str, int], int] = {}
-        self._events: deque[XidEvent] = deque(maxlen=keep)
+        self.xids = xids or XidLog()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tfgpud-xid", daemon=True)
 
@@ -462,16 +565,14 @@ class XidWatcher:
 
     def watch(self, uuids: Iterable[str]) -> None:
         """Set the GPUs to listen on (healthy ones from the last poll)."""
+        wanted = tuple(sorted(set(uuids)))
         with self._lock:
-            self._uuids = tuple(sorted(set(uuids)))
+            changed, self._uuids = wanted != self._uuids, wanted
+        if changed:
+            self._session.wake()
 
-    def counts(self) -> dict[tuple[str, int], int]:
-        with self._lock:
-            return dict(self._counts)
-
-    def events(self) -> tuple[XidEvent, ...]:
-        with self._lock:
-            return tuple(self._events)
+    def view(self) -> XidView:
+        return self.xids.view()
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -483,18 +584,17 @@ class XidWatcher:
                 log.exception("Xid watcher failed; retrying")
                 self._stop.wait(1.0)
                 continue
-            if got:
-                now = time.time()
-                with self._lock:
-                    for uuid, xid in got:
-                        self._counts[(uuid, xid)] = self._counts.get((uuid, xid), 0) + 1
-                        self._events.append(XidEvent(uuid=uuid, xid=xid, at=now))
-                for uuid, xid in got:
-                    log.warning("Xid %d on GPU %s", xid, uuid, extra={"GPU_UUID": uuid})
+            now = time.time()
+            for uuid, xid in got:
+                self.xids.record(uuid, xid, now)
+                log.warning("Xid %d on GPU %s", xid, uuid, extra={"GPU_UUID": uuid})
 
     def stop(self, timeout: float = 2.0) -> None:
+        """Stop the thread. One blocked in an NVML wait is not waited for: it is a daemon
+        thread, and the wait may last ``wait_ms``."""
         self._stop.set()
-        if self._thread.is_alive():
+        self._session.wake()
+        if self._thread.is_alive() and not self._session.waiting:
             self._thread.join(timeout)
 
 

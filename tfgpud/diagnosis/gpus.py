@@ -24,17 +24,11 @@ from tfgpud.model import (
     Finding,
     Snapshot,
 )
+from tfgpud.xids import KNOWN_XIDS
 
-# Xids worth waking someone for (docs/diagnosis-facts.md), with what they mean.
+# Xids worth waking someone for, with what they mean (tfgpud.xids, docs/diagnosis-facts.md).
 CRITICAL_XIDS: dict[int, str] = {
-    48: "double-bit ECC error",
-    62: "internal micro-controller halt",
-    64: "ECC page retirement / row remapping failure",
-    74: "NVLink error",
-    79: "GPU has fallen off the bus",
-    95: "uncontained ECC error",
-    119: "GSP RPC timeout",
-    120: "GSP firmware error",
+    xid: info.meaning for xid, info in KNOWN_XIDS.items() if info.kind == "critical"
 }
 
 
