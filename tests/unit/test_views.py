@@ -103,6 +103,19 @@ def test_verdict_before_the_first_poll_and_without_gpus() -> None:
     s = diagnosed(snap(pci=replace(PCI2, gpus=()), nvml=replace(NVML2, gpus=()), tf=()))
     assert verdict(s, s.findings)[0] == "ok"
     assert verdict(s, s.findings)[1].startswith("No NVIDIA GPU on this machine")
+    # The same with TensorFlow probed and NVML not installed (a CPU-only machine, `make run`):
+    # not "TensorFlow can use 0 of 0 GPUs".
+    cpu_only = diagnosed(
+        snap(
+            pci=replace(PCI2, gpus=()),
+            nvml=NvmlReading(up=False, error="LIBRARY_NOT_FOUND"),
+            tf=(probe(gpus=()),),
+        )
+    )
+    assert verdict(cpu_only, cpu_only.findings) == (
+        "ok",
+        "No NVIDIA GPU on this machine: TensorFlow runs on the CPU, as expected here",
+    )
 
 
 def test_every_cause_of_a_fallback_has_a_verdict_phrase() -> None:
