@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.scenario import FAKEDRIVER, ROOT, busy_scenario
+from tfgpud.config import AlertsConfig
 
 sys.path.insert(0, str(ROOT / "tests"))
 from daemon_harness import DaemonProcess, ThreadStat, process_cpu_ticks, thread_stats
@@ -41,6 +42,8 @@ DEFAULT_INTERVAL = 10.0
 WATCHDOG_USEC = 60_000_000  # packaging/systemd/tfgpud.service: WatchdogSec=60s
 TICK = 1.0 / os.sysconf("SC_CLK_TCK")
 TARGET_RATIO = 0.3
+# The first findings fire after [alerts] for_seconds (then alerts.json is written): not idle.
+SETTLE_SECONDS = AlertsConfig().for_seconds + 5.0
 TARGET_WAKEUPS = 0.3
 
 
@@ -92,7 +95,7 @@ def measure(tmp: Path, scenario: Path, interval: float, seconds: float) -> Windo
         d.start()
         assert d.proc is not None
         pid = d.proc.pid
-        time.sleep(min(interval, 2.0) + 1.0)  # past startup and the first regular poll
+        time.sleep(SETTLE_SECONDS)  # steady state: the first findings fired, alerts.json written
         polls_a = _polls(d)
         time.sleep(0.2)  # the scrape's connection thread is gone before the window opens
         a, ticks_a, t_a = thread_stats(pid), process_cpu_ticks(pid), time.monotonic()
@@ -135,11 +138,14 @@ def query_cpu(scenario: Path, which: str) -> float:
 
 
 def start_paced(
-    scenario: Path, which: str, interval: float, seconds: float
+    scenario: Path, which: str, interval: float, seconds: float, delay: float
 ) -> subprocess.Popen[str]:
-    """A process querying with ``which`` once per ``interval`` for ``seconds`` (see paced)."""
+    """A process querying with ``which`` once per ``interval`` for ``seconds``, from ``delay``
+    seconds on (see paced)."""
+    at = time.monotonic() + delay  # CLOCK_MONOTONIC is the same in every process
+    args = ["--paced", which, str(interval), str(seconds), str(at)]
     return subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.cost", "--paced", which, str(interval), str(seconds)],
+        [sys.executable, "-m", "benchmarks.cost", *args],
         cwd=ROOT,
         env=_fake_driver_env(scenario),
         stdout=subprocess.PIPE,
@@ -147,12 +153,14 @@ def start_paced(
     )
 
 
-def paced(which: str, interval: float, seconds: float) -> float:
-    """Whole-process CPU seconds per query at one query per ``interval``."""
+def paced(which: str, interval: float, seconds: float, at: float) -> float:
+    """Whole-process CPU seconds per query at one query per ``interval``, from ``at``
+    (monotonic) on."""
     from benchmarks.nvml_poll import _poller
 
     fn = _poller(which)
     fn()  # warm: imports, symbol lookups
+    time.sleep(max(0.0, at - time.monotonic()))
     calls, cpu0 = 0, time.process_time()
     next_at = end = time.monotonic()
     end += seconds
@@ -195,12 +203,21 @@ def run() -> str:
             for which in QUERIES:
                 back_to_back[which].append(query_cpu(scenario, which))
             for interval, seconds in WINDOWS.items():
-                beside = {w: start_paced(scenario, w, interval, seconds) for w in QUERIES}
-                windows[interval].append(
-                    measure(tmp / f"d{i}-{interval}", scenario, interval, seconds)
-                )
-                for which, proc in beside.items():
-                    paced_cpu[(which, interval)].append(paced_result(proc))
+                beside = {
+                    w: start_paced(scenario, w, interval, seconds, SETTLE_SECONDS + 1.0)
+                    for w in QUERIES
+                }
+                try:
+                    windows[interval].append(
+                        measure(tmp / f"d{i}-{interval}", scenario, interval, seconds)
+                    )
+                    for which, proc in beside.items():
+                        paced_cpu[(which, interval)].append(paced_result(proc))
+                finally:
+                    for proc in beside.values():
+                        if proc.poll() is None:
+                            proc.kill()
+                        proc.wait(10)
     return report(windows, back_to_back, paced_cpu)
 
 
@@ -217,8 +234,9 @@ def report(
         "## The daemon's whole cost (8 GPUs x 16 processes, simulated driver, all threads)",
         "",
         f"CPU ms per poll (per query), median (min-max) of {RUNS} runs. The daemon's windows are "
-        f"idle ({', '.join(f'{w[0].seconds:.0f} s at {iv:g} s' for iv, w in windows.items())}; "
-        "no scrapes; watchdog at 60 s); the paced queries run beside it, in the same window.",
+        f"idle ({', '.join(f'{w[0].seconds:.0f} s at {iv:g} s' for iv, w in windows.items())}, "
+        f"from {SETTLE_SECONDS:.0f} s after start; no scrapes; watchdog at 60 s); the paced "
+        "queries run beside it, in the same window.",
         "",
         f"| what | {head} |",
         "|---|" + "---|" * len(cols),
@@ -288,11 +306,8 @@ def report(
 if __name__ == "__main__":
     if "--paced" in sys.argv:
         at = sys.argv.index("--paced")
-        which, interval, seconds = (
-            sys.argv[at + 1],
-            float(sys.argv[at + 2]),
-            float(sys.argv[at + 3]),
-        )
-        print(paced(which, interval, seconds))
+        which = sys.argv[at + 1]
+        interval, seconds, start = map(float, sys.argv[at + 2 : at + 5])
+        print(paced(which, interval, seconds, start))
     else:
         print(run())
