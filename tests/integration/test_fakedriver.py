@@ -524,14 +524,17 @@ EVENT_WAIT_BLOCKS = textwrap.dedent(
     N.nvmlDeviceRegisterEvents(h, N.nvmlEventTypeXidCriticalError, es)
     out = {}
 
-    # an idle wait: what this thread spends while it waits
-    r0, c0 = resource.getrusage(resource.RUSAGE_THREAD), time.thread_time()
-    try:
-        N.nvmlEventSetWait_v2(es, 2000)
-        out["idle"] = "event"
-    except N.NVMLError_Timeout:
-        r1 = resource.getrusage(resource.RUSAGE_THREAD)
-        out["idle"] = {"cpu_s": time.thread_time() - c0, "nvcsw": r1.ru_nvcsw - r0.ru_nvcsw}
+    def idle_wait():
+        """What this thread spends in a 2 s wait that nothing ends early."""
+        r0, c0 = resource.getrusage(resource.RUSAGE_THREAD), time.thread_time()
+        try:
+            N.nvmlEventSetWait_v2(es, 2000)
+            return "event"
+        except N.NVMLError_Timeout:
+            r1 = resource.getrusage(resource.RUSAGE_THREAD)
+            return {"cpu_s": time.thread_time() - c0, "nvcsw": r1.ru_nvcsw - r0.ru_nvcsw}
+
+    out["idle"] = idle_wait()
 
     class DataV1(ctypes.Structure):
         _fields_ = [("device", ctypes.c_void_p), ("eventType", ctypes.c_ulonglong),
@@ -562,13 +565,7 @@ EVENT_WAIT_BLOCKS = textwrap.dedent(
 
     # idle again after those changes: re-targeting the watches on a change must not itself
     # count as one (each removed watch queues an IN_IGNORED event)
-    r0, c0 = resource.getrusage(resource.RUSAGE_THREAD), time.thread_time()
-    try:
-        N.nvmlEventSetWait_v2(es, 2000)
-        out["idle_after"] = "event"
-    except N.NVMLError_Timeout:
-        r1 = resource.getrusage(resource.RUSAGE_THREAD)
-        out["idle_after"] = {"cpu_s": time.thread_time() - c0, "nvcsw": r1.ru_nvcsw - r0.ru_nvcsw}
+    out["idle_after"] = idle_wait()
     print(json.dumps(out))
     """
 )
