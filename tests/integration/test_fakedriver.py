@@ -524,8 +524,7 @@ EVENT_WAIT_BLOCKS = textwrap.dedent(
     N.nvmlDeviceRegisterEvents(h, N.nvmlEventTypeXidCriticalError, es)
     out = {}
 
-    def idle_wait():
-        """What this thread spends in a 2 s wait that nothing ends early."""
+    def idle_wait():  # what this thread spends in a 2 s wait that nothing ends early
         r0, c0 = resource.getrusage(resource.RUSAGE_THREAD), time.thread_time()
         try:
             N.nvmlEventSetWait_v2(es, 2000)
