@@ -36,7 +36,7 @@ def ready_and_latency(tmp: Path, scenario: Path) -> dict[str, float]:
             body = conn.getresponse().read()
             samples.append(time.perf_counter() - s)
         conn.close()
-        assert b"tfgpud_gpu_process_memory_bytes" in body
+        assert b"tfgpud_gpu_user_memory_bytes" in body
         d.stop()
     samples.sort()
     return {

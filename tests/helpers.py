@@ -272,3 +272,13 @@ def fake_tf_python(
     path.write_text(f"#!/bin/sh\ncat '{err}' >&2\ncat '{out}'\n")
     path.chmod(0o755)
     return path
+
+
+def finding_value(metrics: Mapping[str, float], code: str, subject: str) -> float | None:
+    """The value of ``tfgpud_finding`` for ``code`` and ``subject``, whatever other labels it
+    carries (cause, role, host, severity); None when there is no such series."""
+    want = (f'code="{code}"', f'subject="{subject}"')
+    for key, value in metrics.items():
+        if key.startswith("tfgpud_finding{") and all(w in key for w in want):
+            return value
+    return None

@@ -4,8 +4,14 @@ Each :class:`Code` carries its default severity, its journal ``MESSAGE_ID`` (fix
 ``journalctl MESSAGE_ID=...`` filters on it), the ``docs/runbook.md`` section that tells an
 operator what to do (an alert name where a Prometheus rule covers the code), a one-line meaning,
 and the codes it may be a consequence of (``gpu-vanished`` while the driver is down names the
-driver finding, so one root cause pages once). Tests check that every code emitted by
+driver finding, so one root cause pages once: :mod:`tfgpud.diagnosis.causes` decides, per
+snapshot, which present finding explains which). Tests check that every code emitted by
 :mod:`tfgpud.diagnosis` is here and that each has all of these.
+
+Alert labels derive from here too: ``alert_name(code)`` is the alert the daemon pushes for a
+code, and :func:`cause_labels` gives every alert (pushed, or from a Prometheus rule through
+``tfgpud_finding``) ``cause`` (the root cause's alert name; its own for a root cause) and
+``role`` (``cause`` or ``consequence``), which Alertmanager's ``inhibit_rules`` match on.
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ TF_CAUSES = (
 )
 _DRIVER_DOWN = "TfgpudNvidiaDriverUnavailable"
 _FALLBACK = "TfgpudTensorflowCpuFallback"
+# A driver that does not answer explains every GPU and env that sees nothing.
+_NO_GPU_VISIBLE = (*TF_CAUSES, *_DRIVER)
 
 _TABLE = (
     # --- host: PCI bus, driver, NVML ----------------------------------------------------------
@@ -60,7 +68,8 @@ _TABLE = (
     Code("nvml-library-missing", CRIT, "df7f81cb46ca40dd88af34f4e79e2740", _DRIVER_DOWN,
          "libnvidia-ml.so.1 is not installed although GPUs exist."),
     Code("driver-not-loaded", CRIT, "ed2145d361e6434db4ec0bdce383c0ca", _DRIVER_DOWN,
-         "The nvidia kernel module is not loaded."),
+         "The nvidia kernel module is not loaded.",
+         consequence_of=("nouveau-bound",)),
     Code("driver-library-mismatch", CRIT, "0b5baa979b534ca793e523a1c1f4159f", _DRIVER_DOWN,
          "The user-space driver library and the kernel module differ in version."),
     Code("nouveau-bound", CRIT, "cff761cec351444189d4e25902b935e9", _DRIVER_DOWN,
@@ -78,24 +87,27 @@ _TABLE = (
     Code("gpu-appeared", INFO, "69401bf13da84521a762a180e2b39b02", "gpu-appeared",
          "A GPU joined the baseline recently."),
     Code("gpu-xid-critical", CRIT, "09f63ede971f4c0292eef03ef81c9295", "TfgpudGpuXidCritical",
-         "The driver logged an Xid error that needs a person in the last hour."),
+         "The driver logged an Xid error that needs a person in the last hour.",
+         consequence_of=("gpu-lost",)),
     Code("baseline-state-error", WARN, "e3f4cd57e3714186bbd8032a376318e6",
          "baseline-state-error", "The baseline file could not be read or written."),
     # --- memory and workloads ----------------------------------------------------------------
     Code("gpu-memory-pressure", WARN, "3b8bebca432a405a91d64d8d9299d2bf",
-         "TfgpudGpuMemoryPressure", "A GPU's memory stays above [memory] pressure_ratio."),
-    Code("gpu-memory-held-idle", WARN, "4c9d0a7e5b1f4e2a9c3d6b8e0f2a4c61", "gpu-memory-held-idle",
-         "A process holds most of an idle GPU's memory."),
+         "TfgpudGpuMemoryPressure",
+         "Processes sharing a GPU fill its memory, or one could not get memory.",
+         consequence_of=("gpu-memory-held-idle",)),
+    Code("gpu-memory-held-idle", WARN, "4c9d0a7e5b1f4e2a9c3d6b8e0f2a4c61",
+         "TfgpudGpuMemoryHeldIdle", "A process holds most of an idle GPU's memory."),
     Code("tf-job-on-cpu", WARN, "5507116cfe344c5ab63e73c5c163b1ea", "TfgpudTensorflowJobOnCpu",
          "A running TensorFlow job computes on the CPU while GPUs are usable.",
          consequence_of=("tf-cpu-fallback", "tf-partial-visibility", *TF_CAUSES)),
     # --- TensorFlow, per env -----------------------------------------------------------------
     Code("tf-cpu-fallback", CRIT, "ea93791d3fb0411384dfb0928b6a1f6a", _FALLBACK,
          "GPUs exist but TensorFlow in the env sees none.",
-         consequence_of=TF_CAUSES),
+         consequence_of=_NO_GPU_VISIBLE),
     Code("tf-partial-visibility", CRIT, "d02e34c10307444097827f2a79091354", _FALLBACK,
          "TensorFlow in the env sees some but not all of the GPUs NVML reports.",
-         consequence_of=TF_CAUSES),
+         consequence_of=_NO_GPU_VISIBLE),
     Code("tf-cpu-only-build", CRIT, "65e4d0c797574608bd68d548443c06bb", _FALLBACK,
          "The env's TensorFlow is a CPU-only build."),
     Code("tf-gpus-hidden-by-env", CRIT, "e66ceeea30944b85a564c0e9cf11964a", _FALLBACK,
@@ -103,7 +115,8 @@ _TABLE = (
     Code("tf-cuda-libs-missing", CRIT, "5b76505c76fb48b5a2453bd3bd369b26", _FALLBACK,
          "CUDA user-space libraries the build needs cannot be loaded."),
     Code("tf-libcuda-missing", CRIT, "9679f57d230b41dbb510aa91d2303a9b", _FALLBACK,
-         "The driver's libcuda.so.1 cannot be loaded in the env."),
+         "The driver's libcuda.so.1 cannot be loaded in the env.",
+         consequence_of=("nvml-library-missing",)),
     Code("tf-driver-too-old", CRIT, "8de6b7d8440f4408b86e0aba005367b8", _FALLBACK,
          "The driver supports an older CUDA than the build needs (or its PTX needs)."),
     Code("tf-driver-dso-mismatch", CRIT, "5c0ebc3fc1e6478d84d8b235091da9be", _FALLBACK,
@@ -120,7 +133,10 @@ _TABLE = (
          "tf-gpus-selected-by-env",
          "CUDA_VISIBLE_DEVICES gives the env some of the GPUs, and TensorFlow sees those."),
     Code("tf-smoke-failed", CRIT, "76769cffefaa42a18683dffc7c537c8b", "TfgpudCriticalFinding",
-         "TensorFlow lists the GPU but a small matmul on it fails."),
+         "TensorFlow lists the GPU but a small matmul on it fails.",
+         consequence_of=(
+             "gpu-memory-pressure", "tf-driver-too-old", "tf-compute-capability-unsupported",
+         )),
     Code("tf-import-failed", CRIT, "8f2ac00d35114e19b80897d0de48563a",
          "TfgpudTensorflowProbeFailing", "TensorFlow cannot be imported, or its python is gone."),
     Code("tf-import-crashed", CRIT, "a6855a0937514649a2a465e50bdff6a5",
@@ -150,3 +166,27 @@ def causes_of(code: str) -> frozenset[str]:
     """The codes ``code`` may be a consequence of (empty for a root cause or an unknown code)."""
     c = CODES.get(code)
     return frozenset(c.consequence_of) if c is not None else frozenset()
+
+
+# Codes whose finding explains others only while NVML is down: a driver that still answers
+# (a version mismatch NVML survives, one GPU refused) does not hide the GPUs it lists.
+DRIVER_CODES = frozenset(_DRIVER)
+
+
+def alert_name(code: str) -> str:
+    """``gpu-vanished`` → ``TfgpudGpuVanished``, ``tf-cpu-fallback`` →
+    ``TfgpudTensorflowCpuFallback``: the alert the daemon pushes for the code (the Prometheus
+    rule of the same name, where one exists, covers it too)."""
+    parts = code.split("-")
+    if parts[0] == "tf":
+        parts[0] = "tensorflow"
+    return "Tfgpud" + "".join(p[:1].upper() + p[1:] for p in parts)
+
+
+def cause_labels(code: str, cause: str | None) -> dict[str, str]:
+    """The ``cause`` and ``role`` labels of a finding's alert: a consequence names its root
+    cause's alert; a root cause names its own, so ``equal: [host, cause]`` pairs them."""
+    return {
+        "cause": alert_name(cause or code),
+        "role": "consequence" if cause else "cause",
+    }

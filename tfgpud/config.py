@@ -185,6 +185,10 @@ class TensorflowConfig(_Section):
 class MemoryConfig(_Section):
     pressure_ratio: Annotated[float, Field(gt=0, le=1)] = 0.95
     for_seconds: Annotated[float, Field(ge=0)] = 300.0
+    # A process holding this share of a GPU's memory while the GPU has been idle (utilisation
+    # <= 5 %) for idle_seconds is `gpu-memory-held-idle`.
+    idle_hold_ratio: Annotated[float, Field(gt=0, le=1)] = 0.5
+    idle_seconds: Annotated[float, Field(ge=0)] = 1800.0
 
 
 class WorkloadsConfig(_Section):
@@ -197,6 +201,9 @@ class WorkloadsConfig(_Section):
     process_names: tuple[Annotated[str, Field(min_length=1, max_length=64)], ...] = (
         DEFAULT_PROCESS_NAMES
     )
+    # Export tfgpud_gpu_process_memory_bytes{pid,process}: one series per process, a new one
+    # for every job (unbounded over time). Off: memory and counts by user and kind only.
+    per_process_metrics: bool = False
 
 
 class ExpectConfig(_Section):

@@ -27,7 +27,7 @@ from tfgpud.collectors.tensorflow.discovered import FIRST_SEARCH_WAIT, EnvDiscov
 from tfgpud.collectors.workloads import WorkloadScanner
 from tfgpud.config import Config, ConfigError, load_config, parse_listen
 from tfgpud.diagnosis import diagnose
-from tfgpud.exporter import Exposition, make_registry
+from tfgpud.exporter import Exposition, export_options, make_registry
 from tfgpud.model import CollectorRun, KnownGpu, NvmlReading, Snapshot
 from tfgpud.poll import Expected, PressureTracker, Readings, build_snapshot
 from tfgpud.runner import become_subreaper
@@ -102,7 +102,9 @@ class Daemon:
         self._xids = XidWatcher(self._nvml)
         self._tf = TfProbeScheduler.from_config(config.tensorflow, on_result=self._on_probe_result)
         self._discovery = EnvDiscovery(config.tensorflow.discover, on_result=self._on_probe_result)
-        self._registry = make_registry(lambda: self._snapshot)
+        self._registry = make_registry(
+            lambda: self._snapshot, lambda: export_options(self.config, self._alerts.instance)
+        )
         self._exposition = Exposition(self._registry, lambda: self._snapshot)
         self._http: HttpServer | None = None
         self._named: set[int] = set()  # thread ids given their name (name_threads)
@@ -314,8 +316,11 @@ class Daemon:
             self._discovery = EnvDiscovery(new.tensorflow.discover, on_result=self._on_probe_result)
             self._discovery.start()
         if new.tensorflow != old.tensorflow:
+            # Cancelled, not waited for: a probe takes a moment to die (a switched-user one a
+            # helper process), and this loop is the watchdog's heartbeat. The new schedule
+            # takes over the old probes' threads and waits for them itself.
             previous = self._tf
-            previous.close()
+            previous.cancel()
             self._tf = TfProbeScheduler.from_config(new.tensorflow, on_result=self._on_probe_result)
             self._tf.set_discovered(self._discovery.latest().envs)
             self._tf.adopt(previous)
@@ -345,6 +350,16 @@ class Daemon:
         next_ping = time.monotonic() + (wd or 0)
         if wd:
             self.notifier.watchdog()
+
+        def beat(polled: bool = False) -> None:
+            # Only this loop pings: if a poll hangs, pings stop and systemd steps in. A ping
+            # rides on a poll whenever the next one would fall due before the next poll.
+            nonlocal next_ping
+            now = time.monotonic()
+            if wd and (now >= next_ping or (polled and next_ping < next_poll)):
+                self.notifier.watchdog()
+                next_ping = now + wd
+
         while not self._stop_requested:
             now = time.monotonic()
             due = next_poll if not wd else min(next_poll, next_ping)
@@ -355,6 +370,7 @@ class Daemon:
                 break
             if self._reload_requested:
                 self._reload()
+                beat()  # a reload is the loop advancing too; the poll below may follow
                 interval = self.config.daemon.interval_seconds
                 # A shorter interval applies now, not after the old one has run out.
                 next_poll = min(next_poll, self._last_poll_end + interval)
@@ -370,11 +386,7 @@ class Daemon:
                 if due:  # an extra poll for a landed probe keeps the regular cadence
                     next_poll = max(next_poll + interval, time.monotonic() if interval else 0.0)
                 name_threads(self._named)  # threads started by the poll (probes, reapers)
-            now = time.monotonic()
-            # Only this loop pings: if a poll hangs, pings stop and systemd steps in.
-            if wd and (now >= next_ping or (polled and next_ping < next_poll)):
-                self.notifier.watchdog()
-                next_ping = now + wd
+            beat(polled)
 
     def shutdown(self, budget: float = 1.8) -> None:
         """Stop everything within ``budget`` seconds (systemd is told to expect ~2 s): HTTP,

@@ -11,6 +11,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client import exposition
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -18,6 +19,8 @@ from prometheus_client.openmetrics import exposition as openmetrics_exposition
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from tfgpud import __version__
+from tfgpud.codes import cause_labels
+from tfgpud.config import Config
 from tfgpud.diagnosis import cpu_fallback_envs
 from tfgpud.model import GpuReading, Snapshot, XidCode
 from tfgpud.xids import KNOWN_XIDS
@@ -35,6 +38,23 @@ log = logging.getLogger(__name__)
 WATCHED_XIDS = tuple(x for x, info in KNOWN_XIDS.items() if info.kind != "application")
 # Per-GPU cap on process series; the rest are summed into pid="other".
 MAX_PROCESS_SERIES = 16
+# Per-GPU cap on the users named in the by-user series; the rest are summed into user="other".
+MAX_USER_SERIES = 3
+OTHER = "other"
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What the exposition takes from the configuration rather than from the snapshot."""
+
+    per_process_metrics: bool = False  # [workloads] per_process_metrics
+    # The `host` label of tfgpud_finding: what the daemon's pushed alerts carry ([alerts]
+    # instance, default the host name), so Alertmanager can pair rule alerts with them.
+    host: str | None = None
+
+
+def export_options(config: Config, host: str) -> ExportOptions:
+    return ExportOptions(config.workloads.per_process_metrics, host)
 
 
 def _gauge(name: str, doc: str, labels: Iterable[str] = ()) -> GaugeMetricFamily:
@@ -44,9 +64,14 @@ def _gauge(name: str, doc: str, labels: Iterable[str] = ()) -> GaugeMetricFamily
 class SnapshotCollector(Collector):
     """Yields every tfgpud metric from whatever snapshot ``source`` returns."""
 
-    def __init__(self, source: Callable[[], Snapshot | None]) -> None:
+    def __init__(
+        self,
+        source: Callable[[], Snapshot | None],
+        options: Callable[[], ExportOptions] = ExportOptions,
+    ) -> None:
         self._source = source
         self._identities = GpuIdentities()
+        self._options = options
 
     def describe(self) -> Iterable[Metric]:
         return []  # never collect at registration
@@ -59,7 +84,7 @@ class SnapshotCollector(Collector):
         if snap is None:
             return
         try:
-            families = list(_families(snap, self._identities))
+            families = list(_families(snap, self._identities, self._options()))
         except Exception:
             log.exception("building metrics failed; serving build_info only")
             return
@@ -121,7 +146,9 @@ def gpu_state_counts(snap: Snapshot) -> dict[str, int] | None:
     return counts
 
 
-def _families(snap: Snapshot, identities: GpuIdentities) -> Iterator[Metric]:
+def _families(
+    snap: Snapshot, identities: GpuIdentities, options: ExportOptions
+) -> Iterator[Metric]:
     ok = _gauge("tfgpud_collector_success", "1 if the collector's last run worked.", ["collector"])
     dur = _gauge(
         "tfgpud_collector_duration_seconds", "Duration of the collector's last run.", ["collector"]
@@ -177,17 +204,26 @@ def _families(snap: Snapshot, identities: GpuIdentities) -> Iterator[Metric]:
                 drv.add_metric([nv.driver_version, nv.cuda_driver_version_str or ""], 1)
                 yield drv
         yield from _gpu_families(nv.gpus, snap, identities)
+        yield from _memory_by_families(nv.gpus, snap, options)
 
     yield from _tf_families(snap)
     yield from _env_families(snap)
+    yield _finding_family(snap, options)
+    yield from _alert_families(snap)
 
+
+def _finding_family(snap: Snapshot, options: ExportOptions) -> Metric:
+    """``tfgpud_finding``: one series per finding, labelled like the alert the daemon pushes
+    for it (``cause``, ``role``, ``host``), so rules built on it pair with the pushed alerts."""
+    labels = ["code", "severity", "subject", "cause", "role"]
+    host = [options.host] if options.host else []
     finding = _gauge(
-        "tfgpud_finding", "1 for each active finding.", ["code", "severity", "subject"]
+        "tfgpud_finding", "1 for each active finding.", labels + (["host"] if host else [])
     )
     for f in snap.findings:
-        finding.add_metric([f.code, f.severity.value, f.subject], 1)
-    yield finding
-    yield from _alert_families(snap)
+        c = cause_labels(f.code, f.cause)
+        finding.add_metric([f.code, f.severity.value, f.subject, c["cause"], c["role"], *host], 1)
+    return finding
 
 
 def _alert_families(snap: Snapshot) -> Iterator[Metric]:
@@ -273,11 +309,6 @@ def _gpu_families(
             lambda g: g.ecc_uncorrected_total,
         ),
     ]
-    procs = _gauge(
-        "tfgpud_gpu_process_memory_bytes",
-        "GPU memory used by a process (top processes per GPU; the rest as pid=other).",
-        ["gpu", "uuid", "pid", "process"],
-    )
     nprocs = _gauge("tfgpud_gpu_processes", "Compute processes NVML lists on the GPU.", ids)
     xid = CounterMetricFamily(
         "tfgpud_gpu_xid_errors", "Xid error events received.", labels=["gpu", "uuid", "xid"]
@@ -295,18 +326,6 @@ def _gpu_families(
             value = get(g)
             if value is not None:
                 family.add_metric(labels, float(value))
-        ranked = sorted(
-            (p for p in g.processes if p.used_memory_bytes is not None),
-            key=lambda p: (-(p.used_memory_bytes or 0), p.pid),
-        )
-        for p in ranked[:MAX_PROCESS_SERIES]:
-            procs.add_metric([*labels, str(p.pid), p.name or ""], float(p.used_memory_bytes or 0))
-        rest = ranked[MAX_PROCESS_SERIES:]
-        if rest:
-            # Constant labels: a count in a label would make a new series whenever it changes.
-            procs.add_metric(
-                [*labels, "other", "other"], float(sum(p.used_memory_bytes or 0 for p in rest))
-            )
         if not g.lost:
             nprocs.add_metric(labels, len(g.processes))
         # Codes outside the known table arrive as one "other" key (tfgpud.xids): bounded.
@@ -319,9 +338,84 @@ def _gpu_families(
     yield up
     for family, _ in fields:
         yield family
-    yield procs
     yield nprocs
     yield xid
+
+
+def _memory_by_families(
+    gpus: tuple[GpuReading, ...], snap: Snapshot, options: ExportOptions
+) -> Iterator[Metric]:
+    """GPU memory and process counts by user and kind (``tensorflow``, ``other``): a bounded set
+    per GPU (the ``MAX_USER_SERIES`` users holding most, the rest as ``user="other"``). The
+    per-process series (a ``pid`` label: a new series for every job) only when configured."""
+    facts = snap.workloads.gpu_processes if snap.workloads is not None else {}
+    users = dict(snap.workloads.gpu_process_users) if snap.workloads is not None else {}
+    tf = {t.pid: t for t in snap.tf_processes or ()}
+    for t in tf.values():
+        if t.user:
+            users.setdefault(t.pid, t.user)
+    by = ["gpu", "uuid", "user", "kind"]
+    memory = _gauge(
+        "tfgpud_gpu_user_memory_bytes",
+        "GPU memory used by the compute processes of a user, by kind (tensorflow, other).",
+        by,
+    )
+    count = _gauge(
+        "tfgpud_gpu_user_processes",
+        "Compute processes of a user on the GPU, by kind (tensorflow, other).",
+        by,
+    )
+    for g in gpus:
+        if g.lost:
+            continue
+        held: dict[str, int] = {}
+        for p in g.processes:
+            user = users.get(p.pid) or OTHER
+            held[user] = held.get(user, 0) + (p.used_memory_bytes or 0)
+        named = sorted((u for u in held if u != OTHER), key=lambda u: (-held[u], u))
+        named = named[:MAX_USER_SERIES]
+        sums: dict[tuple[str, str], tuple[int, int | None]] = {}
+        for p in g.processes:
+            user = users.get(p.pid) or OTHER
+            fact = facts.get(p.pid)
+            is_tf = p.pid in tf or (fact is not None and fact.tensorflow is True)
+            key = (user if user in named else OTHER, "tensorflow" if is_tf else "other")
+            n, mem = sums.get(key, (0, None))
+            if p.used_memory_bytes is not None:
+                mem = (mem or 0) + p.used_memory_bytes
+            sums[key] = (n + 1, mem)
+        for (user, kind), (n, mem) in sorted(sums.items()):
+            labels = [str(g.index), g.uuid, user, kind]
+            count.add_metric(labels, n)
+            if mem is not None:
+                memory.add_metric(labels, float(mem))
+    yield memory
+    yield count
+    if options.per_process_metrics:
+        yield _process_family(gpus)
+
+
+def _process_family(gpus: tuple[GpuReading, ...]) -> Metric:
+    procs = _gauge(
+        "tfgpud_gpu_process_memory_bytes",
+        "GPU memory used by a process (top processes per GPU; the rest as pid=other).",
+        ["gpu", "uuid", "pid", "process"],
+    )
+    for g in gpus:
+        labels = [str(g.index), g.uuid]
+        ranked = sorted(
+            (p for p in g.processes if p.used_memory_bytes is not None),
+            key=lambda p: (-(p.used_memory_bytes or 0), p.pid),
+        )
+        for p in ranked[:MAX_PROCESS_SERIES]:
+            procs.add_metric([*labels, str(p.pid), p.name or ""], float(p.used_memory_bytes or 0))
+        rest = ranked[MAX_PROCESS_SERIES:]
+        if rest:
+            # Constant labels: a count in a label would make a new series whenever it changes.
+            procs.add_metric(
+                [*labels, OTHER, OTHER], float(sum(p.used_memory_bytes or 0 for p in rest))
+            )
+    return procs
 
 
 def _tf_families(snap: Snapshot) -> Iterator[Metric]:
@@ -486,8 +580,12 @@ class Exposition:
         return body
 
 
-def make_registry(source: Callable[[], Snapshot | None]) -> CollectorRegistry:
-    """A private registry holding only tfgpud's collector (no process/platform defaults)."""
+def make_registry(
+    source: Callable[[], Snapshot | None],
+    options: Callable[[], ExportOptions] = ExportOptions,
+) -> CollectorRegistry:
+    """A private registry holding only tfgpud's collector (no process/platform defaults).
+    ``options`` is read at each rendering, so a reload applies from the next poll on."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SnapshotCollector(source))
+    registry.register(SnapshotCollector(source, options))
     return registry

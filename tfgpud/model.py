@@ -228,6 +228,9 @@ class Finding:
     summary: str
     evidence: tuple[str, ...] = ()
     fix: str = ""
+    # The root cause's code when another finding present now explains this one (``gpu-vanished``
+    # while the driver is down names ``driver-not-loaded``); None for a root cause.
+    cause: str | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -265,6 +268,17 @@ class TfProcess:
 
 
 @dataclass(frozen=True)
+class GpuProcessFacts:
+    """What ``/proc`` tells about a process NVML lists on a GPU (workloads collector); each
+    piece may be unreadable (the process exited, or is another user's)."""
+
+    pid: int
+    user: str | None = None
+    cmdline: str = ""
+    tensorflow: bool | None = None  # libtensorflow_framework.so mapped; None = maps unreadable
+
+
+@dataclass(frozen=True)
 class WorkloadScan:
     """What one workloads scan looked at (its cost) and what it could not see."""
 
@@ -273,6 +287,10 @@ class WorkloadScan:
     unreadable: int = 0  # candidates whose maps the daemon may not read (other users')
     maps_read: int = 0  # maps files read by this scan (0 once every candidate is cached)
     gpu_process_users: Mapping[int, str] = field(default_factory=lambda: MappingProxyType({}))
+    # pid -> facts, for every process NVML lists on a GPU that /proc shows
+    gpu_processes: Mapping[int, GpuProcessFacts] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
 
 
 @dataclass(frozen=True)
@@ -364,6 +382,8 @@ class Snapshot:
     workloads: WorkloadScan | None = None  # the scan behind tf_processes
     # uuid -> unix time since which memory used/total has stayed >= [memory] pressure_ratio
     pressure_since: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+    # uuid -> unix time since which the GPU's utilisation has stayed <= poll.IDLE_UTILIZATION
+    idle_since: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
     # State-file problems to report (baseline-state-error); empty when all is well.
     baseline_problems: tuple[str, ...] = ()
     alert_stats: AlertStats | None = None  # None = alert delivery not running (e.g. doctor)

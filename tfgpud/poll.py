@@ -55,21 +55,37 @@ class Expected:
     problems: tuple[str, ...] = ()
 
 
+# A GPU at or below this utilisation does no work (gpu-memory-held-idle).
+IDLE_UTILIZATION = 0.05
+
+
 class PressureTracker:
-    """Since when each GPU's memory has been at or above ``ratio`` full (bounded by the GPUs
-    of the last reading: a GPU that drops below, or goes away, is forgotten)."""
+    """What the memory rules need to have held across polls, per GPU: since when its memory
+    has been at or above ``ratio`` full (``update``), and since when it has been idle
+    (utilisation <= ``IDLE_UTILIZATION``; ``idle_since``, refreshed by ``update``). Bounded by
+    the GPUs of the last reading: a GPU that leaves a state, or goes away, is forgotten; an
+    unknown utilisation ends an idle stretch (idleness must be seen, not assumed)."""
 
     def __init__(self) -> None:
         self._since: dict[str, float] = {}
+        self._idle: dict[str, float] = {}
 
     def update(self, nvml: NvmlReading | None, ratio: float, now: float) -> Mapping[str, float]:
         current: dict[str, float] = {}
-        for g in nvml.gpus if nvml is not None else ():
+        idle: dict[str, float] = {}
+        for g in nvml.gpus if nvml is not None and nvml.up else ():
             total, used = g.memory_total_bytes, g.memory_used_bytes
             if total and used is not None and used / total >= ratio:
                 current[g.uuid] = self._since.get(g.uuid, now)
-        self._since = current
+            util = g.utilization_gpu_ratio
+            if util is not None and util <= IDLE_UTILIZATION and not g.lost and g.error is None:
+                idle[g.uuid] = self._idle.get(g.uuid, now)
+        self._since, self._idle = current, idle
         return MappingProxyType(dict(current))
+
+    @property
+    def idle_since(self) -> Mapping[str, float]:
+        return MappingProxyType(dict(self._idle))
 
 
 def identify_lost(nvml: NvmlReading | None, baseline: tuple[KnownGpu, ...]) -> NvmlReading | None:
@@ -100,9 +116,11 @@ def build_snapshot(
     *,
     sequence: int = 0,
 ) -> Snapshot:
-    """The snapshot ``diagnose()`` reads (without findings). Updates ``pressure``."""
+    """The snapshot ``diagnose()`` reads (without findings). Updates ``pressure`` (memory
+    pressure and idleness, tracked across polls)."""
     nvml = identify_lost(readings.nvml, expected.gpus)
     w = readings.workloads
+    pressure_since = pressure.update(nvml, pressure_ratio, readings.taken_at)
     return Snapshot(
         taken_at=readings.taken_at,
         sequence=sequence,
@@ -115,7 +133,8 @@ def build_snapshot(
         baseline=expected.gpus,
         expected_gpus=expected.count,
         baseline_problems=expected.problems,
-        pressure_since=pressure.update(nvml, pressure_ratio, readings.taken_at),
+        pressure_since=pressure_since,
+        idle_since=pressure.idle_since,
         tf_processes=w.processes if w is not None else None,
         workloads=w.scan if w is not None else None,
         tf_envs=readings.tf_envs,

@@ -11,7 +11,13 @@ stdout or stderr pipe. Nothing the child started outlives it. A SIGKILLed child 
 die within a few seconds (uninterruptible sleep, e.g. in a GPU driver call) is handed to a
 reaper thread, which waits for it; :func:`abandoned_children` lists those still alive so
 callers can hold back from starting another child for the same work. :func:`deadline_scope`
-bounds several runs (a probe and its safety pre-check) by one deadline.
+bounds several runs (a probe and its safety pre-check) by one deadline. :func:`children` lists
+every child not reaped yet: their sessions are this process's own doing (the workloads scan
+skips them).
+
+A child switched to another user (a probe run as an env's owner) cannot be signalled by a
+daemon that holds CAP_SETUID but not CAP_KILL: its group is then killed by a short helper
+switched to the same user, so timeouts and cancels hold for it too.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import selectors
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -34,6 +41,7 @@ _CHUNK = 65536
 _POLL_SECONDS = 0.05  # how often the loop checks for child exit / cancel while pipes are quiet
 _DRAIN_SECONDS = 1.0  # after the group is killed, how long to wait for the pipes to close
 _REAP_SECONDS = 5.0  # a SIGKILLed process in uninterruptible sleep may take a while
+_KILL_HELPER_SECONDS = 5.0  # the helper that kills another user's group: a Python start-up
 _TRACK_SECONDS = 0.2  # how often the child's descendants are listed while it runs
 _HOLDERS_AFTER = 0.1  # pipes still open this long after the kill: look for who holds them
 _SWEEP_ROUNDS = 8  # kill, look again (what was forked meanwhile), at most this often
@@ -102,9 +110,36 @@ def _user_ids(user: str) -> tuple[int, int, list[int]]:
     return pw.pw_uid, pw.pw_gid, os.getgrouplist(pw.pw_name, pw.pw_gid)
 
 
-def _kill_group(pgid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
+# Run by this process's own interpreter as the group's user: sends SIGKILL to the group.
+_KILL_CODE = "import os, sys; os.killpg(int(sys.argv[1]), 9)"
+
+
+def _kill_group(pgid: int, owner: tuple[int, int] | None = None) -> None:
+    """SIGKILL process group ``pgid``; ``owner`` (uid, gid): the user it was switched to."""
+    try:
         os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        if owner is not None:
+            _kill_group_as(pgid, *owner)
+
+
+def _kill_group_as(pgid: int, uid: int, gid: int) -> None:
+    """Kill the group of a child switched to ``uid``: without CAP_KILL only that user may
+    signal it (CAP_SETUID lets this process start a helper as that user, not signal it)."""
+    argv = _without_ambient_caps((sys.executable, "-I", "-S", "-c", _KILL_CODE, str(pgid)))
+    try:
+        helper = _start(argv, env={}, cwd="/", user=uid, group=gid, extra_groups=[], capture=False)
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return  # nothing more to try: the caller's reap deadline and reaper still apply
+    try:
+        helper.wait(_KILL_HELPER_SECONDS)
+    except subprocess.TimeoutExpired:
+        hand_to_reaper(helper.pid)  # it is another user's too: not ours to kill
+        helper.returncode = -signal.SIGKILL  # the reaper waits for it, not Popen.__del__
+    else:
+        _forget(helper.pid)
 
 
 def _exited(pid: int) -> bool:
@@ -134,6 +169,7 @@ def _reaper(pid: int) -> None:
     finally:
         with _abandoned_lock:
             _abandoned.discard(pid)
+        _forget(pid)
 
 
 def hand_to_reaper(pid: int) -> None:
@@ -171,8 +207,67 @@ def _still_ours(pid: int) -> bool:
 # -- descendants ----------------------------------------------------------------------------------
 
 _subreaper = False
-_running: set[int] = set()  # pids of children run_bounded() is running (each reaps its own)
+# Pids of the children started here and not reaped yet (running, or killed and handed to the
+# reaper). Held while a child is started and registered: children() answers after any start
+# under way, so a process seen in /proc before children() was asked is either listed or not
+# ours, and a sweep never takes a child being started for an orphan.
+_running: set[int] = set()
 _running_lock = threading.Lock()
+
+
+def children() -> frozenset[int]:
+    """Pids of the children started here and not reaped yet (running, or killed and handed to
+    the reaper). Each leads its own session: every process in those sessions is ours."""
+    with _running_lock:
+        return frozenset(_running)
+
+
+def _start(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    cwd: str | None,
+    user: int | None,
+    group: int | None,
+    extra_groups: list[int] | None,
+    capture: bool,
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in a session of its own (stdin closed; stdout and stderr piped when
+    ``capture``), registered in :func:`children` before anyone can ask. Raises what Popen
+    raises."""
+    out = subprocess.PIPE if capture else subprocess.DEVNULL
+    with _running_lock:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            env=dict(env),
+            cwd=cwd,
+            start_new_session=True,
+            close_fds=True,
+            user=user,
+            group=group,
+            extra_groups=extra_groups,
+        )
+        _running.add(proc.pid)
+    return proc
+
+
+def _forget(pid: int) -> None:
+    with _running_lock:
+        _running.discard(pid)
+
+
+def _without_ambient_caps(argv: tuple[str, ...]) -> tuple[str, ...]:
+    """``argv`` behind setpriv clearing the ambient and inheritable sets, when this process
+    has ambient capabilities (they survive execve of ordinary programs, and setuid between
+    two non-root users keeps them). Raises LookupError when setpriv is needed but missing."""
+    if not _has_ambient_caps():
+        return argv
+    if SETPRIV is None:
+        raise LookupError("this process has ambient capabilities and setpriv is not installed")
+    return (SETPRIV, "--ambient-caps=-all", "--inh-caps=-all", "--", *argv)
 
 
 def become_subreaper() -> bool:
@@ -428,40 +523,26 @@ def run_bounded(
             uid, gid, groups = _user_ids(user)
         except KeyError:
             return failed(f"unknown user {user!r}")
-    if _has_ambient_caps():
-        # A daemon given capabilities (CAP_SETUID/CAP_SETGID to probe as an env's owner,
-        # CAP_SYS_PTRACE to see other users' jobs) must not pass them on to code from a user's
-        # env: ambient capabilities survive execve of ordinary programs (and setuid between
-        # two non-root users keeps them). setpriv clears them before the child's own program.
-        if SETPRIV is None:
-            return failed("this process has ambient capabilities and setpriv is not installed")
-        args = (SETPRIV, "--ambient-caps=-all", "--inh-caps=-all", "--", *args)
-    # Registered as running before another call's sweep could take it for an orphan.
-    with _running_lock:
-        try:
-            proc = subprocess.Popen(  # argv comes from the operator's configuration
-                args,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=dict(env),
-                cwd=cwd,
-                start_new_session=True,
-                close_fds=True,
-                user=uid,
-                group=gid,
-                extra_groups=groups,
-            )
-        except FileNotFoundError as exc:
-            missing = exc.filename if exc.filename is not None else args[0] if args else "?"
-            if cwd is not None and missing == cwd:
-                return failed(f"working directory not found: {cwd}")
-            return failed(f"executable not found: {missing}")
-        except PermissionError as exc:
-            return failed(f"permission denied starting {args[0] if args else '?'}: {exc.strerror}")
-        except (OSError, ValueError, subprocess.SubprocessError) as exc:
-            return failed(f"cannot start {args[0] if args else '?'}: {exc}")
-        _running.add(proc.pid)
+    # A daemon given capabilities (CAP_SETUID/CAP_SETGID to probe as an env's owner,
+    # CAP_SYS_PTRACE to see other users' jobs) must not pass them on to code from a user's env.
+    try:
+        args = _without_ambient_caps(args)
+    except LookupError as exc:
+        return failed(str(exc))
+    owner = (uid, gid) if uid is not None and gid is not None else None
+    try:
+        proc = _start(  # argv comes from the operator's configuration
+            args, env=env, cwd=cwd, user=uid, group=gid, extra_groups=groups, capture=True
+        )
+    except FileNotFoundError as exc:
+        missing = exc.filename if exc.filename is not None else args[0] if args else "?"
+        if cwd is not None and missing == cwd:
+            return failed(f"working directory not found: {cwd}")
+        return failed(f"executable not found: {missing}")
+    except PermissionError as exc:
+        return failed(f"permission denied starting {args[0] if args else '?'}: {exc.strerror}")
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        return failed(f"cannot start {args[0] if args else '?'}: {exc}")
     deadline = start + timeout
     captures = {"stdout": _Capture(max_output), "stderr": _Capture(max_output)}
     sel = selectors.DefaultSelector()
@@ -486,7 +567,7 @@ def run_bounded(
                 if timed_out or cancelled or _exited(proc.pid):
                     # Kill the group while the child is an unreaped zombie: its pid (= pgid)
                     # cannot be reused yet, so this cannot hit an unrelated process.
-                    _kill_group(proc.pid)
+                    _kill_group(proc.pid, owner)
                     seen.update(_descendants([proc.pid]))
                     _kill_all(seen)
                     killed = True
@@ -524,7 +605,7 @@ def run_bounded(
                     cancelled = True
                     break
                 time.sleep(_POLL_SECONDS)
-            _kill_group(proc.pid)
+            _kill_group(proc.pid, owner)
             seen.update(_descendants([proc.pid]))
     finally:
         sel.close()
@@ -536,8 +617,8 @@ def run_bounded(
         if status is None and _still_ours(proc.pid):
             abandoned = proc.pid
             hand_to_reaper(proc.pid)
-        with _running_lock:
-            _running.discard(proc.pid)
+        else:
+            _forget(proc.pid)
         # Tell Popen the child is gone (or the reaper's) so it neither waits nor warns in __del__.
         proc.returncode = (
             os.waitstatus_to_exitcode(status) if status is not None else -signal.SIGKILL

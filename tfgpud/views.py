@@ -192,7 +192,7 @@ def verdict(snap: Snapshot | None, findings: Sequence[Finding]) -> tuple[str, st
         order = {code: i for i, code in enumerate(codes.CODES)}
         roots.sort(key=lambda f: order.get(f.code, len(order)))
         return state, _headline(roots[0], findings, snap)
-    tf = _tf_sentence(snap)
+    tf = _tf_sentence(snap) if gpus_total(snap) else None
     if tf is None:
         if gpus_total(snap) == 0:
             tf = "No NVIDIA GPU on this machine: TensorFlow runs on the CPU, as expected here"

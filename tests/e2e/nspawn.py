@@ -230,6 +230,22 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in text.split()]
 
 
+_PS = """
+import os
+for p in sorted((int(n) for n in os.listdir("/proc") if n.isdigit())):
+    try:
+        stat = open(f"/proc/{p}/stat", "rb").read()
+        uid = [l for l in open(f"/proc/{p}/status") if l.startswith("Uid:")][0].split()[1]
+        cmd = open(f"/proc/{p}/cmdline", "rb").read().decode(errors="replace")
+    except (OSError, IndexError):
+        continue
+    close = stat.rfind(b")")
+    comm = stat[stat.find(b"(") + 1 : close].decode(errors="replace")
+    ppid = stat[close + 2 :].split()[1].decode()
+    print(p, ppid, uid, comm, " ".join(cmd.replace("\\0", " ").split())[:160])
+"""
+
+
 class Machine:
     """One booted container. Use as a context manager; ``close()`` powers it off, unmounts the
     overlay and removes the scratch directory."""
@@ -353,6 +369,11 @@ class Machine:
         """Journal entries (``journalctl -o json``) matching ``FIELD=value`` terms."""
         out = self.run("journalctl", "--no-pager", "-o", "json", *matches).stdout
         return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+    def processes(self) -> str:
+        """One line per process in the machine: pid, parent, uid, name and command line (for
+        failure messages: minbase has no ps(1))."""
+        return self.run("/usr/bin/python3", "-c", _PS).stdout
 
     def kill(self, pid: int, sig: signal.Signals) -> None:
         """Send ``sig`` to the machine's process ``pid`` (minbase has no kill(1))."""

@@ -6,27 +6,22 @@ own push (told apart by ``origin="tfgpud"``), then their resolution. Prints the 
 
 from __future__ import annotations
 
-import json
-import shutil
-import signal
-import subprocess
-import threading
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+from alerting_stack import (
+    ALERTMANAGER,
+    PROMETHEUS,
+    Service,
+    WebhookReceiver,
+    start_alertmanager,
+    start_prometheus,
+)
 from daemon_harness import DaemonProcess, free_port, healthy_tf_env
 from helpers import write_scenario
 
-ROOT = Path(__file__).resolve().parents[2]
-RULES = ROOT / "packaging" / "prometheus" / "tfgpud.rules.yml"
-PROMETHEUS = shutil.which("prometheus")
-ALERTMANAGER = shutil.which("alertmanager") or shutil.which("prometheus-alertmanager")
 U0 = "GPU-aaaaaaaa-0000-4000-8000-000000000000"
 U1 = "GPU-aaaaaaaa-0000-4000-8000-000000000001"
 
@@ -48,34 +43,18 @@ def gpu(i: int, **extra: Any) -> dict[str, Any]:
     }
 
 
-class Notifications:
+class Notifications(WebhookReceiver):
     """Alertmanager's webhook: first arrival time of each (alertname, origin, status)."""
 
     def __init__(self) -> None:
         self.seen: dict[tuple[str, str, str], tuple[float, dict[str, str]]] = {}
-        self.lock = threading.Lock()
-        outer = self
+        super().__init__()
+        self.url += "/am"
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                doc = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                now = time.monotonic()
-                with outer.lock:
-                    for a in doc["alerts"]:
-                        labels = a["labels"]
-                        origin = "daemon" if labels.get("origin") == "tfgpud" else "prometheus"
-                        key = (labels["alertname"], origin, a["status"])
-                        outer.seen.setdefault(key, (now, labels))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/am"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def on_alert(self, now: float, alert: dict[str, Any]) -> None:
+        labels = alert["labels"]
+        origin = "daemon" if labels.get("origin") == "tfgpud" else "prometheus"
+        self.seen.setdefault((labels["alertname"], origin, alert["status"]), (now, labels))
 
     def wait(self, key: tuple[str, str, str], since: float, timeout: float = 30.0) -> float:
         """Seconds from ``since`` to the first notification for ``key``."""
@@ -92,62 +71,6 @@ class Notifications:
         with self.lock:
             return self.seen[key][1]
 
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-class Service:
-    """A child process, stopped by its PID (SIGTERM, then SIGKILL) however the test ends."""
-
-    def __init__(self, name: str, argv: list[str], log: Path) -> None:
-        self.name = name
-        self.log = log
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-    def wait_http(self, url: str, ok: Callable[[bytes], bool], timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"{self.name} exited: {self.log.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as resp:
-                    if ok(resp.read()):
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"{self.name} not ready at {url}: {self.log.read_text()[-2000:]}")
-
-
-@pytest.fixture
-def services() -> Iterator[list[Service]]:
-    started: list[Service] = []
-    yield started
-    for s in reversed(started):
-        s.stop()
-
-
-def fast_rules(dest: Path) -> Path:
-    """The shipped rules with every ``for:`` set to 0s (the test waits for nothing else)."""
-    doc = yaml.safe_load(RULES.read_text())
-    for group in doc["groups"]:
-        for rule in group["rules"]:
-            if "for" in rule:
-                rule["for"] = "0s"
-    dest.write_text(yaml.safe_dump(doc))
-    return dest
-
 
 def test_alerts_from_rules_and_daemon_push_reach_alertmanager(
     tmp_path: Path, fakedriver: Path, scenario_path: Path, services: list[Service]
@@ -157,35 +80,21 @@ def test_alerts_from_rules_and_daemon_push_reach_alertmanager(
     try:
         am_port, prom_port = free_port(), free_port()
         am_url = f"http://127.0.0.1:{am_port}"
-        (tmp_path / "am.yml").write_text(
-            yaml.safe_dump(
-                {
-                    "route": {
-                        "receiver": "hook",
-                        "group_by": ["alertname", "origin", "job"],
-                        "group_wait": "0s",
-                        "group_interval": "1s",
-                        "repeat_interval": "1h",
-                    },
-                    "receivers": [
-                        {
-                            "name": "hook",
-                            "webhook_configs": [{"url": hook.url, "send_resolved": True}],
-                        }
-                    ],
-                }
-            )
-        )
-        am = Service(
-            "alertmanager",
-            [
-                ALERTMANAGER,
-                f"--config.file={tmp_path / 'am.yml'}",
-                f"--storage.path={tmp_path / 'am-data'}",
-                f"--web.listen-address=127.0.0.1:{am_port}",
-                "--cluster.listen-address=",
-            ],
-            tmp_path / "alertmanager.log",
+        am = start_alertmanager(
+            tmp_path,
+            {
+                "route": {
+                    "receiver": "hook",
+                    "group_by": ["alertname", "origin", "job"],
+                    "group_wait": "0s",
+                    "group_interval": "1s",
+                    "repeat_interval": "1h",
+                },
+                "receivers": [
+                    {"name": "hook", "webhook_configs": [{"url": hook.url, "send_resolved": True}]}
+                ],
+            },
+            am_port,
         )
         services.append(am)
 
@@ -197,35 +106,7 @@ def test_alerts_from_rules_and_daemon_push_reach_alertmanager(
         daemon = DaemonProcess(tmp_path / "daemon", body, scenario=scenario_path, interval=0.5)
         with daemon:
             daemon.start()
-            (tmp_path / "prometheus.yml").write_text(
-                yaml.safe_dump(
-                    {
-                        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                        "rule_files": [str(fast_rules(tmp_path / "rules.yml"))],
-                        "alerting": {
-                            "alertmanagers": [
-                                {"static_configs": [{"targets": [f"127.0.0.1:{am_port}"]}]}
-                            ]
-                        },
-                        "scrape_configs": [
-                            {
-                                "job_name": "tfgpud",
-                                "static_configs": [{"targets": [f"127.0.0.1:{daemon.port}"]}],
-                            }
-                        ],
-                    }
-                )
-            )
-            prom = Service(
-                "prometheus",
-                [
-                    PROMETHEUS,
-                    f"--config.file={tmp_path / 'prometheus.yml'}",
-                    f"--storage.tsdb.path={tmp_path / 'prom-data'}",
-                    f"--web.listen-address=127.0.0.1:{prom_port}",
-                ],
-                tmp_path / "prometheus.log",
-            )
+            prom = start_prometheus(tmp_path, daemon.port, am_port, prom_port)
             services.append(prom)
             am.wait_http(f"{am_url}/-/ready", lambda b: True)
             query = f"http://127.0.0.1:{prom_port}/api/v1/query?query=tfgpud_nvml_gpus"

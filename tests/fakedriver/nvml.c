@@ -939,11 +939,17 @@ static bool watch_read(int fd)
         pthread_mutex_lock(&wait_mu);
         for (char *p = buf; p < buf + len;) {
             const struct inotify_event *ev = (const struct inotify_event *)p;
-            if (ev->mask & (IN_Q_OVERFLOW | IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF))
-                relevant = true; /* events lost, or the directory itself went away */
-            for (unsigned i = 0; i < ws.n && ev->len; i++)
-                if (ev->wd == ws.w[i].wd && strcmp(ev->name, ws.w[i].name) == 0)
+            if (ev->mask & IN_Q_OVERFLOW)
+                relevant = true; /* events lost */
+            for (unsigned i = 0; i < ws.n; i++) {
+                if (ev->wd != ws.w[i].wd)
+                    continue; /* e.g. the IN_IGNORED of a watch removed on re-targeting: a
+                                 wake-up for it would re-target again, for ever */
+                if (ev->mask & (IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF))
+                    relevant = true; /* the directory itself went away */
+                else if (ev->len && strcmp(ev->name, ws.w[i].name) == 0)
                     relevant = true;
+            }
             p += sizeof *ev + ev->len;
         }
         pthread_mutex_unlock(&wait_mu);

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -84,7 +85,12 @@ def test_restart_with_one_gpu_fewer_reports_it_vanished(
         assert U1 in f["summary"] and NAME in f["summary"] and "00000000:02:00.0" in f["summary"]
         assert ("gpu-vanished", U0) not in findings(d)
         m = d.metrics()
-        assert m[f'tfgpud_finding{{code="gpu-vanished",severity="critical",subject="{U1}"}}'] == 1
+        host = socket.gethostname()
+        key = (
+            f'tfgpud_finding{{cause="TfgpudGpuVanished",code="gpu-vanished",host="{host}",'
+            f'role="cause",severity="critical",subject="{U1}"}}'
+        )
+        assert m[key] == 1
         assert m["tfgpud_expected_gpus"] == 2 and m["tfgpud_nvml_gpus"] == 1
         assert m["tfgpud_alerts_firing"] >= 1
         d.stop()

@@ -89,9 +89,11 @@ def test_metrics_match_the_scenario(daemon: DaemonProcess) -> None:
     assert m[f"tfgpud_gpu_utilization_ratio{{{ids}}}"] == pytest.approx(0.1)
     assert m[f"tfgpud_gpu_temperature_celsius{{{ids}}}"] == 40
     assert m[f"tfgpud_gpu_power_watts{{{ids}}}"] == 100
-    assert m[f'tfgpud_gpu_process_memory_bytes{{gpu="0",pid="4242",process="",uuid="{U0}"}}'] == (
-        123456789
-    )
+    # Pid 4242 is not this host's (or another user's): memory by user "other", no pid series.
+    by = f'{{gpu="0",kind="other",user="other",uuid="{U0}"}}'
+    assert m[f"tfgpud_gpu_user_memory_bytes{by}"] == 123456789
+    assert m[f"tfgpud_gpu_user_processes{by}"] == 1
+    assert not [k for k in m if k.startswith("tfgpud_gpu_process_memory_bytes")]
     info = (
         f'tfgpud_gpu_info{{compute_capability="8.6",gpu="1",name="NVIDIA RTX A6000",'
         f'pci_bus_id="00000000:02:00.0",uuid="{U1}"}}'
@@ -271,7 +273,9 @@ def test_exposition_for_a_fixture_scenario_matches_golden(
         driver_version="550.54.15",
         cuda_driver_version=12040,
     )
-    with DaemonProcess(tmp_path, scenario=scenario_path, interval=INTERVAL) as d:
+    # The host label of tfgpud_finding is [alerts] instance (default: this machine's name).
+    body = '[alerts]\ninstance = "gpu-node-01"\n'
+    with DaemonProcess(tmp_path, body, scenario=scenario_path, interval=INTERVAL) as d:
         d.start()
         # The Xid arrives on its own thread; wait until it is counted.
         d.wait_metric(

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from daemon_harness import DaemonProcess
-from helpers import fakedriver_env, write_scenario
+from helpers import fakedriver_env, finding_value, write_scenario
 
 from tfgpud.collectors.discovery import base_label
 
@@ -165,7 +165,7 @@ def test_tf_no_env_on_a_gpu_machine_with_nothing_to_probe_everywhere_it_shows(
         assert "tf-no-env" in page and f"root {empty}: searched" in page
         assert main(["status", "--url", d.url]) == 0
         assert "[warning] tf-no-env (host)" in capsys.readouterr().out
-        assert d.metrics()['tfgpud_finding{code="tf-no-env",severity="warning",subject="host"}']
+        assert finding_value(d.metrics(), "tf-no-env", "host") == 1
         code, report = doctor(d.config, scenario_path)
         assert code == 1, report
         assert "[WARNING] tf-no-env  (host)" in report and f"root {empty}: searched" in report

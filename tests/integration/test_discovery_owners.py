@@ -7,15 +7,18 @@ interpreter (a script that says who runs it) is run as the planned user by the r
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import json
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -273,12 +276,9 @@ print(json.dumps({"uid": os.geteuid(), "can_switch": can_switch_user(), "cap_eff
 """
 
 
-@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
-def test_with_only_cap_setuid_and_setgid_the_probe_child_holds_no_capability(
-    fs: Path, user: pwd.struct_passwd
-) -> None:
-    (fs / "home" / user.pw_name).mkdir(parents=True)
-    _reporting_venv(fs, f"/home/{user.pw_name}/tf", user, REPORTER)
+def _as_capable_nobody(code: str, arg: str) -> dict[str, Any]:
+    """Run ``code`` (printing a JSON line last) as nobody holding only CAP_SETUID and
+    CAP_SETGID, ambient: the packaged daemon's privileges, as an unprivileged user."""
     site = REPO / ".venv" / "lib" / "python3.11" / "site-packages"
     if not Path("/usr/bin/python3").exists() or not site.is_dir():
         pytest.skip("needs /usr/bin/python3 and the checkout's .venv")
@@ -294,8 +294,8 @@ def test_with_only_cap_setuid_and_setgid_the_probe_child_holds_no_capability(
             "--",
             "/usr/bin/python3",  # the checkout's interpreter may be out of nobody's reach
             "-c",
-            CAPABLE,
-            str(fs),
+            code,
+            arg,
         ],
         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO}:{site}", "HOME": "/nonexistent"},
         cwd="/",
@@ -305,11 +305,65 @@ def test_with_only_cap_setuid_and_setgid_the_probe_child_holds_no_capability(
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["uid"] == nobody.pw_uid, out
+    return out
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
+def test_with_only_cap_setuid_and_setgid_the_probe_child_holds_no_capability(
+    fs: Path, user: pwd.struct_passwd
+) -> None:
+    (fs / "home" / user.pw_name).mkdir(parents=True)
+    _reporting_venv(fs, f"/home/{user.pw_name}/tf", user, REPORTER)
+    out = _as_capable_nobody(CAPABLE, str(fs))
     # The stand-in daemon: an unprivileged user with exactly the two capabilities.
-    assert out["uid"] == nobody.pw_uid and out["can_switch"] is True
+    assert out["can_switch"] is True
     assert int(out["cap_eff"], 16) == (1 << 6) | (1 << 7)
     assert out["status"] == "ok", out
     assert out["environment"]["PROBE_UID"] == str(user.pw_uid)  # switched to the owner
     caps = _caps(out["environment"]["PROBE_CAPS"])
     assert caps["CapEff"] == caps["CapPrm"] == caps["CapAmb"] == caps["CapInh"] == 0, caps
+
+
+# The stand-in daemon (nobody with CAP_SETUID/CAP_SETGID) runs a child as another user that
+# outlives its timeout, with a grandchild in its group: both must be killed, though the daemon
+# may not signal that user's processes itself (it has no CAP_KILL).
+KILLS = """
+import json, os, sys
+from tfgpud.runner import children, run_bounded
+r = run_bounded(["/bin/sh", "-c", "sleep 600 & exec sleep 600"], env={"PATH": "/usr/bin:/bin"},
+                timeout=0.5, cwd="/", user=sys.argv[1])
+print(json.dumps({"uid": os.geteuid(), "timed_out": r.timed_out, "signal": r.signal_name,
+                  "abandoned": r.abandoned_pid, "children": sorted(children())}))
+"""
+
+
+def _processes_of(uid: int) -> list[str]:
+    """ "PID name" of each live process of ``uid``."""
+    found = []
+    for name in os.listdir("/proc"):
+        try:
+            status = Path(f"/proc/{name}/status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        if fields.get("Uid", "").split()[:1] == [str(uid)] and fields["State"].split()[0] != "Z":
+            found.append(f"{name} {fields['Name'].strip()}")
+    return found
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
+def test_with_only_cap_setuid_and_setgid_a_timed_out_child_of_another_user_is_killed(
+    user: pwd.struct_passwd,
+) -> None:
+    try:
+        out = _as_capable_nobody(KILLS, user.pw_name)
+        # Killed within the reap deadline, not handed to a reaper with the group still alive.
+        assert out["timed_out"] and out["signal"] == "SIGKILL" and out["abandoned"] is None, out
+        assert out["children"] == [], out  # every child (the kill helper too) reaped
+        assert _processes_of(user.pw_uid) == []  # the grandchild too
+    finally:
+        for line in _processes_of(user.pw_uid):  # only this test's fresh user's: ours
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(line.split()[0]), signal.SIGKILL)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon_harness import DaemonProcess
-from helpers import write_scenario
+from helpers import finding_value, write_scenario
 
 from tfgpud.exporter import WATCHED_XIDS
 from tfgpud.xids import KNOWN_XIDS
@@ -27,8 +27,8 @@ def xid_series(m: dict[str, float], uuid: str, xid: int | str) -> float | None:
     return m.get(f'tfgpud_gpu_xid_errors_total{{gpu="{index}",uuid="{uuid}",xid="{xid}"}}')
 
 
-def critical(uuid: str) -> str:
-    return f'tfgpud_finding{{code="gpu-xid-critical",severity="critical",subject="{uuid}"}}'
+def critical(m: dict[str, float], uuid: str) -> float | None:
+    return finding_value(m, "gpu-xid-critical", uuid)
 
 
 def test_xid_79_outlives_300_harmless_xids_on_other_gpus(
@@ -37,7 +37,7 @@ def test_xid_79_outlives_300_harmless_xids_on_other_gpus(
     write_scenario(scenario_path, gpus({0: [79]}))
     with DaemonProcess(tmp_path, scenario=scenario_path, interval=0.3) as d:
         d.start()
-        d.wait_metric(lambda m: m.get(critical(U[0])) == 1)
+        d.wait_metric(lambda m: critical(m, U[0]) == 1)
         # Then 300 Xid 13 (an application error) on the other three GPUs, after the 79.
         write_scenario(scenario_path, gpus({0: [79], 1: [13] * 100, 2: [13] * 100, 3: [13] * 100}))
         _, m = d.wait_metric(
@@ -45,9 +45,9 @@ def test_xid_79_outlives_300_harmless_xids_on_other_gpus(
         )
         polls = m["tfgpud_polls_total"]
         _, m = d.wait_metric(lambda m: m["tfgpud_polls_total"] >= polls + 2)
-        assert m.get(critical(U[0])) == 1, "gpu-xid-critical for Xid 79 resolved within its hour"
+        assert critical(m, U[0]) == 1, "gpu-xid-critical for Xid 79 resolved within its hour"
         assert xid_series(m, U[0], 79) == 1
-        assert all(critical(u) not in m for u in U[1:])
+        assert all(critical(m, u) is None for u in U[1:])
         assert d.stop() == 0
 
 

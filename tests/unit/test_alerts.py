@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.error
 from collections.abc import Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -155,8 +156,11 @@ def test_alertmanager_payload_firing_and_resolved() -> None:
         "alertname": "TfgpudGpuVanished",
         "severity": "critical",
         "instance": "gpu1",
+        "host": "gpu1",
         "code": "gpu-vanished",
         "subject": U1,
+        "cause": "TfgpudGpuVanished",
+        "role": "cause",
         "origin": "tfgpud",
     }
     assert firing["annotations"]["summary"] == VANISHED.summary
@@ -167,6 +171,31 @@ def test_alertmanager_payload_firing_and_resolved() -> None:
     done = Alert(VANISHED, starts_at=1_700_000_000.0, ends_at=1_700_000_050.0)
     resolved = am_alert(Delivery("resolved", done, 0.0), "gpu1", 1_700_000_100.0, 240.0)
     assert resolved["endsAt"] == "2023-11-14T22:14:10.000Z"
+    # startsAt is when it fired (not when the finding appeared, for_seconds earlier), so
+    # Alertmanager waits group_wait for the rest of the poll's alerts before it notifies.
+    fired = Alert(VANISHED, starts_at=1_700_000_000.0, fired_at=1_700_000_030.0)
+    assert am_alert(Delivery("firing", fired, 0.0), "gpu1", 0.0, 240.0)["startsAt"] == (
+        "2023-11-14T22:13:50.000Z"
+    )
+
+
+def test_a_consequence_names_its_causes_alert_in_labels_and_text() -> None:
+    """What alertmanager.example.yml's inhibit_rules match: role and cause (the cause's pushed
+    alert name), with host, on the consequence; the same on the webhook event."""
+    under = Alert(replace(VANISHED, cause="driver-not-loaded"), starts_at=1_700_000_000.0)
+    labels = am_alert(Delivery("firing", under, 0.0), "gpu1", 1_700_000_100.0, 240.0)["labels"]
+    assert labels["role"] == "consequence" and labels["cause"] == "TfgpudDriverNotLoaded"
+    assert labels["alertname"] == "TfgpudGpuVanished" and labels["host"] == "gpu1"
+    text = am_alert(Delivery("firing", under, 0.0), "gpu1", 0.0, 240.0)["annotations"]
+    assert (
+        "A consequence of driver-not-loaded: it pages as TfgpudDriverNotLoaded"
+        in (text["description"])
+    )
+    event = webhook_event(Delivery("firing", under, 0.0), "gpu1")
+    assert event["role"] == "consequence" and event["cause"] == "TfgpudDriverNotLoaded"
+    libs = Finding("tf-cuda-libs-missing", Severity.CRITICAL, "research", "no cuDNN")
+    root = am_alert(Delivery("firing", Alert(libs, 1.0), 0.0), "gpu1", 2.0, 240.0)["labels"]
+    assert root["role"] == "cause" and root["cause"] == "TfgpudTensorflowCudaLibsMissing"
 
 
 def test_webhook_payload() -> None:
@@ -560,6 +589,82 @@ def test_an_alert_that_rises_to_min_severity_is_pushed_then(tmp_path: Path) -> N
     d.process([], 4.0)
     drain(d.workers[1])
     assert [b["status"] for b in rx.bodies] == ["firing", "resolved"]
+
+
+# --- a cause that appears or clears while its consequence fires ---------------------------------
+
+
+def pushed(rx: Receiver) -> list[tuple[str, str]]:
+    """(status, role) of each alert Alertmanager received, in order."""
+    out = []
+    for body in rx.bodies:
+        for a in body if isinstance(body, list) else []:
+            ended = a["endsAt"] <= a["startsAt"] or a["endsAt"] < "2023-11-14T22:14:00"
+            out.append(("resolved" if ended else "firing", a["labels"]["role"]))
+    return out
+
+
+def test_a_consequence_whose_cause_clears_is_relabelled_once_it_has_held(tmp_path: Path) -> None:
+    """Alertmanager keys alerts by labels: when the driver comes back but the GPU stays gone,
+    the consequence's alert resolves and the GPU's own fires (it pages now); a cause that
+    clears only for a moment (less than for_seconds) relabels nothing."""
+    clock, rx = Clock(), Receiver()
+    d = dispatcher(tmp_path, rx, clock, wall=lambda: 1_700_000_000.0, for_seconds=30)
+    am = d.workers[0]
+    under = replace(VANISHED, cause="driver-not-loaded")
+    d.process([under], 0.0)
+    d.process([under], 30.0)  # fires after 30 s, as a consequence
+    drain(am)
+    assert pushed(rx) == [("firing", "consequence")]
+    d.process([VANISHED], 40.0)  # the driver is back, the GPU still gone ...
+    d.process([under], 50.0)  # ... only for a moment
+    d.process([VANISHED], 60.0)
+    d.process([VANISHED], 80.0)
+    assert am.stats().queued == 0  # 20 s without a cause: not yet
+    d.process([VANISHED], 90.0)
+    drain(am)
+    assert pushed(rx)[1:] == [("resolved", "consequence"), ("firing", "cause")]
+    assert d.transitions.firing[0].starts_at == 0.0  # the same finding, present since 0 ...
+    assert d.transitions.firing[0].fired_at == 90.0  # ... whose alert fired anew at 90
+    d.process([], 100.0)
+    d.process([], 130.0)
+    drain(am)
+    assert pushed(rx)[-1] == ("resolved", "cause")
+
+
+def test_one_polls_alerts_go_in_one_request_root_causes_first(tmp_path: Path) -> None:
+    """Alertmanager notifies an alert that began before group_wait at once: a consequence that
+    arrived before its cause would page before the cause could inhibit it."""
+    clock, rx = Clock(), Receiver()
+    d = dispatcher(tmp_path, rx, clock, wall=lambda: 1_700_000_000.0)
+    driver = Finding("driver-not-loaded", Severity.CRITICAL, "host", "no module")
+    under = [replace(VANISHED, subject=f"GPU-{i}", cause="driver-not-loaded") for i in range(3)]
+    d.process([*under, driver], 1.0)  # consequences first, as diagnose() may sort them
+    assert drain(d.workers[0]) == [True]
+    assert [a["labels"]["role"] for a in rx.bodies[0]] == ["cause"] + ["consequence"] * 3
+
+
+def test_a_resolving_consequence_keeps_its_labels(tmp_path: Path) -> None:
+    clock, rx = Clock(), Receiver()
+    d = dispatcher(tmp_path, rx, clock, wall=lambda: 1_700_000_000.0, for_seconds=10)
+    am = d.workers[0]
+    d.process([replace(VANISHED, cause="driver-not-loaded")], 0.0)
+    d.process([replace(VANISHED, cause="driver-not-loaded")], 10.0)
+    drain(am)
+    d.process([VANISHED], 11.0)  # the cause went first, then the GPU came back too
+    for t in (12.0, 25.0, 30.0):
+        d.process([], t)
+    drain(am)
+    assert pushed(rx) == [("firing", "consequence"), ("resolved", "consequence")]
+
+
+def test_the_cause_survives_a_restart(tmp_path: Path) -> None:
+    clock, rx = Clock(), Receiver()
+    first = dispatcher(tmp_path, rx, clock)
+    first.process([replace(VANISHED, cause="driver-not-loaded")], 1.0)
+    first.stop()
+    again = dispatcher(tmp_path, rx, clock)
+    assert again.transitions.firing[0].finding.cause == "driver-not-loaded"
 
 
 def test_an_info_alert_that_stays_info_is_never_pushed(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from tfgpud.model import (
     DiscoverySummary,
     Finding,
     GpuProcess,
+    GpuProcessFacts,
     GpuReading,
     KnownGpu,
     LibraryCheck,
@@ -320,21 +321,24 @@ def test_gpu_xid_critical_within_the_hour_only() -> None:
     assert [x for x in found if x.code == "gpu-xid-critical" and x.subject == UUID1] == []
 
 
+GIB = 1024**3
+
+
+def shared_gpu(*procs: GpuProcess, used: int = 79 * GIB) -> GpuReading:
+    return gpu(0, UUID0, memory_used_bytes=used, processes=procs)
+
+
 def test_gpu_memory_pressure_names_tf_without_allow_growth() -> None:
-    g = gpu(
-        0,
-        UUID0,
-        memory_used_bytes=79 * 1024**3,
-        processes=(GpuProcess(4242, 78 * 1024**3, "python"), GpuProcess(7, 1024**3, "Xorg")),
-    )
+    g = shared_gpu(GpuProcess(4242, 78 * GIB, "python"), GpuProcess(7, GIB, "Xorg"))
     nvml = replace(NVML2, gpus=(g, gpu(1, UUID1)))
     tfp = (TfProcess(4242, "gpu", user="ana", allow_growth=False, started_at=NOW - 999),)
     scan = WorkloadScan(gpu_process_users=MappingProxyType({4242: "ana", 7: "root"}))
     s = snap(nvml=nvml, pressure_since={UUID0: NOW - 600}, tf_processes=tfp, workloads=scan, tf=())
     f = one(diagnose(s, CONFIG), "gpu-memory-pressure", UUID0)
-    assert f.severity is Severity.WARNING
-    assert "99%" in f.summary and "10 min" in f.summary
-    assert f.evidence[1:3] == (
+    assert f.severity is Severity.WARNING and f.cause is None
+    assert "99%" in f.summary and "10 min" in f.summary and "shared by 2 processes" in f.summary
+    assert f.evidence[1:4] == (
+        "2 process(es) on this GPU:",
         "pid 4242 (python, user ana, TensorFlow): 78.0 GiB",
         "pid 7 (Xorg, user root): 1.0 GiB",
     )
@@ -345,9 +349,21 @@ def test_gpu_memory_pressure_names_tf_without_allow_growth() -> None:
     assert [x.subject for x in diagnose(s, CONFIG) if x.code == "gpu-memory-pressure"] == [UUID0]
 
 
+def test_one_busy_process_owning_its_gpu_is_not_memory_pressure() -> None:
+    """TensorFlow maps nearly all memory of its GPU by default: a training job that owns the GPU
+    keeps it 99% full for its whole life, and that is normal."""
+    g = shared_gpu(GpuProcess(4242, 79 * GIB, "python"))
+    tfp = (TfProcess(4242, "gpu", user="ana", allow_growth=False),)
+    s = snap(nvml=replace(NVML2, gpus=(g,)), pressure_since={UUID0: NOW - 86400}, tf_processes=tfp)
+    assert "gpu-memory-pressure" not in codes(diagnose(s, CONFIG))
+    # Nor a full GPU whose processes NVML does not list (another PID namespace): no sharing seen.
+    unseen = replace(s, nvml=replace(NVML2, gpus=(shared_gpu(),)))
+    assert "gpu-memory-pressure" not in codes(diagnose(unseen, CONFIG))
+
+
 def test_gpu_memory_pressure_growth_unknown_or_async_is_not_blamed() -> None:
-    procs = tuple(GpuProcess(100 + i, (10 - i) * 1024**3, "python") for i in range(8))
-    g = gpu(0, UUID0, memory_used_bytes=78 * 1024**3, processes=procs)
+    procs = tuple(GpuProcess(100 + i, (10 - i) * GIB, "python") for i in range(8))
+    g = shared_gpu(*procs, used=78 * GIB)
     tfp = (
         TfProcess(100, "gpu", allow_growth=None),  # environ not readable
         TfProcess(
@@ -366,13 +382,14 @@ def test_gpu_memory_pressure_growth_unknown_or_async_is_not_blamed() -> None:
     assert f.fix.startswith("Free memory")
 
 
-def test_gpu_memory_pressure_without_process_list_and_clearing() -> None:
-    g = gpu(0, UUID0, memory_used_bytes=78 * 1024**3)
+def test_gpu_memory_pressure_clears_below_the_ratio_and_follows_the_config() -> None:
+    g = shared_gpu(
+        GpuProcess(1, 40 * GIB, "python"), GpuProcess(2, 38 * GIB, "python"), used=78 * GIB
+    )
     s = snap(nvml=replace(NVML2, gpus=(g,)), pressure_since={UUID0: NOW - 600}, tf=())
-    f = one(diagnose(s, CONFIG), "gpu-memory-pressure", UUID0)
-    assert "NVML lists no compute process" in text(f)
+    assert one(diagnose(s, CONFIG), "gpu-memory-pressure", UUID0).severity is Severity.WARNING
     # Below the ratio it clears, whatever pressure_since still says.
-    low = replace(s, nvml=replace(NVML2, gpus=(gpu(0, UUID0, memory_used_bytes=40 * 1024**3),)))
+    low = replace(s, nvml=replace(NVML2, gpus=(replace(g, memory_used_bytes=40 * GIB),)))
     assert "gpu-memory-pressure" not in codes(diagnose(low, CONFIG))
     # for_seconds and pressure_ratio come from [memory].
     strict = parse_config("[memory]\npressure_ratio = 0.99\nfor_seconds = 30\n")
@@ -384,9 +401,146 @@ def test_gpu_memory_pressure_without_process_list_and_clearing() -> None:
 
 
 def test_gpu_memory_pressure_needs_duration() -> None:
-    g = gpu(0, UUID0, memory_used_bytes=79 * 1024**3)
+    g = shared_gpu(GpuProcess(1, 40 * GIB, "python"), GpuProcess(2, 39 * GIB, "python"))
     s = snap(nvml=replace(NVML2, gpus=(g,)), pressure_since={UUID0: NOW - 60}, tf=())
     assert "gpu-memory-pressure" not in codes(diagnose(s, CONFIG))
+
+
+@pytest.mark.parametrize(
+    ("error", "cvd"),
+    [
+        ("OOM when allocating tensor with shape[4096,4096]", None),
+        ("CUDA_ERROR_OUT_OF_MEMORY: out of memory", "0"),
+        ("failed to allocate: RESOURCE_EXHAUSTED", f"{UUID0[:12]}"),
+    ],
+)
+def test_a_failed_allocation_is_critical_memory_pressure_and_explains_the_smoke_failure(
+    error: str, cvd: str | None
+) -> None:
+    """The one failed allocation tfgpud can read is its own smoke test's: even with one process
+    on the GPU, no memory to give is pressure, and it is why the smoke test failed."""
+    g = shared_gpu(GpuProcess(4242, 79 * GIB, "python"))
+    env = {"CUDA_VISIBLE_DEVICES": cvd} if cvd is not None else {}
+    r = probe(smoke_ok=False, smoke_error=error, environment=env)
+    found = diagnose(snap(nvml=replace(NVML2, gpus=(g, gpu(1, UUID1))), tf=(r,)), CONFIG)
+    f = one(found, "gpu-memory-pressure", UUID0)
+    assert f.severity is Severity.CRITICAL and f.cause is None
+    assert "env(s) research could not allocate on it (99% full)" in f.summary
+    assert (
+        f"the smoke test of env `research` could not get memory on this GPU: {error}" in f.evidence
+    )
+    smoke = one(found, "tf-smoke-failed", "research")
+    assert smoke.cause == "gpu-memory-pressure"
+    assert [x.subject for x in found if x.code == "gpu-memory-pressure"] == [UUID0]
+
+
+def test_a_failed_allocation_on_a_gpu_with_room_is_not_pressure() -> None:
+    r = probe(smoke_ok=False, smoke_error="CUDA_ERROR_OUT_OF_MEMORY")  # both GPUs nearly empty
+    found = diagnose(snap(tf=(r,)), CONFIG)
+    assert "gpu-memory-pressure" not in codes(found)
+    assert one(found, "tf-smoke-failed", "research").cause is None
+    other = probe(smoke_ok=False, smoke_error="CUDA_ERROR_INVALID_PTX")
+    full = replace(NVML2, gpus=(shared_gpu(GpuProcess(1, 79 * GIB, "python")),))
+    assert "gpu-memory-pressure" not in codes(diagnose(snap(nvml=full, tf=(other,)), CONFIG))
+
+
+KERNEL = "/home/ana/venv/bin/python -m ipykernel_launcher -f /home/ana/.local/share/jupyter/k.json"
+
+
+def idle_snap(*procs: GpuProcess, idle_for: float = 3600, **kw: Any) -> Snapshot:
+    g = replace(
+        shared_gpu(*procs, used=sum(p.used_memory_bytes or 0 for p in procs) or 60 * GIB),
+        utilization_gpu_ratio=0.0,
+    )
+    return snap(
+        nvml=replace(NVML2, gpus=(g, gpu(1, UUID1, utilization_gpu_ratio=0.0))),
+        idle_since={UUID0: NOW - idle_for, UUID1: NOW - idle_for},
+        tf=(),
+        **kw,
+    )
+
+
+def test_gpu_memory_held_idle_names_the_kernel_and_how_to_free_it() -> None:
+    tfp = (TfProcess(4242, "gpu", user="ana", cmdline=KERNEL, allow_growth=False),)
+    facts = {4242: GpuProcessFacts(4242, "ana", KERNEL, True)}
+    s = idle_snap(
+        GpuProcess(4242, 70 * GIB, "python3"),
+        tf_processes=tfp,
+        workloads=WorkloadScan(gpu_processes=MappingProxyType(facts)),
+    )
+    f = one(diagnose(s, CONFIG), "gpu-memory-held-idle", UUID0)
+    assert f.severity is Severity.WARNING
+    assert "pid 4242 (python3, user ana) holds 88% of its memory" in f.summary
+    assert "idle for 60 min" in f.summary
+    assert f.evidence[0].startswith("GPU utilisation <= 5% since ")
+    assert "pid 4242 (python3), user ana: holds 70.0 GiB (88% of this GPU)" in f.evidence
+    assert f"command: {KERNEL}" in f.evidence
+    assert "TensorFlow: yes, without memory growth" in text(f)
+    assert "notebook kernel pid 4242 (user ana)" in f.fix and "`kill 4242`" in f.fix
+    assert "TF_FORCE_GPU_ALLOW_GROWTH=true" in f.fix and "set_memory_growth" in f.fix
+    assert "memory_limit" in f.fix and "cull_idle_timeout" in f.fix
+    # The other GPU is idle too, but holds nothing: no finding for it.
+    assert [x.subject for x in diagnose(s, CONFIG) if x.code == "gpu-memory-held-idle"] == [UUID0]
+
+
+def test_gpu_memory_held_idle_by_a_process_that_is_not_tensorflow() -> None:
+    facts = {77: GpuProcessFacts(77, "bob", "/usr/bin/blender -b scene.blend", False)}
+    s = idle_snap(
+        GpuProcess(77, 50 * GIB, "blender"),
+        workloads=WorkloadScan(gpu_processes=MappingProxyType(facts)),
+    )
+    f = one(diagnose(s, CONFIG), "gpu-memory-held-idle", UUID0)
+    assert (
+        "TensorFlow: no" in f.evidence and "command: /usr/bin/blender -b scene.blend" in f.evidence
+    )
+    assert "end or restart pid 77 (user bob)" in f.fix and "`kill 77`" in f.fix
+    assert "memory limit" in f.fix and "TF_FORCE_GPU_ALLOW_GROWTH" not in f.fix
+
+
+def test_gpu_memory_held_idle_with_growth_on_says_growth_returns_nothing() -> None:
+    tfp = (TfProcess(5, "gpu", user="ana", cmdline="python train.py", allow_growth=True),)
+    f = one(
+        diagnose(idle_snap(GpuProcess(5, 50 * GIB, "python"), tf_processes=tfp), CONFIG),
+        "gpu-memory-held-idle",
+        UUID0,
+    )
+    assert "TensorFlow: yes, with memory growth" in text(f)
+    assert "never gives memory back" in f.fix and "memory_limit" in f.fix
+
+
+def test_gpu_memory_held_idle_thresholds() -> None:
+    busy = GpuProcess(5, 30 * GIB, "python")
+    # Below idle_hold_ratio (here 30 of 80 GiB = 38% < 50%): nothing.
+    assert "gpu-memory-held-idle" not in codes(diagnose(idle_snap(busy), CONFIG))
+    held = GpuProcess(5, 41 * GIB, "python")
+    assert "gpu-memory-held-idle" in codes(diagnose(idle_snap(held), CONFIG))
+    # Idle for less than idle_seconds (default 1800): nothing yet.
+    assert "gpu-memory-held-idle" not in codes(diagnose(idle_snap(held, idle_for=600), CONFIG))
+    cfg = parse_config("[memory]\nidle_seconds = 300\nidle_hold_ratio = 0.3\n")
+    assert "gpu-memory-held-idle" in codes(diagnose(idle_snap(busy, idle_for=600), cfg))
+    # A GPU that is not idle (no idle_since) holds memory for its work: nothing.
+    working = replace(idle_snap(held), idle_since={})
+    assert "gpu-memory-held-idle" not in codes(diagnose(working, CONFIG))
+
+
+def test_gpu_memory_held_idle_without_per_process_figures_uses_the_gpus_memory() -> None:
+    s = idle_snap(GpuProcess(9, None, "python"))
+    f = one(diagnose(s, CONFIG), "gpu-memory-held-idle", UUID0)
+    assert "(the GPU's used memory: NVML gives no per-process figure)" in text(f)
+    assert "TensorFlow: unknown" in text(f)
+    two = idle_snap(GpuProcess(9, None, "python"), GpuProcess(10, None, "python"))
+    assert "gpu-memory-held-idle" not in codes(diagnose(two, CONFIG))
+
+
+def test_shared_pressure_on_an_idle_gpu_is_a_consequence_of_the_idle_holder() -> None:
+    s = idle_snap(
+        GpuProcess(1, 60 * GIB, "python"),
+        GpuProcess(2, 18 * GIB, "python"),
+        pressure_since={UUID0: NOW - 600},
+    )
+    found = diagnose(s, CONFIG)
+    assert one(found, "gpu-memory-held-idle", UUID0).cause is None
+    assert one(found, "gpu-memory-pressure", UUID0).cause == "gpu-memory-held-idle"
 
 
 TF_LIB = "/opt/research/lib/python3.11/site-packages/tensorflow/libtensorflow_framework.so.2"
@@ -1256,3 +1410,94 @@ def test_a_discovered_env_not_probed_reports_its_metadata_and_the_fix() -> None:
     assert DISCOVERED_RECORD.metadata[0] in f.evidence and r.log_lines[0] in f.evidence
     assert "sudo chown -R alice: /home/alice/tf && sudo chmod -R go-w /home/alice/tf" in f.fix
     assert codes(found) == {"tf-probe-refused"}  # no probe: no verdict on its GPUs
+
+
+# --- causes: every consequence names its root cause --------------------------------------------
+
+
+def causes_by_key(found: tuple[Finding, ...]) -> dict[tuple[str, str], str | None]:
+    return {f.key: f.cause for f in found}
+
+
+def test_the_driver_gone_under_two_gpus_explains_the_vanished_gpus_and_the_fallback() -> None:
+    unbound = tuple(replace(g, driver=None) for g in PCI2.gpus)
+    pci = replace(PCI2, gpus=unbound, nvidia_module_version=None, device_nodes=())
+    nvml = NvmlReading(up=False, error="DRIVER_NOT_LOADED", error_code=9)
+    s = snap(pci=pci, nvml=nvml, tf=(probe(gpus=()),), baseline=(KnownGpu(UUID0), KnownGpu(UUID1)))
+    assert causes_by_key(diagnose(s, CONFIG)) == {
+        ("driver-not-loaded", "host"): None,
+        ("gpu-vanished", UUID0): "driver-not-loaded",
+        ("gpu-vanished", UUID1): "driver-not-loaded",
+        ("tf-cpu-fallback", "research"): "driver-not-loaded",
+    }
+
+
+def test_a_chain_names_its_root_nouveau_under_the_driver_under_the_vanished_gpu() -> None:
+    pci = PciReading(
+        gpus=(PciGpu("0000:01:00.0", "0x2330", "0x030200", "nouveau"),), nouveau_loaded=True
+    )
+    nvml = NvmlReading(up=False, error="DRIVER_NOT_LOADED")
+    found = diagnose(snap(pci=pci, nvml=nvml, tf=(), baseline=(KnownGpu(UUID0),)), CONFIG)
+    assert causes_by_key(found) == {
+        ("nouveau-bound", "host"): None,
+        ("driver-not-loaded", "host"): "nouveau-bound",
+        ("gpu-vanished", UUID0): "nouveau-bound",
+    }
+
+
+def test_a_driver_that_still_answers_explains_no_vanished_gpu() -> None:
+    """A version mismatch NVML survives does not hide a GPU NVML lists no more: that GPU really
+    went away, and pages on its own."""
+    nvml = replace(NVML2, library_path="/usr/lib/libnvidia-ml.so.555.42.02", gpus=(gpu(0, UUID0),))
+    found = diagnose(snap(nvml=nvml, tf=(), baseline=(KnownGpu(UUID0), KnownGpu(UUID1))), CONFIG)
+    assert one(found, "driver-library-mismatch", "host").cause is None
+    assert one(found, "gpu-vanished", UUID1).cause is None
+
+
+def test_a_named_tf_cause_explains_its_envs_fallback_and_only_that_env() -> None:
+    broken = probe(gpus=(), libraries=libs(missing={"cudnn", "cublas"}))
+    unknown = probe(env="mystery", gpus=())  # sees nothing, no cause the probe can name
+    found = diagnose(snap(tf=(broken, unknown)), CONFIG)
+    assert one(found, "tf-cuda-libs-missing", "research").cause is None
+    assert one(found, "tf-cpu-fallback", "research").cause == "tf-cuda-libs-missing"
+    assert one(found, "tf-cpu-fallback", "mystery").cause is None
+
+
+def test_a_job_on_the_cpu_names_the_root_cause_of_its_envs_fallback() -> None:
+    r = probe(gpus=(), libraries=libs(missing={"cudnn"}), package_dirs=RESEARCH_DIRS)
+    job = TfProcess(
+        4242,
+        "cpu",
+        user="ana",
+        cmdline=f"{PY} train.py",
+        cpu_since=NOW - 900,
+        tensorflow_library=TF_LIB,
+    )
+    found = diagnose(snap(tf=(r,), tf_processes=(job,)), CONFIG)
+    assert one(found, "tf-job-on-cpu", "4242").cause == "tf-cuda-libs-missing"
+    # A job from an env tfgpud does not probe is its own cause.
+    stray = replace(job, cmdline="/srv/other/bin/python x.py", tensorflow_library="/srv/other/x.so")
+    alone = diagnose(snap(tf=(r,), tf_processes=(stray,)), CONFIG)
+    assert one(alone, "tf-job-on-cpu", "4242").cause is None
+
+
+def test_an_xid_on_a_lost_gpu_is_a_consequence_of_the_loss() -> None:
+    nvml = replace(NVML2, gpus=(gpu(0, UUID0), gpu(1, UUID1, lost=True, error="GPU_IS_LOST")))
+    xids = (XidEvent(UUID1, 79, NOW - 60), XidEvent(UUID0, 48, NOW - 60))
+    found = diagnose(snap(nvml=nvml, tf=(), xid_events=xids), CONFIG)
+    assert one(found, "gpu-xid-critical", UUID1).cause == "gpu-lost"
+    assert one(found, "gpu-xid-critical", UUID0).cause is None  # that GPU is not lost
+
+
+def test_a_cause_less_severe_than_its_consequence_does_not_silence_it() -> None:
+    from tfgpud.diagnosis.causes import attribute_causes
+
+    info = Finding("nvml-library-missing", Severity.INFO, "host", "s")
+    vanished = Finding("gpu-vanished", Severity.CRITICAL, UUID0, "s")
+    s = snap(nvml=NO_NVML, tf=())
+    assert [f.cause for f in attribute_causes([info, vanished], s, CONFIG)] == [None, None]
+    crit = replace(info, severity=Severity.CRITICAL)
+    assert [f.cause for f in attribute_causes([crit, vanished], s, CONFIG)] == [
+        None,
+        "nvml-library-missing",
+    ]

@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
 
@@ -10,11 +11,12 @@ import pytest
 from prometheus_client.exposition import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
-from tfgpud.exporter import MAX_PROCESS_SERIES, make_registry
+from tfgpud.exporter import MAX_PROCESS_SERIES, MAX_USER_SERIES, ExportOptions, make_registry
 from tfgpud.model import (
     CollectorRun,
     Finding,
     GpuProcess,
+    GpuProcessFacts,
     GpuReading,
     KnownGpu,
     NvmlReading,
@@ -52,6 +54,7 @@ def fixture_snapshot() -> Snapshot:
         processes=(
             GpuProcess(pid=4242, used_memory_bytes=40000000000, name="python3"),
             GpuProcess(pid=4343, used_memory_bytes=None, name="gone"),
+            GpuProcess(pid=4444, used_memory_bytes=2000000000, name="blender"),
         ),
     )
     # Lost while this daemon ran: NVML still tells name and bus id, not the compute capability.
@@ -104,6 +107,7 @@ def fixture_snapshot() -> Snapshot:
         ),
         findings=(
             Finding("gpu-lost", Severity.CRITICAL, UUID1, "GPU 1 fell off the bus"),
+            Finding("gpu-xid-critical", Severity.CRITICAL, UUID1, "Xid 79", cause="gpu-lost"),
             Finding("tf-partial-visibility", Severity.CRITICAL, "research", "TF sees 1 of 2"),
             Finding("tf-import-failed", Severity.CRITICAL, "old", "no TF"),
         ),
@@ -113,12 +117,26 @@ def fixture_snapshot() -> Snapshot:
         ),
         expected_gpus=3,
         tf_processes=(TfProcess(4242, "gpu"), TfProcess(5151, "cpu"), TfProcess(5252, "cpu")),
-        workloads=WorkloadScan(processes=812, candidates=9, unreadable=1),
+        workloads=WorkloadScan(
+            processes=812,
+            candidates=9,
+            unreadable=1,
+            gpu_process_users=MappingProxyType({4242: "ana", 4444: "bob"}),
+            gpu_processes=MappingProxyType(
+                {
+                    4242: GpuProcessFacts(4242, "ana", "python3 train.py", True),
+                    4444: GpuProcessFacts(4444, "bob", "blender -b x.blend", False),
+                }
+            ),
+        ),
     )
 
 
-def render(snap: Snapshot | None) -> str:
-    return generate_latest(make_registry(lambda: snap)).decode()
+HOST = ExportOptions(host="gpu-node-01")
+
+
+def render(snap: Snapshot | None, options: ExportOptions = HOST) -> str:
+    return generate_latest(make_registry(lambda: snap, lambda: options)).decode()
 
 
 def test_exposition_matches_golden_file() -> None:
@@ -135,7 +153,7 @@ def test_unknown_values_are_omitted_not_zero() -> None:
     assert f"tfgpud_gpu_up{{{lost}}} 0.0" in text
     assert f"tfgpud_gpu_memory_total_bytes{{{lost}}}" not in text
     assert f"tfgpud_gpu_temperature_celsius{{{lost}}}" not in text
-    assert 'pid="4343"' not in text  # memory unknown
+    assert "pid=" not in text  # per-process series are opt-in
     assert "NaN" not in text
     # A probe that failed exports success 0 and no visibility/fallback values.
     assert 'tfgpud_tf_probe_success{env="old"} 0.0' in text
@@ -153,18 +171,82 @@ def test_xid_series_exist_at_zero_from_first_appearance() -> None:
     assert f'tfgpud_gpu_xid_errors_total{{gpu="0",uuid="{UUID0}",xid="13"}} 2.0' in text
 
 
-def test_process_series_are_capped() -> None:
+def test_process_series_are_opt_in_and_capped() -> None:
     procs = tuple(GpuProcess(pid=1000 + i, used_memory_bytes=i + 1) for i in range(40))
     gpu = GpuReading(index=0, uuid=UUID0, processes=procs)
     snap = Snapshot(taken_at=0.0, nvml=NvmlReading(up=True, gpus=(gpu,)))
-    lines = [x for x in render(snap).splitlines() if x.startswith("tfgpud_gpu_process_memory")]
+    assert "tfgpud_gpu_process_memory" not in render(snap)
+    text = render(snap, ExportOptions(per_process_metrics=True))
+    lines = [x for x in text.splitlines() if x.startswith("tfgpud_gpu_process_memory")]
     assert len(lines) == MAX_PROCESS_SERIES + 1
     other = [x for x in lines if 'pid="other"' in x]
     assert other == [
         f'tfgpud_gpu_process_memory_bytes{{gpu="0",pid="other",process="other",'
         f'uuid="{UUID0}"}} {float(sum(range(1, 25)))}'
     ]
-    assert f'tfgpud_gpu_processes{{gpu="0",uuid="{UUID0}"}} 40.0' in render(snap)
+    assert f'tfgpud_gpu_processes{{gpu="0",uuid="{UUID0}"}} 40.0' in text
+    # Memory unknown: no series for that process.
+    unknown = GpuReading(index=0, uuid=UUID0, processes=(GpuProcess(7, None, "gone"),))
+    one = Snapshot(taken_at=0.0, nvml=NvmlReading(up=True, gpus=(unknown,)))
+    assert 'pid="7"' not in render(one, ExportOptions(per_process_metrics=True))
+
+
+def by_user(text: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("tfgpud_gpu_user_"):
+            key, value = line.rsplit(" ", 1)
+            out[key.replace(f',uuid="{UUID0}"', "").replace('gpu="0",', "")] = float(value)
+    return out
+
+
+def test_memory_and_processes_by_user_and_kind_are_bounded() -> None:
+    """40 processes of 6 users on one GPU: the 3 users holding most are named, the rest (and
+    processes whose user is unknown) are user="other"; TensorFlow or not is the kind."""
+    users = {1000 + i: f"u{i % 6}" for i in range(39)}
+    procs = tuple(
+        GpuProcess(pid=1000 + i, used_memory_bytes=(i % 6 + 1) * 2**30) for i in range(40)
+    )
+    gpu = GpuReading(index=0, uuid=UUID0, processes=procs)
+    tf = tuple(TfProcess(1000 + i, "gpu") for i in range(0, 40, 6))  # u0's processes
+    snap = Snapshot(
+        taken_at=0.0,
+        nvml=NvmlReading(up=True, gpus=(gpu,)),
+        tf_processes=tf,
+        workloads=WorkloadScan(gpu_process_users=MappingProxyType(users)),
+    )
+    series = by_user(render(snap))
+    named = {k.split('user="')[1].split('"')[0] for k in series}
+    assert named == {"u5", "u4", "u3", "other"} and MAX_USER_SERIES == 3
+    assert series['tfgpud_gpu_user_memory_bytes{kind="other",user="u5"}'] == 6 * 6 * 2**30
+    assert series['tfgpud_gpu_user_processes{kind="other",user="u5"}'] == 6
+    # u0 holds least: its 7 TensorFlow processes are counted under user="other"
+    assert series['tfgpud_gpu_user_processes{kind="tensorflow",user="other"}'] == 7
+    assert sum(v for k, v in series.items() if "user_processes" in k) == 40
+    assert len(series) <= 2 * 2 * (MAX_USER_SERIES + 1)
+    # A new job of a known user adds no series (pids are not labels).
+    more = replace(gpu, processes=(*procs, GpuProcess(9999, 2**30)))
+    users2 = {**users, 9999: "u5"}
+    snap2 = replace(
+        snap,
+        nvml=NvmlReading(up=True, gpus=(more,)),
+        workloads=WorkloadScan(gpu_process_users=MappingProxyType(users2)),
+    )
+    assert set(by_user(render(snap2))) == set(series)
+
+
+def test_finding_series_carry_cause_role_and_the_alert_host() -> None:
+    text = render(fixture_snapshot())
+    assert (
+        'tfgpud_finding{cause="TfgpudGpuLost",code="gpu-xid-critical",host="gpu-node-01",'
+        f'role="consequence",severity="critical",subject="{UUID1}"}} 1.0'
+    ) in text
+    assert (
+        'tfgpud_finding{cause="TfgpudGpuLost",code="gpu-lost",host="gpu-node-01",'
+        f'role="cause",severity="critical",subject="{UUID1}"}} 1.0'
+    ) in text
+    # Without a host (no daemon around it) the label is left out, not empty.
+    assert 'host="' not in render(fixture_snapshot(), ExportOptions())
 
 
 def test_before_first_poll_only_build_info() -> None:
@@ -174,7 +256,7 @@ def test_before_first_poll_only_build_info() -> None:
 
 
 def test_openmetrics_negotiation_renders() -> None:
-    text = generate_openmetrics(make_registry(fixture_snapshot)).decode()
+    text = generate_openmetrics(make_registry(fixture_snapshot, lambda: HOST)).decode()
     assert text.endswith("# EOF\n")
     assert "tfgpud_gpu_xid_errors_total" in text
 
@@ -319,3 +401,46 @@ def test_the_render_cache_holds_one_body_per_format_whatever_is_asked() -> None:
         types.add(expo(f"application/openmetrics-text; escaping=dots{i}")[1])
     assert types <= set(CONTENT_TYPES.values()) and len(types) == 2
     assert len(expo._cache) == 2
+
+
+def series_of(text: str, uuid: str) -> int:
+    return sum(1 for x in text.splitlines() if not x.startswith("#") and f'uuid="{uuid}"' in x)
+
+
+@pytest.mark.parametrize(
+    ("jobs", "per_process", "expected"),
+    [
+        (1, False, 19 + 2),  # one user's TensorFlow job (docs/metrics.md, "Series per GPU")
+        (20, False, 19 + 2 * 2),  # 20 jobs of 2 users
+        (20, True, 19 + 2 * 2 + 17),  # and the per-process series: 16 + pid="other"
+    ],
+)
+def test_series_per_gpu_are_as_documented(jobs: int, per_process: bool, expected: int) -> None:
+    procs = tuple(
+        GpuProcess(pid=100 + i, used_memory_bytes=2**30, name="python") for i in range(jobs)
+    )
+    gpu = GpuReading(
+        index=0,
+        uuid=UUID0,
+        name="NVIDIA H100 80GB HBM3",
+        pci_bus_id="00000000:01:00.0",
+        compute_capability=(9, 0),
+        memory_total_bytes=80 * 2**30,
+        memory_used_bytes=jobs * 2**30,
+        memory_free_bytes=(80 - jobs) * 2**30,
+        utilization_gpu_ratio=0.9,
+        temperature_celsius=60.0,
+        power_watts=300.0,
+        ecc_uncorrected_total=0,
+        processes=procs,
+    )
+    snap = Snapshot(
+        taken_at=0.0,
+        nvml=NvmlReading(up=True, gpus=(gpu,)),
+        tf_processes=tuple(TfProcess(p.pid, "gpu") for p in procs),
+        workloads=WorkloadScan(
+            gpu_process_users=MappingProxyType({p.pid: f"u{p.pid % 2}" for p in procs})
+        ),
+    )
+    text = render(snap, ExportOptions(per_process_metrics=per_process))
+    assert series_of(text, UUID0) == expected

@@ -29,8 +29,12 @@ REQUIRED = {
     "TfgpudTensorflowProbeFailing",
     "TfgpudTensorflowNotProbed",
     "TfgpudGpuMemoryPressure",
+    "TfgpudGpuMemoryHeldIdle",
     "TfgpudTensorflowJobOnCpu",
 }
+# Its finding is a warning (processes sharing a full GPU) or critical (an allocation failed):
+# the alert takes the finding's severity label.
+SEVERITY_FROM_FINDING = {"TfgpudGpuMemoryPressure"}
 
 
 def promtool(*args: str, cwd: Path = PROM) -> subprocess.CompletedProcess[str]:
@@ -60,11 +64,16 @@ def test_promtool_test_rules() -> None:
 
 @needs_promtool
 def test_promtool_test_rules_fails_when_a_rule_is_broken(tmp_path: Path) -> None:
-    """The unit tests can fail: a fallback rule that also fires on CPU-only machines is caught."""
-    broken = RULES.read_text().replace(
-        'tfgpud_tf_cpu_fallback{job="tfgpud"} == 1', 'tfgpud_tf_cpu_fallback{job="tfgpud"} >= 0'
+    """The unit tests can fail: a fallback rule that also takes the TF causes of envs that do
+    not fall back (they belong to TfgpudTensorflowCpuFallback only beside a fallback) is caught."""
+    text = RULES.read_text()
+    broken = text.replace(
+        "              and on (job, instance, subject)\n"
+        '              tfgpud_finding{job="tfgpud", code=~"tf-cpu-fallback|tf-partial-visibility"}',
+        "              or on (job, instance, subject)\n"
+        '              tfgpud_finding{job="tfgpud", code=~"tf-cpu-fallback|tf-partial-visibility"}',
     )
-    assert broken != RULES.read_text()
+    assert broken != text
     (tmp_path / "tfgpud.rules.yml").write_text(broken)
     shutil.copy(PROM / "tfgpud.rules.test.yml", tmp_path)
     out = promtool("test", "rules", "tfgpud.rules.test.yml", cwd=tmp_path)
@@ -92,7 +101,10 @@ def test_required_alerts_have_severity_summary_description_and_a_runbook_section
     for name, rule in by_name.items():
         labels = rule.get("labels")
         annotations = rule.get("annotations")
-        assert isinstance(labels, dict) and labels.get("severity") in {"warning", "critical"}
+        if name in SEVERITY_FROM_FINDING:
+            assert not labels and "tfgpud_finding" in str(rule["expr"]), name
+        else:
+            assert isinstance(labels, dict) and labels.get("severity") in {"warning", "critical"}
         assert isinstance(annotations, dict)
         assert annotations.get("summary") and annotations.get("description"), name
         assert f"docs/runbook.md#{name.lower()}" in str(annotations["description"]), name
@@ -104,12 +116,13 @@ def test_required_alerts_have_severity_summary_description_and_a_runbook_section
 
 def test_critical_finding_routes_every_code_excluded_elsewhere_back_conditionally() -> None:
     """TfgpudCriticalFinding's first part excludes exactly the codes the always-covered set and
-    the two conditional parts (driver findings, TF causes) name: no code is dropped or doubled."""
+    the two conditional parts (driver findings, TF causes) name: no code is dropped or doubled.
+    (The third `code=~` is the fallback finding the TF causes are set against.)"""
     by_name = {str(r["alert"]): r for r in rules()}
     expr = str(by_name["TfgpudCriticalFinding"]["expr"])
     excluded = set(re.search(r'code!~"([^"]+)"', expr).group(1).split("|"))  # type: ignore[union-attr]
     parts = [set(m.split("|")) for m in re.findall(r'code=~"([^"]+)"', expr)]
-    assert len(parts) == 2 and not parts[0] & parts[1]
+    assert len(parts) == 3 and not parts[0] & parts[1]
     always = {
         "gpu-vanished",
         "gpu-lost",
@@ -118,9 +131,64 @@ def test_critical_finding_routes_every_code_excluded_elsewhere_back_conditionall
         "tf-partial-visibility",
         "tf-import-failed",
         "tf-import-crashed",
+        "gpu-memory-pressure",
     }
+    assert parts[2] == {"tf-cpu-fallback", "tf-partial-visibility"}
     assert excluded == always | parts[0] | parts[1]
     # The always-covered codes each have their alert.
     other = " ".join(str(r["expr"]) for n, r in by_name.items() if n != "TfgpudCriticalFinding")
     for code in ("gpu-vanished", "tf-import-failed", "tf-import-crashed"):
         assert code in other
+
+
+AMTOOL = shutil.which("amtool")
+AM_EXAMPLE = PROM / "alertmanager.example.yml"
+
+
+@pytest.mark.skipif(
+    AMTOOL is None, reason="amtool not installed (apt install prometheus-alertmanager)"
+)
+def test_alertmanager_example_is_valid_and_routes_findings_by_root_cause() -> None:
+    def amtool(*args: str) -> subprocess.CompletedProcess[str]:
+        assert AMTOOL is not None
+        return subprocess.run(
+            [AMTOOL, *args], capture_output=True, text=True, timeout=60, check=False
+        )
+
+    check = amtool("check-config", str(AM_EXAMPLE))
+    assert check.returncode == 0 and "2 inhibit rules" in check.stdout, check.stdout + check.stderr
+    route = ["config", "routes", "test", f"--config.file={AM_EXAMPLE}"]
+    cause = ["role=cause", "cause=TfgpudDriverNotLoaded", "host=gpu1"]
+    assert amtool(*route, *cause, "severity=critical").stdout.strip() == "tfgpud-pager"
+    assert amtool(*route, *cause, "severity=warning").stdout.strip() == "tfgpud-team"
+    assert amtool(*route, "alertname=TfgpudDown", "severity=warning").stdout.strip() == (
+        "tfgpud-team"
+    )
+
+
+def test_alertmanager_example_pairs_paths_and_causes_on_labels_both_paths_carry() -> None:
+    """The contract of alertmanager.example.yml: a finding route grouped by root cause, and the
+    two inhibit rules on labels that both the daemon's pushes and the rules' alerts carry."""
+    doc = yaml.safe_load(AM_EXAMPLE.read_text())
+    assert doc["route"]["receiver"] and doc["receivers"]
+    finding_route = next(r for r in doc["route"]["routes"] if "group_by" in r)
+    assert finding_route["group_by"] == ["host", "cause"]
+    rules_ = [
+        (r["source_matchers"], r["target_matchers"], r["equal"]) for r in doc["inhibit_rules"]
+    ]
+    assert rules_ == [
+        (
+            ['job="tfgpud"', 'role=~"cause|consequence"'],
+            ['origin="tfgpud"'],
+            ["host", "code", "subject"],
+        ),
+        (['role="cause"'], ['role="consequence"'], ["host", "cause"]),
+    ]
+    # Every label they match on is on both paths: the push (sinks.am_alert) and the rules'
+    # alerts (tfgpud_finding's labels, which every finding rule keeps).
+    from tfgpud.alerts import Alert, Delivery, am_alert
+    from tfgpud.model import Finding, Severity
+
+    f = Finding("gpu-vanished", Severity.CRITICAL, "GPU-1", "gone", cause="driver-not-loaded")
+    pushed = am_alert(Delivery("firing", Alert(f, 0.0), 0.0), "gpu1", 0.0, 60.0)["labels"]
+    assert {"host", "code", "subject", "cause", "role"} <= set(pushed) and pushed["origin"]

@@ -445,6 +445,50 @@ def test_adopt_keeps_results_of_unchanged_envs_across_a_reload() -> None:
     new.close()
 
 
+class StuckProbe:
+    """A probe whose child the cancel cannot end (a child of another user, before tfgpud could
+    kill those): it returns only when released."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.calls: list[str] = []
+
+    def __call__(
+        self, env: TfEnvConfig, *, timeout: float, cancel: threading.Event
+    ) -> TfProbeResult:
+        self.calls.append(env.name)
+        self.release.wait(30)
+        return TfProbeResult(
+            env=env.name,
+            python=env.python,
+            status=ProbeStatus.CRASHED if cancel.is_set() else ProbeStatus.OK,
+            started_at=time.time(),
+            duration_seconds=0.0,
+        )
+
+
+def test_a_reload_waits_for_no_probe_and_never_runs_two_of_one_env() -> None:
+    stuck = StuckProbe()
+    other = TfEnvConfig(name="other", python="/other/bin/python")
+    old = TfProbeScheduler([ENV], interval=21600, timeout=5, probe=stuck)
+    assert old.maybe_start(nvml(), 0.0) == ("main",)
+    old.cancel()  # returns at once; the probe has not ended
+    assert old.running() == ("main",)
+    new = TfProbeScheduler([ENV, other], interval=21600, timeout=5, probe=stuck, max_concurrent=2)
+    new.adopt(old)
+    # `main`'s cancelled probe still runs: not a second one of it; `other` may start.
+    assert new.maybe_start(nvml(), 1.0) == ("other",)
+    assert set(new.running()) == {"main", "other"}
+    stuck.release.set()
+    assert new.wait_idle(5)
+    assert new.results() == tuple(r for r in new.results() if r.env == "other")
+    assert new.maybe_start(nvml(), 2.0) == ("main",)  # probed anew once the old one ended
+    assert new.last_reason("main") == "first probe"
+    assert new.wait_idle(5)
+    new.close()
+    assert stuck.calls == ["main", "other", "main"]
+
+
 # --- probe invocation: isolation, interpreter resolution, access -------------------------------
 
 

@@ -83,7 +83,9 @@ def test_verdict_driver_down_is_the_root_cause_not_the_vanished_gpus() -> None:
 
 
 def test_verdict_memory_nearly_full_is_a_warning_with_a_short_gpu_name() -> None:
-    full = gpu(0, UUID0, memory_used_bytes=79 * 1024**3)
+    # Two jobs sharing the GPU fill it: pressure (one job owning a full GPU is not).
+    shared = (GpuProcess(4242, 40 * 1024**3, "python3"), GpuProcess(4343, 39 * 1024**3, "python3"))
+    full = gpu(0, UUID0, memory_used_bytes=79 * 1024**3, processes=shared)
     s = diagnosed(
         snap(
             nvml=replace(NVML2, gpus=(full, gpu(1, UUID1))),
@@ -101,6 +103,19 @@ def test_verdict_before_the_first_poll_and_without_gpus() -> None:
     s = diagnosed(snap(pci=replace(PCI2, gpus=()), nvml=replace(NVML2, gpus=()), tf=()))
     assert verdict(s, s.findings)[0] == "ok"
     assert verdict(s, s.findings)[1].startswith("No NVIDIA GPU on this machine")
+    # The same with TensorFlow probed and NVML not installed (a CPU-only machine, `make run`):
+    # not "TensorFlow can use 0 of 0 GPUs".
+    cpu_only = diagnosed(
+        snap(
+            pci=replace(PCI2, gpus=()),
+            nvml=NvmlReading(up=False, error="LIBRARY_NOT_FOUND"),
+            tf=(probe(gpus=()),),
+        )
+    )
+    assert verdict(cpu_only, cpu_only.findings) == (
+        "ok",
+        "No NVIDIA GPU on this machine: TensorFlow runs on the CPU, as expected here",
+    )
 
 
 def test_every_cause_of_a_fallback_has_a_verdict_phrase() -> None:

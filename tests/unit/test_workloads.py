@@ -18,6 +18,7 @@ from tfgpud.collectors.workloads import (
 )
 from tfgpud.model import GpuProcess, GpuReading, NvmlReading
 
+ROOT = Path(__file__).resolve().parents[2]
 BTIME = 1_700_000_000
 TICKS = os.sysconf("SC_CLK_TCK")
 NOW = 1_800_000_000.0
@@ -32,10 +33,16 @@ PLAIN_MAPS = "55d0c0000000-55d0c0001000 r--p 00000000 08:01 131 /usr/bin/python3
 
 
 def stat_line(
-    pid: int, comm: str, state: str = "S", start: int = 1000, vsize: int = 1 << 26
+    pid: int,
+    comm: str,
+    state: str = "S",
+    start: int = 1000,
+    vsize: int = 1 << 26,
+    session: int | None = None,
 ) -> str:
-    # Fields 4..21, then starttime (22), vsize (23), then the rest of a real line.
-    middle = " ".join(["1", pid_s := str(pid), pid_s, "0", "-1", "4194304"] + ["0"] * 12)
+    # Fields 4..21 (ppid, pgrp, session, ...), then starttime (22), vsize (23), then the rest.
+    sid = str(pid if session is None else session)
+    middle = " ".join(["1", sid, sid, "0", "-1", "4194304"] + ["0"] * 12)
     return f"{pid} ({comm}) {state} {middle} {start} {vsize} 2000 " + " ".join(["0"] * 29) + "\n"
 
 
@@ -61,10 +68,11 @@ class Proc:
         environ: dict[str, str] | None = None,
         exe: str | None = "/usr/bin/python3.11",
         fds: dict[str, str] | None = None,
+        session: int | None = None,
     ) -> Path:
         d = self.root / str(pid)
         d.mkdir(exist_ok=True)
-        (d / "stat").write_text(stat_line(pid, comm, state, start, vsize))
+        (d / "stat").write_text(stat_line(pid, comm, state, start, vsize, session))
         (d / "comm").write_text(comm + "\n")
         (d / "status").write_text(f"Name:\t{comm}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n")
         if maps is not None:
@@ -101,8 +109,8 @@ def proc(tmp_path: Path) -> Proc:
 
 
 def test_parse_stat_handles_names_with_spaces_and_parens() -> None:
-    line = stat_line(7, "a) (b c", start=4321, vsize=99).encode()
-    assert parse_stat(line) == (b"a) (b c", b"S", 4321, 99)
+    line = stat_line(7, "a) (b c", start=4321, vsize=99, session=5).encode()
+    assert parse_stat(line) == (b"a) (b c", b"S", 4321, 99, 5)
     assert parse_stat(b"7 (python") is None
     assert parse_stat(b"7 (python) S 1 2") is None
 
@@ -131,6 +139,25 @@ def test_finds_tf_processes_and_their_placement(proc: Proc) -> None:
     assert dict(scan.gpu_process_users) == {101: "root", 106: "root"}  # 999 is not running
 
 
+def test_facts_of_every_process_on_a_gpu_for_the_memory_rules(proc: Proc) -> None:
+    """User, command line and TensorFlow or not, for each pid NVML lists (TensorFlow or not),
+    read once per process; nothing for a listed pid /proc does not show."""
+    proc.add(101, maps=TF_MAPS, uid=0, cmdline=["python3", "-m", "ipykernel_launcher"])
+    proc.add(106, "blender", uid=0, cmdline=["blender", "-b", "scene.blend"])
+    d = proc.add(107, "render", maps=None)
+    (d / "maps").mkdir()  # unreadable maps (another user's, without CAP_SYS_PTRACE)
+    scanner = WorkloadScanner(proc.root)
+    facts = scanner.scan(nvml(101, 106, 107, 999), NOW).scan.gpu_processes
+    assert {pid: (f.user, f.cmdline, f.tensorflow) for pid, f in facts.items()} == {
+        101: ("root", "python3 -m ipykernel_launcher", True),
+        106: ("root", "blender -b scene.blend", False),
+        107: ("root", "render train.py", None),
+    }
+    (proc.root / "106" / "cmdline").write_bytes(b"changed\0")
+    again = scanner.scan(nvml(101, 106, 107), NOW).scan.gpu_processes
+    assert again[106].cmdline == "blender -b scene.blend"  # read once per process
+
+
 @pytest.mark.parametrize("reading", [None, NvmlReading(up=False, error="DRIVER_NOT_LOADED")])
 def test_open_gpu_node_counts_only_while_nvml_is_down(
     proc: Proc, reading: NvmlReading | None
@@ -152,8 +179,18 @@ def test_unreadable_hint_names_the_drop_in_that_works(
     with caplog.at_level(logging.WARNING):
         WorkloadScanner(proc.root).scan(None, NOW)
     text = caplog.text
-    assert "PrivateUsers=no" in text and "CapabilityBoundingSet=CAP_SYS_PTRACE" in text
-    assert "AmbientCapabilities=CAP_SYS_PTRACE" in text and "alone does nothing" in text
+    # Exactly the README's drop-in: the packaged unit already has PrivateUsers=no and
+    # CAP_SETUID/CAP_SETGID, so the capability lines are all it needs.
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("#### Seeing other users' TensorFlow jobs", 1)[1]
+    block = section.split("```ini\n", 1)[1].split("```", 1)[0].split()
+    assert block == [
+        "[Service]",
+        "CapabilityBoundingSet=CAP_SYS_PTRACE",
+        "AmbientCapabilities=CAP_SYS_PTRACE",
+    ]
+    assert all(line in text for line in block[1:]), text
+    assert "PrivateUsers" not in text and "Seeing other users' TensorFlow jobs" in text
 
 
 def test_process_facts(proc: Proc) -> None:
@@ -228,6 +265,27 @@ def test_vanishing_and_odd_entries_are_normal_input(proc: Proc) -> None:
             f.unlink()
     reading = scanner.scan(None, NOW + 1)
     assert [p.pid for p in reading.processes] == [102]
+
+
+def test_processes_in_the_sessions_of_tfgpuds_own_children_are_not_workloads(
+    proc: Proc, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 200: a probe child run as an env's owner (a python whose maps tfgpud may not read);
+    # 201: what it started (same session). 300: another user's job, in a session of its own.
+    for pid in (200, 201, 300):
+        d = proc.add(pid, maps=None, session=200 if pid < 300 else None)
+        (d / "maps").mkdir()  # reading fails as EACCES would
+    proc.add(202, maps=TF_MAPS, session=200)  # even with TensorFlow loaded: the probe's own
+    own: set[int] = {200}
+    scanner = WorkloadScanner(proc.root, own_sessions=lambda: own)
+    with caplog.at_level(logging.WARNING, logger="tfgpud.collectors.workloads"):
+        reading = scanner.scan(nvml(202), NOW)
+    assert reading.processes == ()
+    scan = reading.scan
+    assert (scan.processes, scan.candidates, scan.unreadable, scan.maps_read) == (4, 1, 1, 0)
+    assert "e.g. pid 300" in caplog.text
+    own.clear()  # the probe was reaped; its session, were anything left in it, is no one's
+    assert {p.pid for p in scanner.scan(nvml(202), NOW + 1).processes} == {202}
 
 
 def test_unreadable_maps_are_counted_not_retried(proc: Proc) -> None:

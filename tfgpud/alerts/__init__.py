@@ -22,8 +22,9 @@ from tfgpud.alerts.sinks import (
     webhook_event,
 )
 from tfgpud.alerts.store import ALERTS_FILE, SavedState, load_firing, load_state
-from tfgpud.alerts.transitions import Alert, Transition, Transitions, alertname, log_transition
+from tfgpud.alerts.transitions import Alert, Transition, Transitions, log_transition
 from tfgpud.codes import MESSAGE_IDS, message_id
+from tfgpud.codes import alert_name as alertname
 
 __all__ = [
     "ALERTS_FILE",

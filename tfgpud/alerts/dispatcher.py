@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 
 from tfgpud.alerts.sinks import (
@@ -96,6 +97,14 @@ class AlertDispatcher:
         self._last_push: dict[tuple[str, str], float] = {
             a.key: float("-inf") for a in self.transitions.firing if a.key in self._pushed
         }
+        # The cause each pushed alert carries (its labels), and since when its finding has named
+        # another one (the relabel is damped like a new finding).
+        self._shown: dict[tuple[str, str], str | None] = {
+            a.key: a.finding.cause for a in self.transitions.firing if a.key in self._pushed
+        }
+        self._relabel_since: dict[tuple[str, str], float] = {}
+        # id(worker) -> (worker, messages of this poll), handed over by _send()
+        self._outgoing: dict[int, tuple[SinkWorker, list[Delivery]]] = {}
         expired = any(w.dropped for w in self.workers)
         # None: alerts.json does not match memory yet (a message was dropped while loading).
         self._saved_sig: tuple[int, ...] | None = (
@@ -124,12 +133,23 @@ class AlertDispatcher:
 
     def _push(self, d: Delivery, workers: Iterable[SinkWorker] | None = None) -> None:
         for w in self.workers if workers is None else workers:
-            w.put(d)
+            self._outgoing.setdefault(id(w), (w, []))[1].append(d)
+
+    def _send(self) -> None:
+        """Hand this poll's messages to each sink at once, root causes first: Alertmanager
+        notifies an alert that began before group_wait at once, so a consequence must not
+        arrive before the cause that inhibits it."""
+        for w, ds in self._outgoing.values():
+            w.put_all(
+                sorted(ds, key=lambda d: d.state == "firing" and d.alert.finding.cause is not None)
+            )
+        self._outgoing.clear()
 
     def process(self, findings: Iterable[Finding], now: float) -> AlertStats:
         """Update transitions for this poll's findings, log them, queue deliveries, and save
         ``alerts.json`` when the firing set or an outbox changed (at most once per call)."""
         try:
+            findings = tuple(findings)
             transitions = self.transitions.update(findings, now)
             mono, wall = self._clock(), self._wall()
             changed = bool(transitions)
@@ -140,27 +160,84 @@ class AlertDispatcher:
                     if not self._wanted(t.alert):
                         continue
                     self._pushed.add(key)
+                    self._shown[key] = t.alert.finding.cause
                     self._last_push[key] = mono
+                    alert = t.alert
                 else:
                     # Pushed when it fired (or since): its resolve is, whatever its severity now.
                     if key not in self._pushed:
                         continue
+                    alert = self._as_shown(t.alert)
                     self._pushed.discard(key)
-                    self._last_push.pop(key, None)
-                self._push(Delivery(t.state, t.alert, mono, wall))
+                    self._forget(key)
+                self._push(Delivery(t.state, alert, mono, wall))
             for a in self.transitions.firing:
                 if a.key not in self._pushed and self._wanted(a):
                     # Fired below min_severity and has risen to it: announce it now.
                     self._pushed.add(a.key)
+                    self._shown[a.key] = a.finding.cause
                     self._last_push[a.key] = mono
                     self._push(Delivery("firing", a, mono, wall))
                     changed = True
+            changed |= self._relabel({f.key for f in findings}, now, mono, wall)
             self._resend(mono, wall)
+            self._send()
             if changed or self._sig() != self._saved_sig:
                 self._save()
         except Exception:
             log.exception("alert processing failed")
+            self._send()
         return self.stats()
+
+    def _as_shown(self, a: Alert) -> Alert:
+        """``a`` with the cause its pushed alert carries (a new cause shows once it has held)."""
+        shown = self._shown.get(a.key, a.finding.cause)
+        return (
+            a if shown == a.finding.cause else replace(a, finding=replace(a.finding, cause=shown))
+        )
+
+    def _forget(self, key: tuple[str, str]) -> None:
+        self._last_push.pop(key, None)
+        self._shown.pop(key, None)
+        self._relabel_since.pop(key, None)
+
+    def _relabel(self, present: set[tuple[str, str]], now: float, mono: float, wall: float) -> bool:
+        """Pushed alerts whose cause changed (it appeared, or cleared first) and has stayed so
+        for ``for_seconds``: their labels change, and Alertmanager keys alerts by labels, so the
+        alert as it was labelled resolves and the alert as it is now fires (a consequence whose
+        cause cleared pages on its own). Damped like a new finding: a consequence that outlives
+        its cause by a moment (an env's probe not yet repeated after the driver came back) never
+        pages. A finding gone (resolving) keeps its labels."""
+        changed = False
+        for a in self.transitions.firing:
+            key, cause = a.key, a.finding.cause
+            if (
+                key not in present
+                or key not in self._pushed
+                or self._shown.get(key, cause) == cause
+            ):
+                self._relabel_since.pop(key, None)
+                continue
+            since = self._relabel_since.setdefault(key, now)
+            if now - since < self.config.for_seconds:
+                continue
+            old = self._as_shown(a)
+            log.info(
+                "%s (%s): %s",
+                a.finding.code,
+                a.finding.subject,
+                f"a consequence of {cause} now"
+                if cause
+                else f"no longer a consequence of {old.finding.cause}",
+            )
+            self._push(Delivery("resolved", replace(old, ends_at=now), mono, wall))
+            self._push(Delivery("firing", replace(a, fired_at=now), mono, wall))
+            self.transitions.refire(key, now)
+            self._shown[key] = cause
+            del self._relabel_since[key]
+            self._last_push[key] = mono
+            changed = True
+        return changed
 
     def _resend(self, mono: float, wall: float) -> None:
         refreshed = [w for w in self.workers if w.sink.resends_firing]
@@ -170,7 +247,7 @@ class AlertDispatcher:
             last = self._last_push.get(a.key, float("-inf"))
             if mono - last >= self.config.resend_seconds:
                 self._last_push[a.key] = mono
-                self._push(Delivery("firing", a, mono, wall), refreshed)
+                self._push(Delivery("firing", self._as_shown(a), mono, wall), refreshed)
 
     def _save(self) -> None:
         """Write the firing set and every sink's outbox atomically. Never raises."""

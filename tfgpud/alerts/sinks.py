@@ -26,8 +26,8 @@ from email.message import Message
 from http.client import HTTPConnection, HTTPException, HTTPSConnection
 from typing import Any, Protocol
 
-from tfgpud.alerts.transitions import Alert, State, alertname, finding_fields
-from tfgpud.codes import message_id
+from tfgpud.alerts.transitions import Alert, State, finding_fields
+from tfgpud.codes import alert_name, cause_labels, message_id
 from tfgpud.config import AlertmanagerConfig, WebhookConfig
 from tfgpud.model import SinkStats
 
@@ -92,7 +92,9 @@ class AlertmanagerSink:
         self.resends_firing = True
 
     def queue_key(self, d: Delivery) -> tuple[Any, ...]:
-        return d.alert.key
+        # The cause is part of the alert's identity in Alertmanager (its labels): a resolve of
+        # the alert as it was labelled must not be replaced by the alert as it is now.
+        return (*d.alert.key, d.alert.finding.cause)
 
     def render(self, batch: list[Delivery], now: float) -> Request:
         return Request(
@@ -103,26 +105,37 @@ class AlertmanagerSink:
 
 
 def am_alert(d: Delivery, instance: str, now: float, valid_for: float) -> dict[str, Any]:
-    """One Alertmanager v2 ``postableAlert``."""
+    """One Alertmanager v2 ``postableAlert``. ``host`` repeats ``instance``: the label the
+    Prometheus rules' alerts carry too (from ``tfgpud_finding``), which inhibit rules match on.
+    ``startsAt`` is when it fired: Alertmanager notifies an alert that began more than
+    group_wait ago at once, before the cause sent with it can inhibit it."""
     f = d.alert.finding
     ends = d.alert.ends_at if d.state == "resolved" and d.alert.ends_at else now + valid_for
     return {
         "labels": {
-            "alertname": alertname(f.code),
+            "alertname": alert_name(f.code),
             "severity": f.severity.value,
             "instance": instance,
+            "host": instance,
             "code": f.code,
             "subject": f.subject,
+            **cause_labels(f.code, f.cause),
             "origin": "tfgpud",
         },
         "annotations": {
             "summary": f.summary,
-            "description": "\n".join([f.summary, *f.evidence]),
+            "description": "\n".join([f.summary, *_explained(f.cause), *f.evidence]),
             "fix": f.fix,
         },
-        "startsAt": rfc3339(d.alert.starts_at),
+        "startsAt": rfc3339(d.alert.fired_at or d.alert.starts_at),
         "endsAt": rfc3339(ends),
     }
+
+
+def _explained(cause: str | None) -> list[str]:
+    if cause is None:
+        return []
+    return [f"A consequence of {cause}: it pages as {alert_name(cause)}, not on its own."]
 
 
 class WebhookSink:
@@ -147,14 +160,16 @@ class WebhookSink:
 
 
 def webhook_event(d: Delivery, instance: str) -> dict[str, Any]:
-    """The generic webhook body (documented in README.md)."""
+    """The generic webhook body (documented in README.md). ``cause`` and ``role`` as in the
+    Alertmanager labels: a receiver that pages should skip ``role == "consequence"``."""
     a, f = d.alert, d.alert.finding
     return {
         "version": 1,
         "status": d.state,
-        "alertname": alertname(f.code),
+        "alertname": alert_name(f.code),
         "instance": instance,
         **finding_fields(f),
+        **cause_labels(f.code, f.cause),
         "starts_at": rfc3339(a.starts_at),
         "ends_at": rfc3339(a.ends_at) if d.state == "resolved" and a.ends_at else None,
         "message_id": message_id(f.code),
@@ -248,18 +263,26 @@ class SinkWorker:
 
     def put(self, d: Delivery) -> None:
         """Queue ``d`` (replacing an older message for the same key). Never blocks for long."""
-        if d.created_at is None:
-            d = replace(d, created_at=self._wall() - max(0.0, self._clock() - d.created))
+        self.put_all([d])
+
+    def put_all(self, deliveries: Iterable[Delivery]) -> None:
+        """Queue ``deliveries`` in order, at once: the thread takes them together, so one poll's
+        alerts reach the receiver in as few requests as the batch size allows."""
         with self._cond:
-            key = self.sink.queue_key(d)
-            if key in self._queue:
-                del self._queue[key]  # superseded, not lost: the newer message says more
-            elif len(self._queue) >= self.queue_size:
-                self._queue.popitem(last=False)
-                self.dropped += 1
-                log.warning("alert queue of %s full: dropped the oldest message", self.sink.name)
-            self._queue[key] = d
-            self.changes += 1
+            for d in deliveries:
+                if d.created_at is None:
+                    d = replace(d, created_at=self._wall() - max(0.0, self._clock() - d.created))
+                key = self.sink.queue_key(d)
+                if key in self._queue:
+                    del self._queue[key]  # superseded, not lost: the newer message says more
+                elif len(self._queue) >= self.queue_size:
+                    self._queue.popitem(last=False)
+                    self.dropped += 1
+                    log.warning(
+                        "alert queue of %s full: dropped the oldest message", self.sink.name
+                    )
+                self._queue[key] = d
+                self.changes += 1
             self._cond.notify()
 
     def restore(self, saved: Iterable[Delivery]) -> None:

@@ -33,6 +33,8 @@ def _alert_to_json(a: Alert) -> dict[str, Any]:
     doc = {**finding_fields(a.finding), "starts_at": a.starts_at}
     if a.ends_at is not None:
         doc["ends_at"] = a.ends_at
+    if a.fired_at is not None:
+        doc["fired_at"] = a.fired_at
     return doc
 
 
@@ -46,13 +48,21 @@ def _alert_from_json(d: Any) -> Alert:
         summary=str(d.get("summary", "")),
         evidence=tuple(str(e) for e in d.get("evidence", ())),
         fix=str(d.get("fix", "")),
+        cause=_code_or_none(d.get("cause")),
     )
-    ends = d.get("ends_at")
+    ends, fired = d.get("ends_at"), d.get("fired_at")
     return Alert(
         finding,
         starts_at=_finite(d["starts_at"]),
         ends_at=None if ends is None else _finite(ends),
+        fired_at=None if fired is None else _finite(fired),
     )
+
+
+def _code_or_none(value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"expected a finding code, got {value!r}")
+    return value
 
 
 def _finite(value: Any) -> float:

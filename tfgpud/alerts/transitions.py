@@ -19,15 +19,6 @@ from tfgpud.model import Finding, Severity, to_jsonable
 log = logging.getLogger("tfgpud.alerts")
 
 
-def alertname(code: str) -> str:
-    """``gpu-vanished`` → ``TfgpudGpuVanished``, ``tf-cpu-fallback`` →
-    ``TfgpudTensorflowCpuFallback``: the matching Prometheus rule's name, where one exists."""
-    parts = code.split("-")
-    if parts[0] == "tf":
-        parts[0] = "tensorflow"
-    return "Tfgpud" + "".join(p[:1].upper() + p[1:] for p in parts)
-
-
 @dataclass(frozen=True)
 class Alert:
     """A finding that fired. ``starts_at``: when it first appeared; ``ends_at``: when it went."""
@@ -35,6 +26,8 @@ class Alert:
     finding: Finding
     starts_at: float
     ends_at: float | None = None
+    # When it fired (held for_seconds); the alert as labelled now, after a cause changed.
+    fired_at: float | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -73,6 +66,13 @@ class Transitions:
     def firing(self) -> tuple[Alert, ...]:
         return tuple(f.alert for f in self._firing.values())
 
+    def refire(self, key: tuple[str, str], now: float) -> None:
+        """Record that the alert of ``key`` fired again, as a new alert, at ``now`` (its labels
+        changed); it keeps the time its finding appeared."""
+        fs = self._firing.get(key)
+        if fs is not None:
+            fs.alert = replace(fs.alert, fired_at=now)
+
     def update(self, findings: Iterable[Finding], now: float) -> list[Transition]:
         current = {f.key: f for f in findings}
         out: list[Transition] = []
@@ -85,7 +85,7 @@ class Transitions:
             since = self._pending.setdefault(key, now)
             if now - since >= self.for_seconds:
                 del self._pending[key]
-                alert = Alert(finding, starts_at=since)
+                alert = Alert(finding, starts_at=since, fired_at=now)
                 self._firing[key] = _Firing(alert)
                 out.append(Transition("firing", alert, now))
         for key in [k for k in self._pending if k not in current]:

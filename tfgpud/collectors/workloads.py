@@ -18,6 +18,11 @@ TensorFlow never unloads, so a positive answer is kept for the life of the proce
 not its start: TensorFlow jobs often compute on the CPU a while before making a GPU context, and a
 daemon restart should not turn every long-running job into an instant ``tf-job-on-cpu``.
 
+Processes of tfgpud's own making are not workloads: a TensorFlow probe child (run as an env's
+owner, it is a ``python`` whose maps tfgpud may not read) and whatever it starts live in a session
+:mod:`tfgpud.runner` started, and a candidate in one of those sessions is skipped before anything
+else of it is read.
+
 Processes exiting mid-scan and entries the daemon may not read (other users' maps without
 CAP_SYS_PTRACE) are normal input: skipped, and counted in ``WorkloadScan.unreadable``.
 """
@@ -30,19 +35,21 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
 from tfgpud.config import DEFAULT_PROCESS_NAMES
 from tfgpud.model import (
+    GpuProcessFacts,
     NvmlReading,
     TfProcess,
     WorkloadScan,
     WorkloadsReading,
     frozen_map,
 )
+from tfgpud.runner import children
 from tfgpud.text import user_name
 
 log = logging.getLogger(__name__)
@@ -65,12 +72,14 @@ class _Entry:
     start: int  # /proc/PID/stat field 22, clock ticks after boot
     comm: bytes
     candidate: bool
+    session: int = 0  # field 6, at the latest scan
     vsize: int = 0  # virtual size at the latest scan
     vsize_at_read: int = -1  # virtual size when the maps were last read; -1 = never read
     tf_library: str | None = None
     unreadable: bool = False
     user: str | None = None
     uid_read: bool = False
+    cmdline: str | None = None  # read once, for a process NVML lists on a GPU
     tf: TfProcess | None = None  # the static facts, read once when TensorFlow is found
     gpu_fds: bool = False
     fds_checked_at: float = -math.inf
@@ -84,6 +93,7 @@ class _Counts:
     unreadable: int = 0
     maps_read: int = 0
     users: dict[int, str] = field(default_factory=dict)
+    gpu: dict[int, GpuProcessFacts] = field(default_factory=dict)
 
 
 def _read(path: str, limit: int = -1) -> bytes:
@@ -100,8 +110,8 @@ def _read(path: str, limit: int = -1) -> bytes:
         os.close(fd)
 
 
-def parse_stat(data: bytes) -> tuple[bytes, bytes, int, int] | None:
-    """(comm, state, starttime, vsize) from a /proc/PID/stat line; None when malformed.
+def parse_stat(data: bytes) -> tuple[bytes, bytes, int, int, int] | None:
+    """(comm, state, starttime, vsize, session) from a /proc/PID/stat line; None when malformed.
 
     The name is inside parentheses and may itself contain spaces and ')', hence the rfind.
     """
@@ -112,7 +122,7 @@ def parse_stat(data: bytes) -> tuple[bytes, bytes, int, int] | None:
     if len(rest) < 21:
         return None
     try:
-        return data[open_ + 1 : close], rest[0], int(rest[19]), int(rest[20])
+        return data[open_ + 1 : close], rest[0], int(rest[19]), int(rest[20]), int(rest[3])
     except ValueError:
         return None
 
@@ -164,6 +174,8 @@ class WorkloadScanner:
     """Finds TensorFlow processes under ``proc_root``; keeps a per-process cache between scans.
 
     ``clock`` (monotonic seconds) times the /dev/nvidia* fd re-checks; tests inject one.
+    ``own_sessions`` returns the sessions of this process's children (:func:`tfgpud.runner.
+    children`): a candidate in one of them is this process's own (a probe), not a workload.
     """
 
     def __init__(
@@ -172,9 +184,11 @@ class WorkloadScanner:
         *,
         clock: Callable[[], float] = time.monotonic,
         fd_recheck_seconds: float = FD_RECHECK_SECONDS,
+        own_sessions: Callable[[], Collection[int]] = children,
     ) -> None:
         # Plain strings, not pathlib: this runs for every process on every poll.
         self._root = str(proc_root)
+        self._own_sessions = own_sessions
         self._clock = clock
         self._fd_recheck = fd_recheck_seconds
         self._entries: dict[int, _Entry] = {}
@@ -234,21 +248,26 @@ class WorkloadScanner:
                     counts.users[pid] = user
             if not (entry.candidate or pid in gpu_pids):
                 continue
+            # Asked after this process's stat was read: a child started before then is listed.
+            if entry.session in self._own_sessions():
+                continue
             counts.candidates += 1
             tf = self._inspect(pid, entry, counts, gpu_pids, now, nvml_up)
             if tf is not None:
                 found.append(tf)
+            if pid in gpu_pids:
+                counts.gpu[pid] = self._gpu_facts(pid, entry)
         self._entries = live
         if counts.unreadable and not self._warned_unreadable:
             self._warned_unreadable = True
             log.warning(
                 "cannot read the memory maps of %d candidate process(es), e.g. pid %d: "
                 "TensorFlow jobs among them are not seen. Reading other users' processes needs "
-                "CAP_SYS_PTRACE in the host's user namespace; the packaged unit has none "
-                "(PrivateUsers=yes, empty CapabilityBoundingSet=), so AmbientCapabilities= alone "
-                "does nothing: add a drop-in (`systemctl edit tfgpud`) with PrivateUsers=no, "
-                "CapabilityBoundingSet=CAP_SYS_PTRACE and AmbientCapabilities=CAP_SYS_PTRACE "
-                "(README: 'Seeing other users' TensorFlow jobs')",
+                "CAP_SYS_PTRACE, which the packaged unit does not grant (only CAP_SETUID and "
+                "CAP_SETGID, to probe discovered envs as their owners): add a drop-in "
+                "(`systemctl edit tfgpud`) with CapabilityBoundingSet=CAP_SYS_PTRACE and "
+                "AmbientCapabilities=CAP_SYS_PTRACE (README: 'Seeing other users' TensorFlow "
+                "jobs')",
                 counts.unreadable,
                 min(pid for pid, e in live.items() if e.unreadable),
             )
@@ -258,6 +277,7 @@ class WorkloadScanner:
             unreadable=counts.unreadable,
             maps_read=counts.maps_read,
             gpu_process_users=MappingProxyType(counts.users),
+            gpu_processes=MappingProxyType(counts.gpu),
         )
         return WorkloadsReading(tuple(sorted(found, key=lambda p: p.pid)), scan)
 
@@ -269,13 +289,13 @@ class WorkloadScanner:
             return None
         if stat is None:
             return None
-        comm, state, start, vsize = stat
+        comm, state, start, vsize, session = stat
         if state in (b"Z", b"X"):
             return None  # a zombie has no memory map and computes nothing
         entry = self._entries.get(pid)
         if entry is None or entry.start != start or entry.comm != comm:
             entry = _Entry(start, comm, self._match(comm.decode("utf-8", "replace")))
-        entry.vsize = vsize
+        entry.vsize, entry.session = vsize, session
         return entry
 
     def _entry_user(self, pid: int, entry: _Entry) -> str | None:
@@ -289,6 +309,25 @@ class WorkloadScanner:
             except (OSError, ValueError, IndexError):
                 entry.user = None
         return entry.user
+
+    def _gpu_facts(self, pid: int, entry: _Entry) -> GpuProcessFacts:
+        """User, command line and whether it has TensorFlow, for a process on a GPU (what the
+        memory rules name); the command line is read once per process."""
+        if entry.cmdline is None:
+            if entry.tf is not None:
+                entry.cmdline = entry.tf.cmdline
+            else:
+                try:
+                    entry.cmdline = _cmdline(_read(f"{self._root}/{pid}/cmdline", 1 << 16))
+                except OSError:
+                    entry.cmdline = ""
+        if entry.tf_library is not None:
+            tf: bool | None = True
+        elif entry.unreadable or entry.vsize_at_read < 0:
+            tf = None  # maps not read (another user's, or it exited mid-scan)
+        else:
+            tf = False
+        return GpuProcessFacts(pid, self._entry_user(pid, entry), entry.cmdline, tf)
 
     def _inspect(
         self,

@@ -7,9 +7,11 @@ their sources, are in ``docs/diagnosis-facts.md``; the version tables are in
 
 - :mod:`.host`: PCI bus, kernel module, device nodes, NVML;
 - :mod:`.gpus`: lost, vanished, appeared, Xid errors, the baseline file;
-- :mod:`.memory`: memory pressure; :mod:`.workloads`: TensorFlow jobs on the CPU;
+- :mod:`.memory`: memory held on idle GPUs, real memory pressure; :mod:`.workloads`:
+  TensorFlow jobs on the CPU;
 - :mod:`.tensorflow`: each probed env, driven by one table of checks (``TF_CHECKS``);
-- :mod:`.advice`: fix texts; :mod:`.readings`: shared facts and the Finding constructor.
+- :mod:`.advice`: fix texts; :mod:`.readings`: shared facts and the Finding constructor;
+- :mod:`.causes`: after the rules, which finding explains which (``Finding.cause``).
 
 How to add a rule:
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from tfgpud.config import Config
+from tfgpud.diagnosis.causes import attribute_causes
 from tfgpud.diagnosis.gpus import (
     rule_baseline_state_error,
     rule_gpu_appeared,
@@ -39,7 +42,7 @@ from tfgpud.diagnosis.gpus import (
     rule_gpu_xid_critical,
 )
 from tfgpud.diagnosis.host import DRIVER_RULES, rule_no_nvidia_gpu
-from tfgpud.diagnosis.memory import rule_gpu_memory_pressure
+from tfgpud.diagnosis.memory import rule_gpu_memory_held_idle, rule_gpu_memory_pressure
 from tfgpud.diagnosis.readings import Rule
 from tfgpud.diagnosis.tensorflow import (
     cpu_fallback_envs,
@@ -62,6 +65,7 @@ RULES: tuple[Rule, ...] = (
     rule_baseline_state_error,
     rule_gpu_xid_critical,
     rule_gpu_memory_pressure,
+    rule_gpu_memory_held_idle,
     rule_tf_job_on_cpu,
     rule_tensorflow,
     rule_tf_not_probed,
@@ -70,12 +74,14 @@ RULES: tuple[Rule, ...] = (
 
 
 def diagnose(snapshot: Snapshot, config: Config) -> tuple[Finding, ...]:
-    """All findings for ``snapshot``: most severe first, one per (code, subject). Pure."""
+    """All findings for ``snapshot``: most severe first, one per (code, subject), each
+    consequence naming its root cause (``Finding.cause``). Pure."""
     found: dict[tuple[str, str], Finding] = {}
     for rule in RULES:
         for f in rule(snapshot, config):
             found.setdefault(f.key, f)
-    return tuple(sorted(found.values(), key=lambda f: (-f.severity.rank, f.code, f.subject)))
+    named = attribute_causes(list(found.values()), snapshot, config)
+    return tuple(sorted(named, key=lambda f: (-f.severity.rank, f.code, f.subject)))
 
 
 def worst_severity(findings: Iterable[Finding]) -> Severity | None:

@@ -37,7 +37,7 @@ def _python_of(p: TfProcess) -> str | None:
     return p.python
 
 
-def _env_of(p: TfProcess, s: Snapshot) -> TfProbeResult | None:
+def env_of(p: TfProcess, s: Snapshot) -> TfProbeResult | None:
     """The configured env whose TensorFlow this process loaded (by site dir, then python)."""
     lib = p.tensorflow_library or ""
     for r in s.tf:
@@ -62,7 +62,7 @@ def _why_on_cpu(p: TfProcess, s: Snapshot, c: Config) -> tuple[list[str], str]:
                 "CUDA_VISIBLE_DEVICES unset or naming GPUs (e.g. 0 or a GPU UUID); check the "
                 "launcher or scheduler that sets it."
             )
-    r = _env_of(p, s)
+    r = env_of(p, s)
     if r is None:
         names = ", ".join(f"`{x.env}`" for x in s.tf) or "none"
         ev.append(

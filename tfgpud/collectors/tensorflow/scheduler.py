@@ -333,22 +333,38 @@ class TfProbeScheduler:
     def adopt(self, old: TfProbeScheduler) -> None:
         """Carry over the last results (and schedule) of envs whose configuration is unchanged,
         so a reload does not blank their metrics and findings until they are probed again.
-        A probe still running in ``old`` is cancelled with it; that env is probed anew."""
+        A probe still running in ``old`` (cancelled with it: :meth:`cancel`) is waited for
+        here, never by the caller: its env is probed anew once it has ended, and it counts
+        against ``max_concurrent`` until then."""
         with old._lock, self._lock:
             for name, st in self._states.items():
                 prev = old._states.get(name)
-                if prev is None or prev.env != st.env or prev.result is None:
+                if prev is None:
                     continue
                 if prev.thread is not None and prev.thread.is_alive():
+                    st.thread = prev.thread
+                    continue
+                if prev.env != st.env or prev.result is None:
                     continue
                 st.started, st.driver, st.installed = prev.started, prev.driver, prev.installed
                 st.result, st.runs = prev.result, prev.runs
                 st.abandoned_pid = prev.abandoned_pid
+            mine = {st.thread for st in self._states.values()}
+            self._retired += [
+                t
+                for t in (*(st.thread for st in old._states.values()), *old._retired)
+                if t is not None and t.is_alive() and t not in mine
+            ]
 
-    def close(self, timeout: float = 2.0) -> None:
-        """Cancel running probes (their process groups are killed) and join within ``timeout``."""
+    def cancel(self) -> None:
+        """Stop starting probes and cancel the running ones (their process groups are killed);
+        returns at once."""
         with self._lock:
             self._closed = True
         self._cancel.set()
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Cancel running probes (their process groups are killed) and join within ``timeout``."""
+        self.cancel()
         if not self.wait_idle(timeout):
             log.warning("TensorFlow probes still running after %.1f s: %s", timeout, self.running())
