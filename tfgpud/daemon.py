@@ -21,7 +21,7 @@ from tfgpud import __version__
 from tfgpud.alerts import AlertDispatcher
 from tfgpud.collectors.base import timed
 from tfgpud.collectors.nvml import NvmlSession, XidWatcher
-from tfgpud.collectors.pci import Identities, collect_pci
+from tfgpud.collectors.pci import PciCache, collect_pci
 from tfgpud.collectors.tensorflow import TfProbeScheduler
 from tfgpud.collectors.tensorflow.discovered import FIRST_SEARCH_WAIT, EnvDiscovery
 from tfgpud.collectors.workloads import WorkloadScanner
@@ -108,7 +108,7 @@ class Daemon:
         self._exposition = Exposition(self._registry, lambda: self._snapshot)
         self._http: HttpServer | None = None
         self._named: set[int] = set()  # thread ids given their name (name_threads)
-        self._pci_known: Identities = {}  # what each PCI address is (collect_pci)
+        self._pci_cache = PciCache()  # what cannot have changed since the last poll
         self.polls = 0
 
     # -- signals -----------------------------------------------------------------------------
@@ -201,7 +201,7 @@ class Daemon:
         runs: list[CollectorRun] = []
         pci, run = timed(
             "pci",
-            lambda: collect_pci(self.paths.sys, self.paths.proc, self.paths.dev, self._pci_known),
+            lambda: collect_pci(self.paths.sys, self.paths.proc, self.paths.dev, self._pci_cache),
         )
         runs.append(run)
         nvml, run = timed("nvml", self._nvml.poll)
@@ -245,8 +245,7 @@ class Daemon:
         except Exception:
             log.exception("diagnosis failed")
             findings = ()
-        snap = replace(snap, findings=findings)
-        snap = replace(snap, alert_stats=self._alerts.process(findings, now))
+        snap = replace(snap, findings=findings, alert_stats=self._alerts.process(findings, now))
         self._publish(snap)
         return snap
 

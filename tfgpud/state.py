@@ -26,14 +26,17 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal
 
+from tfgpud.listing import DirectoryListing
 from tfgpud.model import KnownGpu, NvmlReading
 
 log = logging.getLogger(__name__)
 
 BASELINE_FILE = "baseline.json"
+CORRUPT_PATTERN = f"{BASELINE_FILE}.*.corrupt"
 LOCK_FILE = ".baseline.lock"
 FORMAT_VERSION = 1
 # A failed baseline write is retried at the next poll at least this long after the failure.
@@ -196,6 +199,7 @@ class Baseline:
         self._retry_at = float("-inf")  # clock() time the next write retry is due
         self._lock_warned: str | None = None
         self._lock_depth = 0
+        self._listing = DirectoryListing()  # state_dir, listed again only when it changed
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -311,10 +315,9 @@ class Baseline:
         return self.expect if isinstance(self.expect, int) else len(self._gpus)
 
     def corrupt_files(self) -> list[Path]:
-        try:
-            return sorted(self.state_dir.glob(f"{BASELINE_FILE}.*.corrupt"))
-        except OSError:
-            return []
+        """The baselines moved aside and not yet deleted (looked for every poll)."""
+        names = self._listing.names(str(self.state_dir))
+        return [self.state_dir / n for n in names if fnmatchcase(n, CORRUPT_PATTERN)]
 
     def problems(self) -> tuple[str, ...]:
         """One line per state-file problem a person should look at (empty when all is well)."""

@@ -159,3 +159,49 @@ print(json.dumps({{"lost": lost, "waiting": waiting_after_loss, "held": held, "b
     assert r.data["held"]["up"] is False
     assert r.data["counts"] == [[U[0], 79, 1]]
     assert r.data["back"]["up"] is True and len(r.data["back"]["gpus"]) == 3
+
+
+def test_process_names_are_read_once_per_stretch_on_a_gpu(
+    fakedriver: Path, scenario_path: Path, tmp_path: Path
+) -> None:
+    proc = tmp_path / "proc"
+    for pid, comm in ((501, "python3"), (502, "jupyter")):
+        (proc / str(pid)).mkdir(parents=True)
+        (proc / str(pid) / "comm").write_text(comm + "\n")
+
+    def listing(pids: list[int], memory: list[int]) -> None:
+        write_scenario(
+            scenario_path,
+            [{"uuid": U[0], "process_pids": pids, "process_memory": memory}],
+        )
+
+    listing([501, 502], [1 << 30, 2 << 30])
+    code = f"""
+import json, os, time
+from helpers import write_scenario
+from tfgpud.collectors.nvml import NvmlSession
+from pathlib import Path
+s = NvmlSession(proc_root=Path({str(proc)!r}))
+def procs():
+    return [[p.pid, p.used_memory_bytes, p.name] for p in s.poll().gpus[0].processes]
+def listing(pids, memory):
+    write_scenario({str(scenario_path)!r}, [{{"uuid": {U[0]!r}, "process_pids": pids,
+                                             "process_memory": memory}}])
+out = [procs()]
+Path({str(proc / "501" / "comm")!r}).write_text("renamed\\n")
+listing([501, 502], [3 << 30, 2 << 30])
+out.append(procs())  # still listed: the name is not read again; the memory is
+listing([502], [2 << 30])
+out.append(procs())
+listing([501, 502], [1 << 30, 2 << 30])
+out.append(procs())  # back after a poll without it: read again
+print(json.dumps(out))
+"""
+    r = run_python(code, scenario=scenario_path)
+    assert r.returncode == 0, r.stderr
+    first, second, third, fourth = r.data
+    gib = 1 << 30
+    assert first == [[501, gib, "python3"], [502, 2 * gib, "jupyter"]]
+    assert second == [[501, 3 * gib, "python3"], [502, 2 * gib, "jupyter"]]
+    assert third == [[502, 2 * gib, "jupyter"]]
+    assert fourth == [[501, gib, "renamed"], [502, 2 * gib, "jupyter"]]

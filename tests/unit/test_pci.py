@@ -4,7 +4,7 @@ import os
 import shutil
 from pathlib import Path
 
-from tfgpud.collectors.pci import collect_pci
+from tfgpud.collectors.pci import PciCache, collect_pci
 
 
 def _device(root: Path, addr: str, vendor: str, cls: str, device: str, driver: str | None) -> None:
@@ -70,8 +70,9 @@ def test_what_each_address_is_is_read_once_and_the_driver_binding_every_poll(
     _device(tmp_path, "0000:01:00.0", "0x10de", "0x030200", "0x2330", "nvidia")
     _device(tmp_path, "0000:00:1f.0", "0x8086", "0x060100", "0x7a84", None)  # a bridge
     roots = (tmp_path / "sys", tmp_path / "proc", tmp_path / "dev")
-    known: dict[str, tuple[str, str] | None] = {}
-    assert [g.address for g in collect_pci(*roots, known).gpus] == ["0000:01:00.0"]
+    cache = PciCache()
+    known = cache.identities
+    assert [g.address for g in collect_pci(*roots, cache).gpus] == ["0000:01:00.0"]
     devices = tmp_path / "sys/bus/pci/devices"
     for dev in devices.iterdir():  # a listed device's identity files are not read again
         (dev / "vendor").unlink()
@@ -79,11 +80,45 @@ def test_what_each_address_is_is_read_once_and_the_driver_binding_every_poll(
     drv = tmp_path / "sys/bus/pci/drivers/vfio-pci"
     drv.mkdir(parents=True)
     os.symlink(os.path.relpath(drv, devices / "0000:01:00.0"), devices / "0000:01:00.0/driver")
-    assert [(g.address, g.driver) for g in collect_pci(*roots, known).gpus] == [
+    assert [(g.address, g.driver) for g in collect_pci(*roots, cache).gpus] == [
         ("0000:01:00.0", "vfio-pci")
     ]
     shutil.rmtree(devices / "0000:00:1f.0")  # gone: forgotten (bounded by what is listed)
     _device(tmp_path, "0000:02:00.0", "0x10de", "0x030000", "0x2204", None)  # new: read
-    gpus = collect_pci(*roots, known).gpus
+    gpus = collect_pci(*roots, cache).gpus
     assert [g.address for g in gpus] == ["0000:01:00.0", "0000:02:00.0"]
     assert set(known) == {"0000:01:00.0", "0000:02:00.0"}
+
+
+def test_device_nodes_are_listed_again_when_dev_changes(tmp_path: Path) -> None:
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    roots = (tmp_path / "sys", tmp_path / "proc", dev)
+    cache = PciCache()
+    changes = iter(range(1_700_000_000, 1_700_001_000, 10))
+
+    def changed(*add: str, remove: str = "") -> None:
+        for name in add:
+            (dev / name).touch()
+        if remove:
+            (dev / remove).unlink()
+        t = next(changes) * 10**9  # a change long past, each at its own time
+        os.utime(dev, ns=(t, t))
+
+    changed("nvidiactl", "null")
+    assert collect_pci(*roots, cache).device_nodes == ("nvidiactl",)
+    assert cache.dev.listings == 1
+    assert collect_pci(*roots, cache).device_nodes == ("nvidiactl",)
+    assert cache.dev.listings == 1  # nothing changed: not listed again
+    changed("nvidia0", "nvidia-uvm")  # nodes made (udev, nvidia-modprobe)
+    assert collect_pci(*roots, cache).device_nodes == ("nvidia-uvm", "nvidia0", "nvidiactl")
+    changed(remove="nvidia-uvm")  # and removed (the module unloaded)
+    assert collect_pci(*roots, cache).device_nodes == ("nvidia0", "nvidiactl")
+    # A change just now: the listing is not trusted to be the last one within its mtime step.
+    (dev / "nvidia1").touch()
+    listings = cache.dev.listings
+    for _ in range(2):
+        assert collect_pci(*roots, cache).device_nodes == ("nvidia0", "nvidia1", "nvidiactl")
+    assert cache.dev.listings == listings + 2
+    shutil.rmtree(dev)
+    assert collect_pci(*roots, cache).device_nodes == ()

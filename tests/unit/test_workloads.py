@@ -11,6 +11,7 @@ import pytest
 from tfgpud.collectors.workloads import (
     CMDLINE_MAX,
     FD_RECHECK_SECONDS,
+    RECHECK_SECONDS,
     REMAP_GROWTH_BYTES,
     WorkloadScanner,
     find_tf_library,
@@ -234,7 +235,8 @@ def test_maps_are_read_once_per_pid_and_start_time(proc: Proc) -> None:
 def test_late_import_and_exec_are_noticed(proc: Proc) -> None:
     proc.add(100, vsize=1 << 26)  # python, TensorFlow not imported yet
     proc.add(101, "bash", maps=TF_MAPS)  # a launcher that will exec python
-    scanner = WorkloadScanner(proc.root)
+    clock = Clock()
+    scanner = WorkloadScanner(proc.root, clock=clock)
     assert scanner.scan(None, NOW).processes == ()
     # Small growth: not worth a re-read (TF maps ~1 GB at once).
     proc.add(100, maps=TF_MAPS, vsize=(1 << 26) + REMAP_GROWTH_BYTES // 2)
@@ -242,7 +244,34 @@ def test_late_import_and_exec_are_noticed(proc: Proc) -> None:
     proc.add(100, maps=TF_MAPS, vsize=(1 << 26) + 2 * REMAP_GROWTH_BYTES)
     proc.add(101, "python3", maps=TF_MAPS)  # same pid and start time, new program
     reading = scanner.scan(None, NOW)
-    assert reading.scan.maps_read == 2 and [p.pid for p in reading.processes] == [100, 101]
+    # The candidate is re-read every scan; the launcher only once its re-check is due.
+    assert reading.scan.maps_read == 1 and [p.pid for p in reading.processes] == [100]
+    clock.t += 1.5 * RECHECK_SECONDS
+    reading = scanner.scan(None, NOW + 1.5 * RECHECK_SECONDS)
+    assert reading.scan.maps_read == 1 and [p.pid for p in reading.processes] == [100, 101]
+
+
+def test_other_processes_are_re_read_on_a_spread_schedule(proc: Proc) -> None:
+    launchers = range(1000, 1100)  # pids in a row, as a burst of starts gets
+    for pid in launchers:
+        proc.add(pid, "bash", maps=TF_MAPS)
+    clock = Clock()
+    scanner = WorkloadScanner(proc.root, clock=clock)
+    assert scanner.scan(None, NOW).scan.candidates == 0
+    for pid in launchers:  # every one of them execs python with TensorFlow
+        proc.add(pid, "python3", maps=TF_MAPS)
+    proc.add(2000, "python3", maps=TF_MAPS)  # a new pid is read at once
+    proc.add(3000, "bash", maps=TF_MAPS)
+    seen = []
+    for f in (0.0, 0.5, 1.25, 1.5):
+        clock.t = 100.0 + f * RECHECK_SECONDS
+        seen.append(len(scanner.scan(nvml(3000), NOW + f * RECHECK_SECONDS).processes))
+    # 2000 and 3000 (NVML lists it: read and inspected every scan, whatever its name), then
+    # none of the launchers before the re-check is due, about half of them midway through the
+    # spread, all of them at its end.
+    assert seen[0] == seen[1] == 2
+    assert 20 < seen[2] - 2 < 80
+    assert seen[3] == 102
 
 
 def test_vanishing_and_odd_entries_are_normal_input(proc: Proc) -> None:

@@ -98,36 +98,68 @@ def _loaded_library() -> tuple[str | None, bool]:
 _NOT_AVAILABLE = pynvml.NVML_VALUE_NOT_AVAILABLE_ulonglong.value
 
 
-def _compute_processes(handle: Any) -> list[tuple[int, int | None]]:
-    """(pid, used GPU memory or None) of each compute process, straight from the C structs.
+class _ProcessInfo(ctypes.Structure):
+    """``nvmlProcessInfo_v2_t``/``_v3_t`` as a plain ctypes struct: pynvml's own class converts
+    every field access through a Python ``__getattribute__``, most of the cost of reading a busy
+    GPU's process list."""
 
-    What ``pynvml.nvmlDeviceGetComputeRunningProcesses`` returns, without turning each struct
-    into a "friendly" object (most of the cost of a poll on a busy GPU); falls back to that
-    call where this binding lacks the pieces used here.
-    """
-    fn_lookup = getattr(pynvml, "_nvmlGetFunctionPointer", None)
-    struct = getattr(pynvml, "c_nvmlProcessInfo_v3_t", None)
-    if fn_lookup is None or struct is None:
-        return [
-            (int(p.pid), None if p.usedGpuMemory is None else int(p.usedGpuMemory))
-            for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
-        ]
-    fn = fn_lookup("nvmlDeviceGetComputeRunningProcesses_v3")
-    count = ctypes.c_uint(0)
-    ret = fn(handle, ctypes.byref(count), None)
-    if ret == pynvml.NVML_SUCCESS:
-        return []
-    if ret != pynvml.NVML_ERROR_INSUFFICIENT_SIZE:
-        raise pynvml.NVMLError(ret)
-    count.value = count.value * 2 + 5  # room for processes started since the first call
-    procs = (struct * count.value)()
-    ret = fn(handle, ctypes.byref(count), procs)
-    if ret != pynvml.NVML_SUCCESS:
-        raise pynvml.NVMLError(ret)
-    return [
-        (int(p.pid), None if p.usedGpuMemory == _NOT_AVAILABLE else int(p.usedGpuMemory))
-        for p in procs[: count.value]
+    _fields_ = [
+        ("pid", ctypes.c_uint),
+        ("usedGpuMemory", ctypes.c_ulonglong),
+        ("gpuInstanceId", ctypes.c_uint),
+        ("computeInstanceId", ctypes.c_uint),
     ]
+
+
+class _ProcessLister:
+    """One GPU's compute process list, read into a buffer kept from poll to poll.
+
+    ``read`` returns the list as NVML wrote it (the struct array's bytes, comparable with the
+    last poll's), or, where this pynvml lacks the pieces used here (or lays the struct out
+    otherwise), what ``pynvml.nvmlDeviceGetComputeRunningProcesses`` returns as (pid, used)
+    pairs. One NVML call per poll while the buffer has room (NVML fills in how many there are);
+    it grows, and the call is repeated, when it has not.
+    """
+
+    def __init__(self) -> None:
+        fn_lookup = getattr(pynvml, "_nvmlGetFunctionPointer", None)
+        struct = getattr(pynvml, "c_nvmlProcessInfo_v3_t", None)
+        self._raw = (
+            fn_lookup is not None
+            and struct is not None
+            and ctypes.sizeof(struct) == ctypes.sizeof(_ProcessInfo)
+        )
+        self._buf = (_ProcessInfo * 32)()
+        self._count = ctypes.c_uint(0)
+
+    def __call__(self, handle: Any) -> bytes | list[tuple[int, int | None]]:
+        if not self._raw:
+            return [
+                (int(p.pid), None if p.usedGpuMemory is None else int(p.usedGpuMemory))
+                for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+            ]
+        fn = pynvml._nvmlGetFunctionPointer("nvmlDeviceGetComputeRunningProcesses_v3")
+        for _ in range(4):
+            self._count.value = len(self._buf)
+            ret = fn(handle, ctypes.byref(self._count), self._buf)
+            if ret == pynvml.NVML_SUCCESS:
+                n = min(self._count.value, len(self._buf))
+                return ctypes.string_at(self._buf, n * ctypes.sizeof(_ProcessInfo))
+            if ret != pynvml.NVML_ERROR_INSUFFICIENT_SIZE:
+                raise pynvml.NVMLError(ret)
+            # Room for processes started since NVML counted them.
+            self._buf = (_ProcessInfo * (self._count.value * 2 + 5))()
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_INSUFFICIENT_SIZE)
+
+    def pairs(self, got: bytes | list[tuple[int, int | None]]) -> list[tuple[int, int | None]]:
+        """(pid, used GPU memory or None) of each process in what ``__call__`` returned."""
+        if isinstance(got, list):
+            return got
+        out = []
+        for p in (_ProcessInfo * (len(got) // ctypes.sizeof(_ProcessInfo))).from_buffer_copy(got):
+            used = p.usedGpuMemory
+            out.append((p.pid, None if used == _NOT_AVAILABLE else used))
+        return out
 
 
 def _proc_name(proc_root: str, pid: int) -> str | None:
@@ -178,6 +210,14 @@ class NvmlSession:
         self._pending: list[tuple[str, int]] = []  # drained from a set that was rebuilt
         self._register_failed = False
         self._register_retry_at = 0.0
+        # pid -> what some GPU listed for it in the last poll: a pid listed poll after poll is
+        # the same process (its context would have gone with it), so its name is read once.
+        self._procs: dict[int, GpuProcess] = {}
+        # GPU index -> its process list as read (see _ProcessLister) and as parsed, last poll
+        # and this one so far; and the reader with its buffer.
+        self._lists: dict[int, tuple[Any, tuple[GpuProcess, ...]]] = {}
+        self._lists_now: dict[int, tuple[Any, tuple[GpuProcess, ...]]] = {}
+        self._listers: dict[int, _ProcessLister] = {}
 
     @property
     def up(self) -> bool:
@@ -218,6 +258,9 @@ class NvmlSession:
             self._generation += 1
             self._identity.clear()  # indexes may have moved while the driver was away
             self._fixed_by_uuid.clear()
+            self._procs.clear()
+            self._lists.clear()
+            self._listers.clear()
             self._changed.set()
             return None
         # No library at all: back off up to 30 s (a dlopen search each poll is waste).
@@ -301,13 +344,30 @@ class NvmlSession:
                 log.log(level, "%s: %s (value omitted)", fn.__name__, error_name(code))
             return None
 
-    def _processes(self, handle: Any) -> tuple[GpuProcess, ...]:
-        procs = self._q(_compute_processes, handle) or []
-        out = [
-            GpuProcess(pid=pid, used_memory_bytes=used, name=_proc_name(self._proc_root_str, pid))
-            for pid, used in procs
-        ]
-        return tuple(sorted(out, key=lambda p: p.pid))
+    def _processes(self, index: int, handle: Any) -> tuple[GpuProcess, ...]:
+        """The GPU's compute processes, sorted by pid. The same list as the last poll's (the
+        usual case: a training job's memory is set once) is the last poll's tuple, unparsed."""
+        lister = self._listers.get(index)
+        if lister is None:
+            lister = self._listers[index] = _ProcessLister()
+        got = self._q(lister, handle)
+        if got is None:
+            return ()
+        last = self._lists.get(index)
+        if last is not None and last[0] == got:
+            self._lists_now[index] = last
+            return last[1]
+        out = []
+        for pid, used in sorted(lister.pairs(got)):
+            known = self._procs.get(pid)
+            if known is None:
+                known = GpuProcess(pid, used, _proc_name(self._proc_root_str, pid))
+            elif known.used_memory_bytes != used:
+                known = GpuProcess(pid, used, known.name)
+            out.append(known)
+        procs = tuple(out)
+        self._lists_now[index] = (got, procs)
+        return procs
 
     def _gpu(self, index: int) -> GpuReading:
         handle = None
@@ -362,7 +422,7 @@ class NvmlSession:
                 ecc_uncorrected_total=int(ecc) if ecc is not None else None,
                 persistence_mode=bool(persistence) if persistence is not None else None,
                 mig_mode=bool(mig[0]) if mig is not None else None,
-                processes=self._processes(handle),
+                processes=self._processes(index, handle),
             )
         except GpuGone as gone:
             return self._unreadable(index, gone.code)
@@ -431,7 +491,12 @@ class NvmlSession:
                 if count is None:
                     # Without a count every GPU would look gone: say the driver is unusable.
                     return NvmlReading(up=False, error="DEVICE_COUNT_FAILED")
+                self._lists_now = {}
                 gpus = self._dedupe(tuple(self._gpu(i) for i in range(count)))
+                self._lists, self._lists_now = self._lists_now, {}
+                self._procs = {p.pid: p for _, procs in self._lists.values() for p in procs}
+                for index in self._listers.keys() - self._lists.keys():
+                    del self._listers[index]
                 seen = {g.uuid for g in gpus}
                 for gone in self._fixed_by_uuid.keys() - seen:  # bounded by the GPUs now
                     del self._fixed_by_uuid[gone]

@@ -7,12 +7,17 @@ opens the device nodes even when TensorFlow then skips GPU registration (missing
 common CPU fallback). Only when NVML is down or unknown is an open ``/dev/nvidiaN`` taken as a
 GPU context (the best evidence left).
 
-Cost on a machine with thousands of processes: every scan reads ``/proc/PID/stat`` of each pid
-(one small read: name, state, start time, virtual size). Only *candidates* — a name matching
-``[workloads] process_names``, or a pid NVML lists — go further, and their maps are read once per
-(pid, start time): again only when the name changed (``exec``) or the virtual size grew by
-``REMAP_GROWTH_BYTES`` since (a process that imports TensorFlow late maps ~1 GB at once).
-TensorFlow never unloads, so a positive answer is kept for the life of the process.
+Cost on a machine with thousands of processes: a scan lists ``/proc`` and reads
+``/proc/PID/stat`` (one small read: name, state, start time, virtual size) of each new pid, of
+each *candidate* — a name matching ``[workloads] process_names``, or a pid NVML lists — and of
+each other known pid once every ``RECHECK_SECONDS`` (spread so that one poll reads only a share
+of them). That re-read is what notices a launcher (``bash``, ``env``) that execs python
+under the same pid, so such a job is seen up to ``1.5 * RECHECK_SECONDS`` late: well inside the
+5 minutes a job must compute on the CPU before ``tf-job-on-cpu``. Candidates go further, and
+their maps are read once per (pid, start time): again only when the name changed (``exec``) or
+the virtual size grew by ``REMAP_GROWTH_BYTES`` since (a process that imports TensorFlow late
+maps ~1 GB at once). TensorFlow never unloads, so a positive answer is kept for the life of the
+process.
 
 ``cpu_since`` is when this scanner first saw the process on the CPU (in its current CPU stretch),
 not its start: TensorFlow jobs often compute on the CPU a while before making a GPU context, and a
@@ -60,6 +65,9 @@ GPU_DEVICE = re.compile(r"/dev/nvidia[0-9]+")
 REMAP_GROWTH_BYTES = 32 * 2**20
 # How long a "holds no /dev/nvidiaN open" answer is trusted (NVML's list is re-checked each poll).
 FD_RECHECK_SECONDS = 30.0
+# A known process that is no candidate has its stat re-read after this long (times 1 to 1.5,
+# by pid): only an exec (or a reused pid) can make it one.
+RECHECK_SECONDS = 30.0
 CMDLINE_MAX = 200
 ENV_KEYS = (b"CUDA_VISIBLE_DEVICES", b"TF_FORCE_GPU_ALLOW_GROWTH", b"TF_GPU_ALLOCATOR")
 ALLOW_GROWTH = "TF_FORCE_GPU_ALLOW_GROWTH"
@@ -84,6 +92,7 @@ class _Entry:
     gpu_fds: bool = False
     fds_checked_at: float = -math.inf
     cpu_since: float | None = None
+    recheck_at: float = -math.inf  # scanner clock; only used while not a candidate
 
 
 @dataclass
@@ -184,6 +193,7 @@ class WorkloadScanner:
         *,
         clock: Callable[[], float] = time.monotonic,
         fd_recheck_seconds: float = FD_RECHECK_SECONDS,
+        recheck_seconds: float = RECHECK_SECONDS,
         own_sessions: Callable[[], Collection[int]] = children,
     ) -> None:
         # Plain strings, not pathlib: this runs for every process on every poll.
@@ -191,6 +201,7 @@ class WorkloadScanner:
         self._own_sessions = own_sessions
         self._clock = clock
         self._fd_recheck = fd_recheck_seconds
+        self._recheck = recheck_seconds
         self._entries: dict[int, _Entry] = {}
         self._users: dict[int, str] = {}
         self._patterns: tuple[str, ...] | None = None
@@ -226,6 +237,7 @@ class WorkloadScanner:
             self._patterns, self._match = names, _names_matcher(names)
             for e in self._entries.values():
                 e.candidate = self._match(e.comm.decode("utf-8", "replace"))
+                e.recheck_at = -math.inf
         nvml_up = nvml is not None and nvml.up
         gpu_pids = frozenset(
             p.pid for g in (nvml.gpus if nvml is not None and nvml.up else ()) for p in g.processes
@@ -233,13 +245,17 @@ class WorkloadScanner:
         counts = _Counts()
         live: dict[int, _Entry] = {}
         found: list[TfProcess] = []
+        clock = self._clock()
+        known = self._entries
         for name in os.listdir(self._root):
             if not name.isdigit():
                 continue
             pid = int(name)
-            entry = self._entry(pid)
-            if entry is None:
-                continue  # exited between listdir and the read
+            entry = known.get(pid)
+            if entry is None or entry.candidate or clock >= entry.recheck_at or pid in gpu_pids:
+                entry = self._entry(pid, clock)
+                if entry is None:
+                    continue  # exited between listdir and the read
             live[pid] = entry
             counts.processes += 1
             if pid in gpu_pids:
@@ -281,7 +297,7 @@ class WorkloadScanner:
         )
         return WorkloadsReading(tuple(sorted(found, key=lambda p: p.pid)), scan)
 
-    def _entry(self, pid: int) -> _Entry | None:
+    def _entry(self, pid: int, clock: float) -> _Entry | None:
         """The cache entry for ``pid``, new when the pid was reused or exec'd; None if gone."""
         try:
             stat = parse_stat(_read(f"{self._root}/{pid}/stat", 4096))
@@ -296,6 +312,9 @@ class WorkloadScanner:
         if entry is None or entry.start != start or entry.comm != comm:
             entry = _Entry(start, comm, self._match(comm.decode("utf-8", "replace")))
         entry.vsize, entry.session = vsize, session
+        if not entry.candidate:
+            # Spread by pid, so that the processes first seen together are not re-read together.
+            entry.recheck_at = clock + self._recheck * (1 + (pid * 2654435761 % 4096) / 8192)
         return entry
 
     def _entry_user(self, pid: int, entry: _Entry) -> str | None:
