@@ -131,13 +131,13 @@ w.start()
 deadline = time.monotonic() + 20
 while not s.waiting and time.monotonic() < deadline:
     time.sleep(0.01)
-real = pynvml.nvmlSystemGetDriverVersion
+real = pynvml.nvmlDeviceGetCount
 def gone():
     raise pynvml.NVMLError(pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
-pynvml.nvmlSystemGetDriverVersion = gone
+pynvml.nvmlDeviceGetCount = gone
 lost = dump(s.poll())  # must not wait for the Xid thread's wait to end
 waiting_after_loss = s.waiting
-pynvml.nvmlSystemGetDriverVersion = real
+pynvml.nvmlDeviceGetCount = real
 held = dump(s.poll())  # the lost session is still held by the wait: not re-initialised
 # An Xid ends the wait; that thread then frees the set and shuts the lost session down.
 write_scenario(os.environ["TFGPUD_FAKE_DRIVER"], [
@@ -205,3 +205,31 @@ print(json.dumps(out))
     assert second == [[501, 3 * gib, "python3"], [502, 2 * gib, "jupyter"]]
     assert third == [[502, 2 * gib, "jupyter"]]
     assert fourth == [[501, gib, "renamed"], [502, 2 * gib, "jupyter"]]
+
+
+def test_gpu_settings_are_read_once_a_minute_and_versions_once_per_session(
+    fakedriver: Path, scenario_path: Path
+) -> None:
+    write_scenario(scenario_path, [{"uuid": U[0], "persistence_mode": False}])
+    code = f"""
+import json
+from helpers import write_scenario
+from tfgpud.collectors.nvml import SETTINGS_SECONDS, NvmlSession
+t = [100.0]
+s = NvmlSession(clock=lambda: t[0])
+def read():
+    r = s.poll()
+    return [r.driver_version, r.gpus[0].persistence_mode]
+out = [read()]
+write_scenario({str(scenario_path)!r}, [{{"uuid": {U[0]!r}, "persistence_mode": True}}],
+               driver_version="999.1.2")
+out.append(read())  # the same session: neither is read again yet
+t[0] += SETTINGS_SECONDS
+out.append(read())  # the setting is due; the library's version stays the session's
+print(json.dumps(out))
+"""
+    r = run_python(code, scenario=scenario_path)
+    assert r.returncode == 0, r.stderr
+    first, second, third = r.data
+    assert first[1] is False and second == first
+    assert third == [first[0], True]

@@ -53,6 +53,8 @@ REGISTER_RETRY_SECONDS = 30.0  # a GPU whose Xid registration failed is tried ag
 XID_WAIT_MS = 30_000
 # After an event wait failed (not a timeout), wait this long before building a new set.
 XID_RETRY_MS = 1_000
+# Persistence and MIG mode of a GPU are read again after this long (settings, not readings).
+SETTINGS_SECONDS = 60.0
 
 
 def error_name(code: int) -> str:
@@ -218,6 +220,10 @@ class NvmlSession:
         self._lists: dict[int, tuple[Any, tuple[GpuProcess, ...]]] = {}
         self._lists_now: dict[int, tuple[Any, tuple[GpuProcess, ...]]] = {}
         self._listers: dict[int, _ProcessLister] = {}
+        # Driver, CUDA and NVML versions of this session; uuid -> (next read due, persistence
+        # mode, MIG mode).
+        self._system: tuple[Any, Any, Any] | None = None
+        self._settings: dict[str, tuple[float, bool | None, bool | None]] = {}
 
     @property
     def up(self) -> bool:
@@ -259,6 +265,8 @@ class NvmlSession:
             self._identity.clear()  # indexes may have moved while the driver was away
             self._fixed_by_uuid.clear()
             self._procs.clear()
+            self._system = None
+            self._settings.clear()
             self._lists.clear()
             self._listers.clear()
             self._changed.set()
@@ -403,8 +411,7 @@ class NvmlSession:
                 pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
                 pynvml.NVML_VOLATILE_ECC,
             )
-            persistence = self._q(pynvml.nvmlDeviceGetPersistenceMode, handle)
-            mig = self._q(pynvml.nvmlDeviceGetMigMode, handle)
+            persistence, mig = self._settings_of(uuid, handle)
             return GpuReading(
                 index=index,
                 uuid=uuid,
@@ -420,8 +427,8 @@ class NvmlSession:
                 power_watts=power / 1000.0 if power is not None else None,
                 compute_capability=cc,
                 ecc_uncorrected_total=int(ecc) if ecc is not None else None,
-                persistence_mode=bool(persistence) if persistence is not None else None,
-                mig_mode=bool(mig[0]) if mig is not None else None,
+                persistence_mode=persistence,
+                mig_mode=mig,
                 processes=self._processes(index, handle),
             )
         except GpuGone as gone:
@@ -446,6 +453,22 @@ class NvmlSession:
         if None not in fixed:
             self._fixed_by_uuid[uuid] = fixed
         return fixed
+
+    def _settings_of(self, uuid: str, handle: Any) -> tuple[bool | None, bool | None]:
+        """Persistence and MIG mode: settings an admin changes (MIG only with a GPU reset),
+        read once per ``SETTINGS_SECONDS`` per GPU rather than every poll."""
+        now = self._clock()
+        known = self._settings.get(uuid)
+        if known is not None and now < known[0]:
+            return known[1], known[2]
+        persistence = self._q(pynvml.nvmlDeviceGetPersistenceMode, handle)
+        mig = self._q(pynvml.nvmlDeviceGetMigMode, handle)
+        value = (
+            bool(persistence) if persistence is not None else None,
+            bool(mig[0]) if mig is not None else None,
+        )
+        self._settings[uuid] = (now + SETTINGS_SECONDS, *value)
+        return value
 
     def _dedupe(self, gpus: tuple[GpuReading, ...]) -> tuple[GpuReading, ...]:
         """An unreadable GPU must not borrow the identity of a GPU that answered this poll."""
@@ -484,9 +507,14 @@ class NvmlSession:
             if err is not None:
                 return self._down(err[0], err[1])
             try:
-                driver = self._q(pynvml.nvmlSystemGetDriverVersion)
-                cuda = self._q(pynvml.nvmlSystemGetCudaDriverVersion)
-                nvml_version = self._q(pynvml.nvmlSystemGetNVMLVersion)
+                if self._system is None:
+                    # The versions of the library this session loaded: fixed until re-init.
+                    self._system = (
+                        self._q(pynvml.nvmlSystemGetDriverVersion),
+                        self._q(pynvml.nvmlSystemGetCudaDriverVersion),
+                        self._q(pynvml.nvmlSystemGetNVMLVersion),
+                    )
+                driver, cuda, nvml_version = self._system
                 count = self._q(pynvml.nvmlDeviceGetCount)
                 if count is None:
                     # Without a count every GPU would look gone: say the driver is unusable.
@@ -500,6 +528,8 @@ class NvmlSession:
                 seen = {g.uuid for g in gpus}
                 for gone in self._fixed_by_uuid.keys() - seen:  # bounded by the GPUs now
                     del self._fixed_by_uuid[gone]
+                for gone in self._settings.keys() - seen:
+                    del self._settings[gone]
             except DriverGone as gone:
                 log.warning("NVML lost the driver: %s", gone)
                 self._drop(gone.code)
