@@ -12,6 +12,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import exposition
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -544,12 +545,67 @@ def negotiate(accept: str) -> Format:
     return Format.TEXT
 
 
+class _OneFamily:
+    """A registry of one metric family: what the encoders take, to encode a family alone."""
+
+    __slots__ = ("family",)
+
+    def __init__(self, family: Metric) -> None:
+        self.family = family
+
+    def collect(self) -> list[Metric]:
+        return [self.family]
+
+
+_EOF = b"# EOF\n"
+# A family's encoding is reused while it has the same (type, help, unit) and samples.
+_FamilyKey = tuple[str, str, str]
+
+
+class FamilyEncoder:
+    """Encodes a registry family by family, each family's text reused while it is unchanged.
+
+    Every poll publishes a new snapshot, but most families repeat (a GPU's identity, its
+    findings, memory held by a job that allocated once): only the families whose samples
+    changed are encoded again, by prometheus_client's own encoder, so the body is byte for byte
+    what that encoder gives for the whole registry. Holds the families of the last rendering
+    only.
+    """
+
+    def __init__(self, fmt: Format) -> None:
+        self._encode = _ENCODERS[fmt]
+        self._eof = fmt is Format.OPENMETRICS  # OpenMetrics ends the body, once, with # EOF
+        self._last: dict[str, tuple[_FamilyKey, list[Any], bytes]] = {}
+        self.encoded = 0  # families encoded afresh (tests, benchmarks)
+
+    def __call__(self, registry: CollectorRegistry) -> bytes:
+        parts: list[bytes] = []
+        now: dict[str, tuple[_FamilyKey, list[Any], bytes]] = {}
+        for family in registry.collect():
+            key = (family.type, family.documentation, family.unit)
+            hit = self._last.get(family.name)
+            if hit is not None and hit[0] == key and hit[1] == family.samples:
+                text = hit[2]
+            else:
+                self.encoded += 1
+                text = self._encode(_OneFamily(family))  # type: ignore[arg-type]
+                if self._eof and text.endswith(_EOF):
+                    text = text[: -len(_EOF)]
+            now[family.name] = (key, family.samples, text)
+            parts.append(text)
+        if self._eof:
+            parts.append(_EOF)
+        self._last = now
+        return b"".join(parts)
+
+
 class Exposition:
     """Renders the registry once per snapshot and format; scrapes in between get the bytes.
 
     Everything exported derives from the snapshot, so the text cannot change until the next
     poll publishes a new one; caching makes a scrape a dictionary lookup. The cache holds at
-    most one body per :class:`Format`, whatever the clients send.
+    most one body per :class:`Format`, whatever the clients send. A new snapshot re-encodes
+    only the families that changed (:class:`FamilyEncoder`).
     """
 
     def __init__(self, registry: CollectorRegistry, source: Callable[[], Snapshot | None]) -> None:
@@ -558,6 +614,8 @@ class Exposition:
         self._lock = threading.Lock()
         # format -> (the snapshot it was rendered from, body)
         self._cache: dict[Format, tuple[Snapshot, bytes]] = {}
+        self._encoders = {fmt: FamilyEncoder(fmt) for fmt in Format}
+        self._render_lock = threading.Lock()  # one rendering at a time: the encoders' state
 
     def __call__(self, accept: str) -> tuple[bytes, str]:
         """(body, content type) for a request with this ``Accept`` header."""
@@ -565,15 +623,15 @@ class Exposition:
         return self.render(fmt), CONTENT_TYPES[fmt]
 
     def render(self, fmt: Format) -> bytes:
-        encoder = _ENCODERS[fmt]
         snap = self._source()
         if snap is None:
-            return encoder(self._registry)
+            return _ENCODERS[fmt](self._registry)
         with self._lock:
             hit = self._cache.get(fmt)
         if hit is not None and hit[0] is snap:
             return hit[1]
-        body = encoder(self._registry)  # may see a newer snapshot: then it is simply not cached
+        with self._render_lock:
+            body = self._encoders[fmt](self._registry)  # may see a newer snapshot: not cached
         if self._source() is snap:
             with self._lock:
                 self._cache[fmt] = (snap, body)

@@ -305,6 +305,37 @@ def test_exposition_cache_renders_once_per_snapshot() -> None:
     assert fresh != first and b"tfgpud_nvml_up 0.0" in fresh
 
 
+def test_family_by_family_encoding_is_the_encoders_own_text_and_skips_what_repeats() -> None:
+    from tfgpud.exporter import FamilyEncoder, Format
+
+    base = fixture_snapshot()
+    assert base.nvml is not None
+    gpu0 = base.nvml.gpus[0]
+    hotter = replace(gpu0, temperature_celsius=75.0, utilization_gpu_ratio=float("nan"))
+    snaps = [
+        base,
+        replace(base, taken_at=base.taken_at + 10),  # only the poll's own figures move
+        replace(base, nvml=replace(base.nvml, gpus=(hotter, *base.nvml.gpus[1:]))),
+        Snapshot(taken_at=1.0, nvml=NvmlReading(up=False, error="DRIVER_NOT_LOADED")),
+        base,
+    ]
+    current = [base]
+    registry = make_registry(lambda: current[0], lambda: HOST)
+    for fmt, whole in ((Format.TEXT, generate_latest), (Format.OPENMETRICS, generate_openmetrics)):
+        encoder = FamilyEncoder(fmt)
+        counts = []
+        for snap in snaps:
+            current[0] = snap
+            before = encoder.encoded
+            assert encoder(registry) == whole(registry)  # byte for byte
+            counts.append(encoder.encoded - before)
+        families = sum(1 for _ in registry.collect())
+        assert counts[0] == families  # the first rendering encodes everything
+        assert 0 < counts[1] < families / 4  # the next, only what changed
+        assert counts[2] > counts[1]  # a GPU's readings changed too (NaN never repeats)
+        assert counts[4] > families / 2  # after the driver was gone, nearly all of it again
+
+
 def test_gpu_info_of_a_lost_gpu_is_what_was_last_known_or_absent() -> None:
     text = render(fixture_snapshot())
     info = [line for line in text.splitlines() if line.startswith("tfgpud_gpu_info{")]
