@@ -3,8 +3,8 @@
 On the simulated 8-GPU x 16-process scenario. Each collector (and the diagnosis, and the alert
 bookkeeping) is wrapped to add the thread CPU it used to its phase; "the rest" is the whole
 poll less those phases (the snapshot, the baseline, readings put together). "warm": polls back
-to back; "cold": ``COLD_GAP`` seconds asleep between polls (the daemon's default interval is
-10 s, so its polls are colder still: compare benchmarks.cost's whole-process figures).
+to back; "cold": ``COLD_GAP`` seconds asleep before each poll (by default the daemon's 10 s
+interval: what its polls cost; compare benchmarks.cost's whole-process figures).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Any
 from benchmarks.scenario import FAKEDRIVER, busy_scenario
 
 WARM_POLLS = 300
-COLD_POLLS = int(os.environ.get("TFGPUD_BENCH_COLD_POLLS", "15"))
-COLD_GAP = float(os.environ.get("TFGPUD_BENCH_COLD_GAP", "2"))
+COLD_POLLS = int(os.environ.get("TFGPUD_BENCH_COLD_POLLS", "9"))
+COLD_GAP = float(os.environ.get("TFGPUD_BENCH_COLD_GAP", "10"))
 PHASES = ("nvml", "workloads", "pci", "diagnose", "alerts")
 
 
