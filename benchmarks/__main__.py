@@ -14,7 +14,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ("nvml_poll", "cost", "poll_phases", "daemon", "http_abuse", "workloads", "discovery", "tf_probe")
+MODULES = (
+    "nvml_poll",
+    "cost",
+    "poll_phases",
+    "daemon",
+    "http_abuse",
+    "workloads",
+    "discovery",
+    "tf_probe",
+)
 
 
 def main() -> int:

@@ -5,7 +5,8 @@ GPUs: a burst of harmless Xids on one GPU cannot push out a critical one on anot
 ``gpu-xid-critical``'s "in the last hour" holds for the full hour after the last event. An Xid
 outside the table is counted under one key, ``"other"``, so the label values of
 ``tfgpud_gpu_xid_errors_total`` stay bounded whatever the driver sends (the exact value is in
-the journal line logged for each event).
+the journal: a line for the first event of each GPU and code in a minute, then one line a minute
+summing up the rest, see :class:`XidLogLines`).
 """
 
 from __future__ import annotations
@@ -107,3 +108,69 @@ class XidLog:
         events = [e for codes in self._gpus.values() for _, kept in codes.values() for e in kept]
         events.sort(key=lambda e: e.at)
         return XidView(MappingProxyType(counts), tuple(events))
+
+
+# An Xid gets a journal line of its own at most once per (GPU, code) in this long; the events
+# in between are counted, and one line sums them up when the window has passed.
+LOG_WINDOW_SECONDS = 60.0
+# Exact values an "other" summary names (the rest are counted).
+LOG_VALUES_NAMED = 8
+
+
+@dataclass
+class _Window:
+    ends: float
+    more: int = 0
+    values: tuple[int, ...] = ()  # exact Xid values among the ``more`` (bounded)
+
+
+class XidLogLines:
+    """Which Xid events get a journal line: an Xid storm (a job hitting Xid 13 hundreds of
+    times a second) must not flood the journal, and no event may go unmentioned.
+
+    :meth:`event` returns the line for the first event of a (GPU, code) in a window of
+    ``window`` seconds (None for the others: they are counted); :meth:`due` returns one line
+    per window that ended with events counted, and opens a new window for it. Bounded: a key
+    is kept only while its window is open, and codes are keyed as :func:`xid_code` keys them.
+    """
+
+    def __init__(self, window: float = LOG_WINDOW_SECONDS) -> None:
+        self._window = window
+        self._open: dict[tuple[str, XidCode], _Window] = {}
+
+    def event(self, uuid: str, xid: int, now: float) -> str | None:
+        key = (uuid, xid_code(xid))
+        w = self._open.get(key)
+        if w is not None and now < w.ends:
+            w.more += 1
+            if xid not in w.values and len(w.values) < LOG_VALUES_NAMED:
+                w.values = (*w.values, xid)
+            return None
+        self._open[key] = _Window(ends=now + self._window)
+        info = KNOWN_XIDS.get(xid)
+        return f"Xid {xid} on GPU {uuid}" + (f" ({info.meaning})" if info is not None else "")
+
+    def due(self, now: float) -> list[tuple[str, str]]:
+        """(uuid, line) for each window that has ended with events counted in it."""
+        lines = []
+        for key, w in list(self._open.items()):
+            if now < w.ends:
+                continue
+            if not w.more:
+                del self._open[key]
+                continue
+            uuid, code = key
+            what = f"Xid {code}" if code != OTHER_XID else "Xids outside the known table"
+            values = ""
+            if code == OTHER_XID:
+                values = " (" + ", ".join(map(str, sorted(w.values)))
+                values += ", …)" if len(w.values) == LOG_VALUES_NAMED else ")"
+            lines.append(
+                (
+                    uuid,
+                    f"{what} on GPU {uuid}: {w.more} more{values} in the last "
+                    f"{self._window:.0f} s, not logged one by one",
+                )
+            )
+            self._open[key] = _Window(ends=now + self._window)
+        return lines

@@ -25,6 +25,22 @@ def dump(r):
 """
 
 
+def watching(wait_ms: int) -> str:
+    """Child code: an XidWatcher ``w`` on session ``s``, blocked in its first wait."""
+    return f"""
+import os, time
+from helpers import write_scenario
+from tfgpud.collectors.nvml import XidWatcher
+first = s.poll()
+w = XidWatcher(s, wait_ms={wait_ms})
+w.watch(g.uuid for g in first.gpus)
+w.start()
+deadline = time.monotonic() + 20
+while not s.waiting and time.monotonic() < deadline:
+    time.sleep(0.01)
+"""
+
+
 def three_gpus(path: Path, **gpu1: object) -> None:
     write_scenario(
         path,
@@ -120,17 +136,8 @@ def test_a_driver_loss_during_a_long_xid_wait_never_blocks_the_poll(
     three_gpus(scenario_path)
     code = (
         PRELUDE
+        + watching(60_000)  # one wait outlasts this test unless an Xid ends it
         + f"""
-import os, time
-from helpers import write_scenario
-from tfgpud.collectors.nvml import XidWatcher
-first = s.poll()
-w = XidWatcher(s, wait_ms=60_000)  # one wait outlasts this test unless an Xid ends it
-w.watch(g.uuid for g in first.gpus)
-w.start()
-deadline = time.monotonic() + 20
-while not s.waiting and time.monotonic() < deadline:
-    time.sleep(0.01)
 real = pynvml.nvmlDeviceGetCount
 def gone():
     raise pynvml.NVMLError(pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
@@ -233,3 +240,41 @@ print(json.dumps(out))
     first, second, third = r.data
     assert first[1] is False and second == first
     assert third == [first[0], True]
+
+
+def test_an_xid_storm_is_logged_as_a_line_and_a_summary(
+    fakedriver: Path, scenario_path: Path
+) -> None:
+    three_gpus(scenario_path)
+    code = (
+        PRELUDE
+        + watching(200)
+        + f"""
+import logging
+from tfgpud.xids import XidLogLines
+records = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        records.append(record.getMessage())
+logging.getLogger("tfgpud").addHandler(Keep())
+logging.getLogger("tfgpud").setLevel(logging.INFO)
+w._lines = XidLogLines(window=1.0)  # no Xid yet: the first comes with the scenario below
+write_scenario(os.environ["TFGPUD_FAKE_DRIVER"], [
+    {{"uuid": "{U[0]}", "pci_bus_id": "00000000:01:00.0", "xids": [13] * 50}},
+    {{"uuid": "{U[1]}", "pci_bus_id": "00000000:02:00.0"}},
+    {{"uuid": "{U[2]}", "pci_bus_id": "00000000:03:00.0"}},
+])
+while sum(w.view().counts.values()) < 50 and time.monotonic() < deadline:
+    time.sleep(0.01)
+while not any("more" in r for r in records) and time.monotonic() < deadline:
+    time.sleep(0.05)
+w.stop()
+print(json.dumps([r for r in records if "Xid" in r]))
+"""
+    )
+    r = run_python(code, scenario=scenario_path)
+    assert r.returncode == 0, r.stderr
+    assert r.data == [
+        f"Xid 13 on GPU {U[0]} (graphics engine exception (application error))",
+        f"Xid 13 on GPU {U[0]}: 49 more in the last 1 s, not logged one by one",
+    ]

@@ -49,6 +49,9 @@ def test_xid_79_outlives_300_harmless_xids_on_other_gpus(
         assert xid_series(m, U[0], 79) == 1
         assert all(critical(m, u) is None for u in U[1:])
         assert d.stop() == 0
+    # One journal line per GPU and code for the first event of the minute, not 301 lines.
+    lines = [x for x in d.stderr().splitlines() if "Xid " in x and " on GPU " in x]
+    assert len(lines) == 4, lines
 
 
 def test_xids_outside_the_known_table_are_one_series(
@@ -65,3 +68,5 @@ def test_xids_outside_the_known_table_are_one_series(
         # Per GPU the watched codes (at 0 before any event) and one "other": 256 values, 2 series.
         assert len(series) == len(U) * len(WATCHED_XIDS) + 2, sorted(series)
         assert d.stop() == 0
+    lines = [x for x in d.stderr().splitlines() if "Xid " in x and " on GPU " in x]
+    assert len(lines) == 2, lines  # 256 events, one line per GPU within the minute

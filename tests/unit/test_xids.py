@@ -92,3 +92,35 @@ def test_the_view_is_rebuilt_only_after_a_new_event() -> None:
     assert log.view() is first  # a poll without new Xids copies nothing
     log.record(A, 79, T0 + 1)
     assert log.view() is not first and log.view().counts[(A, 79)] == 2
+
+
+def test_an_xid_storm_gets_one_line_then_one_summary_a_window() -> None:
+    from tfgpud.xids import LOG_VALUES_NAMED, XidLogLines
+
+    lines = XidLogLines(window=60.0)
+    first = lines.event("GPU-a", 13, 1000.0)
+    assert first == "Xid 13 on GPU GPU-a (graphics engine exception (application error))"
+    # 299 more of the same within the minute: counted, not logged; another code or GPU is.
+    assert all(lines.event("GPU-a", 13, 1000.0 + i / 10) is None for i in range(1, 300))
+    assert lines.event("GPU-a", 79, 1001.0) is not None
+    assert lines.event("GPU-b", 13, 1001.0) is not None
+    assert lines.due(1059.0) == []  # no window has ended yet
+    assert lines.due(1061.0) == [
+        ("GPU-a", "Xid 13 on GPU GPU-a: 299 more in the last 60 s, not logged one by one")
+    ]
+    # The storm goes on: one summary a window; when it stops, the key is dropped and the
+    # next event after that gets its own line again.
+    assert lines.event("GPU-a", 13, 1070.0) is None
+    assert [u for u, _ in lines.due(1122.0)] == ["GPU-a"]
+    assert lines.due(1183.0) == []
+    assert lines.event("GPU-a", 13, 1200.0) is not None
+    # Values outside the table share one key; the summary names some of them, bounded.
+    assert lines.event("GPU-c", 1000, 2000.0) == "Xid 1000 on GPU GPU-c"
+    for xid in range(1001, 1100):
+        assert lines.event("GPU-c", xid, 2001.0) is None
+    (_, summary), *rest = [d for d in lines.due(2061.0) if d[0] == "GPU-c"]
+    named = ", ".join(str(x) for x in range(1001, 1001 + LOG_VALUES_NAMED))
+    assert not rest and summary == (
+        f"Xids outside the known table on GPU GPU-c: 99 more ({named}, …) in the last 60 s, "
+        "not logged one by one"
+    )

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import pynvml
 
 from tfgpud.model import GpuProcess, GpuReading, NvmlReading
-from tfgpud.xids import XidLog, XidView
+from tfgpud.xids import XidLog, XidLogLines, XidView
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -652,6 +652,7 @@ class XidWatcher:
         self._lock = threading.Lock()
         self._uuids: tuple[str, ...] = ()
         self.xids = xids or XidLog()
+        self._lines = XidLogLines()  # which events get a journal line of their own
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tfgpud-xid", daemon=True)
 
@@ -682,7 +683,11 @@ class XidWatcher:
             now = time.time()
             for uuid, xid in got:
                 self.xids.record(uuid, xid, now)
-                log.warning("Xid %d on GPU %s", xid, uuid, extra={"GPU_UUID": uuid})
+                line = self._lines.event(uuid, xid, now)
+                if line is not None:
+                    log.warning("%s", line, extra={"GPU_UUID": uuid})
+            for uuid, line in self._lines.due(now):  # waits return at least every wait_ms
+                log.warning("%s", line, extra={"GPU_UUID": uuid})
 
     def stop(self, timeout: float = 2.0) -> None:
         """Stop the thread. One blocked in an NVML wait is not waited for: it is a daemon
