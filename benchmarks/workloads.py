@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tfgpud.collectors.workloads import WorkloadScanner
+from tfgpud.collectors.workloads import RECHECK_SECONDS, WorkloadScanner
 from tfgpud.config import DEFAULT_PROCESS_NAMES
 
 SLEEPERS = 900
@@ -29,6 +29,8 @@ PYTHON_NAMED = 100
 COLD_RUNS = 7
 WARM_RUNS = 30
 TARGET_WARM_MS = 20.0
+PACED_RUNS = 36  # 6 minutes of the daemon's polls: 8 or more re-check rounds
+DEFAULT_INTERVAL = 10.0
 
 
 @contextmanager
@@ -71,7 +73,8 @@ def _time(fn: Callable[[], object]) -> float:
 
 
 def stat_floor() -> float:
-    """listdir(/proc) + one read of every /proc/PID/stat: the least any scan must do."""
+    """listdir(/proc) + one read of every /proc/PID/stat: what every scan did before other
+    processes were re-read only every RECHECK_SECONDS."""
 
     def once() -> None:
         for name in os.listdir("/proc"):
@@ -106,6 +109,17 @@ def measure(names: tuple[str, ...]) -> dict[str, float]:
         reading = scanner.scan(None, time.time(), names)
         warm.append(time.perf_counter() - t0)
         maps_warm = max(maps_warm, reading.scan.maps_read)
+    # Steady state at the daemon's default interval: the scanner's clock moves 10 s a scan, so
+    # the other processes' re-reads (every RECHECK_SECONDS, spread) fall in as they would.
+    clock = [time.monotonic()]
+    paced = WorkloadScanner(clock=lambda: clock[0])
+    paced.scan(None, time.time(), names)
+    steady = []
+    for _ in range(PACED_RUNS):
+        clock[0] += DEFAULT_INTERVAL
+        t0 = time.perf_counter()
+        paced.scan(None, time.time(), names)
+        steady.append(time.perf_counter() - t0)
     return {
         "processes": procs,
         "candidates": candidates,
@@ -115,6 +129,7 @@ def measure(names: tuple[str, ...]) -> dict[str, float]:
         "warm_p95_ms": sorted(warm)[int(len(warm) * 0.95) - 1] * 1000,
         "maps_cold": maps_cold,
         "maps_warm": maps_warm,
+        "steady_ms": statistics.mean(steady) * 1000,
     }
 
 
@@ -132,21 +147,26 @@ def run() -> str:
         "named python3, 1 TensorFlow, the rest this machine's)",
         "",
         "| process_names | candidates | TF found | maps read cold/warm | cold ms/scan | "
-        "warm ms/scan (p95) | cold ms per 1,000 | warm ms per 1,000 |",
-        "|---|---|---|---|---|---|---|---|",
+        "warm ms/scan (p95) | cold ms per 1,000 | warm ms per 1,000 | every 10 s, mean ms "
+        "per 1,000 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for label, r in (("default (python*, …)", default), ('["*"]', every)):
         lines.append(
             f"| {label} | {r['candidates']:.0f} | {r['tf']:.0f} | "
             f"{r['maps_cold']:.0f}/{r['maps_warm']:.0f} | {r['cold_ms']:.1f} | "
             f"{r['warm_ms']:.1f} ({r['warm_p95_ms']:.1f}) | {r['cold_ms'] * per_k:.1f} | "
-            f"{r['warm_ms'] * per_k:.1f} |"
+            f"{r['warm_ms'] * per_k:.1f} | {r['steady_ms'] * per_k:.1f} |"
         )
     warm_k = default["warm_ms"] * per_k
     verdict = "met" if warm_k <= TARGET_WARM_MS else "NOT met"
     lines += [
         "",
-        f"Floor (listdir + read every /proc/PID/stat): {floor * 1000 * per_k:.1f} ms per 1,000.",
+        "Warm: scans back to back (other processes not due for their re-read); every 10 s: the "
+        "scanner's clock moved 10 s a scan, so their re-reads (every "
+        f"{RECHECK_SECONDS:g}-{1.5 * RECHECK_SECONDS:g} s, spread by pid) are in the mean.",
+        f"listdir + read every /proc/PID/stat, what each scan did before: "
+        f"{floor * 1000 * per_k:.1f} ms per 1,000.",
         f"Warm scan per 1,000 processes: {warm_k:.1f} ms (target <= {TARGET_WARM_MS:g} ms: "
         f"{verdict}).",
     ]
