@@ -187,6 +187,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from tfgpud.doctor import run_doctor
+    from tfgpud.runner import become_subreaper
 
     # The report is the output; collectors' log lines would only interleave with it.
     logging.basicConfig(level=logging.ERROR, format="tfgpud: %(message)s")
@@ -202,6 +203,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     if python is not None and "/" in python:
         python = os.path.abspath(python)  # not resolve(): a venv's python is a symlink
     colour = not args.json and use_colour(sys.stdout)
+    # What a probe leaves behind comes back here to be killed, as in the daemon (an
+    # interpreter that exits at once orphans its background processes before any walk sees
+    # them as its descendants).
+    become_subreaper()
     return run_doctor(config, python=python, as_json=args.json, out=sys.stdout, colour=colour)
 
 

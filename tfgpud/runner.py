@@ -272,8 +272,9 @@ def _without_ambient_caps(argv: tuple[str, ...]) -> tuple[str, ...]:
 
 def become_subreaper() -> bool:
     """Make this process the parent of every orphaned descendant (Linux prctl
-    PR_SET_CHILD_SUBREAPER); True when it is. Call once, early, in the daemon only: a process
-    that is a subreaper must reap what comes back to it, which run_bounded() then does."""
+    PR_SET_CHILD_SUBREAPER); True when it is. Call once, early, in a command that probes (the
+    daemon, doctor), never in a library user: a process that is a subreaper must reap what
+    comes back to it, which run_bounded() then does."""
     global _subreaper
     try:
         libc = ctypes.CDLL(None, use_errno=True)

@@ -11,6 +11,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from daemon_harness import DaemonProcess
-from helpers import write_scenario
+from helpers import fakedriver_env, write_scenario
 
 ESCAPE = """#!/bin/sh
 echo $$ >> {pids}/self-$(id -u)
@@ -134,3 +136,30 @@ def test_the_root_pre_check_is_bounded_by_the_probe_timeout(
         assert _wait_probed(d) == "timeout"
         assert time.monotonic() - started < 2 + 4
         assert _wait_gone(_pids(scratch, "*")) == []
+
+
+@pytest.mark.parametrize("linger", [True, False])
+def test_no_descendant_of_a_doctor_probe_survives_doctor(
+    tmp_path: Path, scratch: Path, fakedriver: Path, scenario_path: Path, linger: bool
+) -> None:
+    # Without the linger the interpreter exits at once: what it left is re-parented before
+    # anyone could see it as a descendant.
+    python = _fake_python(scratch, ANSWER)
+    if not linger:
+        python.write_text(python.read_text().replace("sleep 0.3\n", ""))
+    write_scenario(scenario_path, gpus=[{"name": "NVIDIA A100-SXM4-80GB"}])
+    (tmp_path / "tfgpud.toml").write_text(
+        f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n[tensorflow.discover]\nenabled = false\n'
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "tfgpud", "doctor", "--config", str(tmp_path / "tfgpud.toml")]
+        + ["--python", str(python)],
+        env=fakedriver_env(scenario_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert r.returncode in (0, 1, 2), r.stdout + r.stderr
+    assert len(_pids(scratch)) == (4 if os.geteuid() == 0 else 2)
+    assert _wait_gone(_pids(scratch, "*"), 2.0) == []
