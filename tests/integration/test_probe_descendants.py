@@ -151,9 +151,18 @@ def test_no_descendant_of_a_doctor_probe_survives_doctor(
     (tmp_path / "tfgpud.toml").write_text(
         f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n[tensorflow.discover]\nenabled = false\n'
     )
+    config = tmp_path / "tfgpud.toml"
     r = subprocess.run(
-        [sys.executable, "-m", "tfgpud", "doctor", "--config", str(tmp_path / "tfgpud.toml")]
-        + ["--python", str(python)],
+        [
+            sys.executable,
+            "-m",
+            "tfgpud",
+            "doctor",
+            "--config",
+            str(config),
+            "--python",
+            str(python),
+        ],
         env=fakedriver_env(scenario_path),
         capture_output=True,
         text=True,
