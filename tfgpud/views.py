@@ -427,6 +427,12 @@ def _one_line(value: object) -> str:
     return printable("?" if value is None else str(value))
 
 
+def _block(value: object, indent: str) -> str:
+    """A text that may span lines (a fix with a configuration snippet): each line after the
+    first indented by ``indent``, so it stays under the finding it belongs to."""
+    return printable(str(value), newlines=True).replace("\n", "\n" + indent)
+
+
 def _when(ts: float | None) -> str:
     return "?" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
@@ -516,7 +522,7 @@ def render_status_text(doc: Mapping[str, Any], *, colour: bool = False) -> str:
             more = len(evidence) - STATUS_EVIDENCE_LINES
             out.append(f"      - … {more} more line(s): `tfgpud status --json`")
         if f.get("fix"):
-            out.append(f"      fix: {_one_line(f['fix'])}")
+            out.append(f"      fix: {_block(f['fix'], ' ' * 11)}")
     return _finish("\n".join(out) + "\n", colour)
 
 
@@ -595,7 +601,7 @@ def render_report(
             lines.append(f"  Caused by: {', '.join(causes)}")
         lines += [f"    - {_one_line(e)}" for e in evidence]
         if f["fix"]:
-            lines.append(f"  Fix: {_one_line(f['fix'])}")
+            lines.append(f"  Fix: {_block(f['fix'], ' ' * 7)}")
     verdict_word = {0: "healthy", 1: "warnings", 2: "critical"}[code]
     lines += ["", f"Result: {verdict_word} (exit {code})", ""]
     return _finish("\n".join(lines), colour)

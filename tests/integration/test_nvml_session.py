@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from helpers import run_python, write_scenario
 
 U = [f"GPU-cccccccc-0000-4000-8000-00000000000{i}" for i in range(3)]
@@ -114,20 +116,26 @@ print(json.dumps([first, second]))
     assert second["gpus"][1][2] is True
 
 
-def test_a_failing_device_count_is_not_zero_gpus(fakedriver: Path, scenario_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("error", "reading"), [("UNKNOWN", "DEVICE_COUNT_FAILED"), ("GPU_IS_LOST", "GPU_IS_LOST")]
+)
+def test_a_failing_device_count_is_not_zero_gpus(
+    fakedriver: Path, scenario_path: Path, error: str, reading: str
+) -> None:
     three_gpus(scenario_path)
     code = (
         PRELUDE
-        + """
+        + f"""
 def count():
-    raise pynvml.NVMLError(pynvml.NVML_ERROR_UNKNOWN)
+    raise pynvml.NVMLError(pynvml.NVML_ERROR_{error})
 pynvml.nvmlDeviceGetCount = count
 print(json.dumps(dump(s.poll())))
 """
     )
     r = run_python(code, scenario=scenario_path)
     assert r.returncode == 0, r.stderr
-    assert r.data == {"up": False, "error": "DEVICE_COUNT_FAILED", "gpus": []}
+    # Never "zero GPUs", and never a collector that raised (a GPU-level code for the count).
+    assert r.data == {"up": False, "error": reading, "gpus": []}
 
 
 def test_a_driver_loss_during_a_long_xid_wait_never_blocks_the_poll(

@@ -1378,7 +1378,8 @@ def test_tf_no_env_with_discovery_off_says_so_and_how_to_turn_it_on() -> None:
     s = nothing_to_probe(discovery=DiscoverySummary(enabled=False))
     f = one(diagnose(s, CONFIG), "tf-no-env", "host")
     assert "discovery is off ([tensorflow.discover] enabled = false)" in f.evidence
-    assert "enabled = true" in f.fix
+    assert "\nor set [tensorflow.discover] enabled = true: discovery searches" in f.fix
+    assert "or or" not in f.fix
 
 
 @pytest.mark.parametrize(

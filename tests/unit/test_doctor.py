@@ -174,6 +174,12 @@ def test_broken_collector_is_reported_not_raised(tmp_path: Path) -> None:
     # One healthy-looking PCI GPU and no env to probe: that is said, never an all-clear.
     assert code == 1 and "[WARNING] tf-no-env  (host)" in text
     assert "    - root /home: searched (4 entries)" in text
+    # The fix's configuration snippet is on lines of its own, under the fix (not "\n" shown).
+    assert "\\n" not in text and "\\x0a" not in text
+    assert (
+        '`sudo systemctl reload tfgpud`:\n       [[tensorflow.envs]]\n       name = "main"\n'
+        in text
+    )
 
 
 def test_doctor_reads_the_daemons_baseline(tmp_path: Path) -> None:

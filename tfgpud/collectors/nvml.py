@@ -534,6 +534,10 @@ class NvmlSession:
                 log.warning("NVML lost the driver: %s", gone)
                 self._drop(gone.code)
                 return self._down(error_name(gone.code), gone.code)
+            except GpuGone as gone:
+                # A GPU-level error from a driver-wide call (the count, the versions): NVML is
+                # unusable this poll; the session is kept and asked again next poll.
+                return NvmlReading(up=False, error=error_name(gone.code), error_code=gone.code)
             return NvmlReading(
                 up=True,
                 library_path=self._library_path,

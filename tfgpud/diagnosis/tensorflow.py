@@ -1316,7 +1316,7 @@ def rule_tf_no_env(s: Snapshot, c: Config) -> Iterable[Finding]:
         "above your env to [tensorflow.discover] roots"
     )
     if d is not None and not d.enabled:
-        looks = "or set [tensorflow.discover] enabled = true: " + looks
+        looks = "set [tensorflow.discover] enabled = true: " + looks
     yield finding(
         "tf-no-env",
         WARN,
