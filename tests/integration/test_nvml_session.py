@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from helpers import run_python, write_scenario
 
 U = [f"GPU-cccccccc-0000-4000-8000-00000000000{i}" for i in range(3)]
