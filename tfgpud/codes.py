@@ -43,6 +43,7 @@ _DRIVER = (
     "nouveau-bound",
     "device-nodes-missing",
     "nvml-no-permission",
+    "nvml-unusable",
 )
 # Why TensorFlow in an env sees fewer GPUs than exist: the causes a fallback finding names.
 TF_CAUSES = (
@@ -78,6 +79,10 @@ _TABLE = (
          "The module is loaded but /dev/nvidiactl or /dev/nvidiaN are missing."),
     Code("nvml-no-permission", CRIT, "dd0b2f0049d943e996a3d08a2a590501", _DRIVER_DOWN,
          "NVML refuses access to the driver or to one GPU (device node permissions)."),
+    Code("nvml-unusable", CRIT, "1152ccadca4648bb82075166b6203392", _DRIVER_DOWN,
+         "NVML fails for the whole driver with an error no other driver finding names "
+         "(UNKNOWN, the GPU count failed, CORRUPTED_INFOROM, ...).",
+         consequence_of=("driver-library-mismatch", "nouveau-bound", "device-nodes-missing")),
     # --- GPUs --------------------------------------------------------------------------------
     Code("gpu-lost", CRIT, "907c1ae275214d1188582433cbf12be2", "TfgpudGpuLost",
          "NVML reports a GPU as lost (fallen off the bus)."),

@@ -6,7 +6,8 @@ Alertmanager configured from the shipped ``alertmanager.example.yml`` (its route
 and evaluates the shipped rules. ``[alerts] instance`` is left at its default (the host name)
 while Prometheus calls the target ``127.0.0.1:PORT``: the pairing must not depend on them
 agreeing. For each root cause — the driver gone under two GPUs (with the env falling back to the
-CPU), one GPU lost, the env without its CUDA libraries — Alertmanager must hold exactly one
+CPU), NVML failing under them with UNKNOWN (no other driver finding names it), one GPU lost, the
+env without its CUDA libraries — Alertmanager must hold exactly one
 active, uninhibited alert (the rule's alert for the root cause; the rules alert on root causes
 only), with every other alert for it (its pushed twin, the pushed consequences) present and
 inhibited; only the root cause is ever notified (by either path); and everything clears when the
@@ -265,7 +266,20 @@ def test_one_root_cause_is_one_page_with_both_paths_on(
                 ),
                 lambda: write_scenario(scenario_path, [gpu(0), gpu(1)]),
             )
-            # 2. One GPU falls off the bus.
+            # 2. NVML fails for the whole driver with an error no other finding names: one
+            # nvml-unusable, the cause of both vanished GPUs and of the env's fallback.
+            phase(
+                "NVML unusable",
+                ("TfgpudNvidiaDriverUnavailable", "nvml-unusable", "host"),
+                [
+                    ("TfgpudNvmlUnusable", push, "nvml-unusable", "host"),
+                    *(("TfgpudGpuVanished", push, "gpu-vanished", u) for u in (U0, U1)),
+                    ("TfgpudTensorflowCpuFallback", push, "tf-cpu-fallback", "research"),
+                ],
+                lambda: write_scenario(scenario_path, [gpu(0), gpu(1)], init_error="UNKNOWN"),
+                lambda: write_scenario(scenario_path, [gpu(0), gpu(1)]),
+            )
+            # 3. One GPU falls off the bus.
             phase(
                 "one GPU lost",
                 ("TfgpudGpuLost", "gpu-lost", U1),
@@ -273,7 +287,7 @@ def test_one_root_cause_is_one_page_with_both_paths_on(
                 lambda: write_scenario(scenario_path, [gpu(0), gpu(1, lost=True)]),
                 lambda: write_scenario(scenario_path, [gpu(0), gpu(1)]),
             )
-            # 3. The env loses its CUDA libraries (the real probe says tf-cuda-libs-missing).
+            # 4. The env loses its CUDA libraries (the real probe says tf-cuda-libs-missing).
             phase(
                 "TF env without CUDA libraries",
                 ("TfgpudTensorflowCpuFallback", "tf-cuda-libs-missing", "research"),

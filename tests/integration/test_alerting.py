@@ -132,6 +132,49 @@ def test_restart_with_the_driver_down_reports_every_gpu_vanished(
         wait_findings(d, lambda f: not any(code == "gpu-vanished" for code, _ in f))
 
 
+def test_nvml_failing_for_a_reason_no_rule_names_is_the_one_cause_of_the_vanished_gpus(
+    tmp_path: Path, fakedriver: Path, scenario_path: Path
+) -> None:
+    """NVML's init answers UNKNOWN after a restart, then (driver back, then failing again under
+    the running daemon) the GPU count fails: each time one nvml-unusable finding, the cause of
+    both vanished GPUs, so the alerts carry one root cause."""
+    learn_two(tmp_path, scenario_path)
+    write_scenario(scenario_path, [gpu(0), gpu(1)], init_error="UNKNOWN")
+    host = socket.gethostname()
+
+    def one_cause(f: dict[tuple[str, str], dict[str, Any]], says: str) -> None:
+        cause = f[("nvml-unusable", "host")]
+        assert cause["severity"] == "critical" and cause["cause"] is None
+        assert says in cause["evidence"][0] and "nvidia-smi" in cause["fix"]
+        assert [f[("gpu-vanished", u)]["cause"] for u in (U0, U1)] == ["nvml-unusable"] * 2
+        assert "Bring the driver back first (see nvml-unusable)" in f[("gpu-vanished", U0)]["fix"]
+
+    with DaemonProcess(tmp_path, scenario=scenario_path, interval=INTERVAL) as d:
+        d.start()
+        one_cause(findings(d), "NVML fails for the whole driver: UNKNOWN (999)")
+        m = d.metrics()
+
+        def series(code: str, role: str, subject: str) -> str:
+            return (
+                f'tfgpud_finding{{cause="TfgpudNvmlUnusable",code="{code}",host="{host}",'
+                f'role="{role}",severity="critical",subject="{subject}"}}'
+            )
+
+        assert m[series("nvml-unusable", "cause", "host")] == 1
+        assert m[series("gpu-vanished", "consequence", U0)] == 1
+        assert m[series("gpu-vanished", "consequence", U1)] == 1
+        # The driver comes back, then fails under the running daemon: NVML stays initialised
+        # but every call answers UNKNOWN, so the count fails.
+        write_scenario(scenario_path, [gpu(0), gpu(1)])
+        wait_findings(d, lambda f: not any(code == "gpu-vanished" for code, _ in f))
+        assert ("nvml-unusable", "host") not in findings(d)
+        write_scenario(scenario_path, [gpu(0), gpu(1)], init_error="UNKNOWN")
+        f = wait_findings(d, lambda f: ("nvml-unusable", "host") in f)
+        one_cause(f, "counting the GPUs failed (DEVICE_COUNT_FAILED)")
+        assert d.stop() == 0
+    assert "Traceback" not in d.stderr()
+
+
 def test_corrupt_state_file_is_recovered_and_reported(
     tmp_path: Path, fakedriver: Path, scenario_path: Path
 ) -> None:

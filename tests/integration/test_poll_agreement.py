@@ -66,6 +66,7 @@ CASES = {
     "lost-before-uuid": ([gpu(U0, 0), gpu(U1, 1, lost=True)], {}),
     "vanished": ([gpu(U0, 0)], {}),
     "driver-down": ([gpu(U0, 0), gpu(U1, 1)], {"init_error": "DRIVER_NOT_LOADED"}),
+    "nvml-unknown": ([gpu(U0, 0), gpu(U1, 1)], {"init_error": "UNKNOWN"}),
     "healthy": ([gpu(U0, 0), gpu(U1, 1)], {}),
 }
 
@@ -88,5 +89,7 @@ def test_doctor_and_daemon_agree_on_the_findings(
         assert ("gpu-vanished", U1) in keys
     elif case == "driver-down":
         assert {("driver-not-loaded", "host"), ("gpu-vanished", U0), ("gpu-vanished", U1)} <= keys
+    elif case == "nvml-unknown":
+        assert {("nvml-unusable", "host"), ("gpu-vanished", U0), ("gpu-vanished", U1)} <= keys
     # GPUs and no env to probe (none configured, discovery off): said by both, never all-clear.
     assert ("tf-no-env", "host") in keys

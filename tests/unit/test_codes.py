@@ -97,6 +97,15 @@ def test_critical_finding_rule_splits_the_codes_as_the_table_relates_them() -> N
     assert beside == [fallback, frozenset(TF_CAUSES), fallback]
 
 
+def test_driver_unavailable_rule_takes_every_driver_code() -> None:
+    """A driver code the rule does not name would alert, while NVML is down, only as a bare
+    host alert without its code (and its pushed twin would page beside it)."""
+    expr = str(BY_NAME["TfgpudNvidiaDriverUnavailable"]["expr"])
+    [named] = re.findall(r'code=~"([^"]+)"', expr)
+    assert frozenset(named.split("|")) == DRIVER_CODES
+    assert "nvml-unusable" in DRIVER_CODES
+
+
 def _seconds(value: object) -> int:
     text = str(value or "0s")
     return sum(

@@ -253,6 +253,96 @@ def test_nvml_no_permission() -> None:
     assert "ls -l /dev/nvidia*" in f.fix and "usermod" in f.fix
 
 
+PROC_VERSION = (
+    "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.14  Thu Feb 22 01:44:30 UTC 2024"
+)
+PCI2_LOADED = replace(PCI2, proc_driver_version=PROC_VERSION)
+BASELINE2 = (KnownGpu(UUID0), KnownGpu(UUID1))
+
+
+@pytest.mark.parametrize(
+    ("nvml", "says"),
+    [
+        (NvmlReading(up=False, error="UNKNOWN", error_code=999), "whole driver: UNKNOWN (999)"),
+        (NvmlReading(up=False, error="DEVICE_COUNT_FAILED"), "counting the GPUs failed"),
+        (NvmlReading(up=False, error="CODE_31337", error_code=31337), "CODE_31337 (31337)"),
+        (NvmlReading(up=False, error="CORRUPTED_INFOROM", error_code=14), "CORRUPTED_INFOROM"),
+        (NvmlReading(up=False, error="IN_USE", error_code=19), "IN_USE (19)"),
+        (NvmlReading(up=False), "no error name"),
+    ],
+)
+def test_nvml_unusable_for_an_error_no_other_rule_names(nvml: NvmlReading, says: str) -> None:
+    found = diagnose(snap(pci=PCI2_LOADED, nvml=nvml, tf=()), CONFIG)
+    f = one(found, "nvml-unusable", "host")
+    assert f.severity is Severity.CRITICAL
+    assert says in f.evidence[0]
+    for line in (
+        "PCI 0000:01:00.0: NVIDIA device 0x2330, kernel driver nvidia",
+        "/sys/module/nvidia/version: 550.54.14",
+        f"/proc/driver/nvidia/version: {PROC_VERSION}",
+        "/dev nodes present: nvidia-uvm nvidia0 nvidia1 nvidiactl",
+    ):
+        assert line in f.evidence
+    assert "`nvidia-smi`" in f.fix and "`sudo dmesg | grep -iE 'NVRM|Xid'`" in f.fix
+    # The other driver rules have nothing to say: this is the only driver finding.
+    assert codes(found) == {"nvml-unusable"}
+
+
+def test_nvml_unusable_fix_follows_the_error() -> None:
+    def fix(error: str) -> str:
+        nvml = NvmlReading(up=False, error=error)
+        return one(diagnose(snap(nvml=nvml, tf=()), CONFIG), "nvml-unusable").fix
+
+    for error in ("UNKNOWN", "DEVICE_COUNT_FAILED"):
+        reset = fix(error)
+        assert (
+            "`sudo nvidia-smi -r -i ADDRESS`" in reset and "`sudo fuser -v /dev/nvidia*`" in reset
+        )
+        assert "0000:01:00.0 0000:02:00.0" in reset and "reboot" in reset
+        assert "tfgpud cannot tell which GPU" in reset
+    assert "`journalctl -u tfgpud -g nvmlDeviceGetCount`" in fix("DEVICE_COUNT_FAILED")
+    assert "nvmlDeviceGetCount" not in fix("UNKNOWN")
+    inforom = fix("CORRUPTED_INFOROM")
+    assert "needs service" in inforom and "nvidia-smi -r" not in inforom
+    for error in ("IN_USE", "INSUFFICIENT_RESOURCES"):
+        held = fix(error)
+        assert "holds the driver" in held and "`sudo fuser -v /dev/nvidia*`" in held
+        assert "nvidia-smi -r" not in held
+    other = fix("CODE_31337")
+    assert (
+        "no specific advice for NVML's error CODE_31337" in other and "nvidia-smi -r" not in other
+    )
+
+
+@pytest.mark.parametrize(
+    ("error", "named_by"),
+    [
+        ("LIBRARY_NOT_FOUND", "nvml-library-missing"),
+        ("DRIVER_NOT_LOADED", "driver-not-loaded"),
+        ("LIB_RM_VERSION_MISMATCH", "driver-library-mismatch"),
+        ("NO_PERMISSION", "nvml-no-permission"),
+    ],
+)
+def test_nvml_unusable_leaves_the_errors_another_rule_names(error: str, named_by: str) -> None:
+    nvml = NvmlReading(up=False, error=error)
+    found = diagnose(snap(nvml=nvml, tf=(), baseline=BASELINE2), CONFIG)
+    assert named_by in codes(found) and "nvml-unusable" not in codes(found)
+
+
+def test_nvml_unusable_needs_gpus_here_and_nvml_down() -> None:
+    unknown = NvmlReading(up=False, error="UNKNOWN", error_code=999)
+    none = snap(pci=PciReading(), nvml=unknown, tf=())
+    assert codes(diagnose(none, CONFIG)) == {"no-nvidia-gpu"}
+    # No GPU on the bus, but the baseline or [expect] gpus says there are some.
+    known = replace(none, baseline=BASELINE2)
+    assert one(diagnose(known, CONFIG), "nvml-unusable").evidence[1].startswith("PCI bus: no")
+    expected = replace(none, expected_gpus=2)
+    cfg = parse_config("[expect]\ngpus = 2\n")
+    assert "nvml-unusable" in codes(diagnose(expected, cfg))
+    assert "nvml-unusable" not in codes(diagnose(snap(), CONFIG))
+    assert "nvml-unusable" not in codes(diagnose(snap(nvml=None), CONFIG))
+
+
 def test_gpu_lost() -> None:
     nvml = replace(NVML2, gpus=(gpu(0, UUID0), gpu(1, UUID1, lost=True, error="GPU_IS_LOST")))
     found = diagnose(snap(nvml=nvml, tf=(probe(gpus=(TfGpu("/physical_device:GPU:0"),)),)), CONFIG)
@@ -1431,6 +1521,41 @@ def test_the_driver_gone_under_two_gpus_explains_the_vanished_gpus_and_the_fallb
         ("gpu-vanished", UUID1): "driver-not-loaded",
         ("tf-cpu-fallback", "research"): "driver-not-loaded",
     }
+
+
+@pytest.mark.parametrize("error", ["UNKNOWN", "DEVICE_COUNT_FAILED", "CODE_31337"])
+def test_nvml_unusable_is_the_one_root_cause_of_the_vanished_gpus_and_the_fallback(
+    error: str,
+) -> None:
+    nvml = NvmlReading(up=False, error=error)
+    s = snap(nvml=nvml, tf=(probe(gpus=()),), baseline=BASELINE2)
+    assert causes_by_key(diagnose(s, CONFIG)) == {
+        ("nvml-unusable", "host"): None,
+        ("gpu-vanished", UUID0): "nvml-unusable",
+        ("gpu-vanished", UUID1): "nvml-unusable",
+        ("tf-cpu-fallback", "research"): "nvml-unusable",
+    }
+    # [expect] gpus beyond the baseline: the unnamed GPUs follow from it too.
+    cfg = parse_config("[expect]\ngpus = 3\n")
+    found = diagnose(replace(s, tf=(), expected_gpus=3), cfg)
+    assert one(found, "gpu-vanished", "host").cause == "nvml-unusable"
+
+
+def test_nvml_unusable_beside_a_named_driver_cause_follows_from_it() -> None:
+    """Device nodes missing (or nouveau, or a library/module version mismatch) explain an NVML
+    error too: that finding is the root, nvml-unusable and the vanished GPUs name it."""
+    pci = replace(PCI2, device_nodes=())
+    nvml = NvmlReading(up=False, error="UNKNOWN", error_code=999)
+    found = diagnose(snap(pci=pci, nvml=nvml, tf=(), baseline=BASELINE2), CONFIG)
+    assert causes_by_key(found) == {
+        ("device-nodes-missing", "host"): None,
+        ("nvml-unusable", "host"): "device-nodes-missing",
+        ("gpu-vanished", UUID0): "device-nodes-missing",
+        ("gpu-vanished", UUID1): "device-nodes-missing",
+    }
+    mismatch = replace(nvml, library_path="/usr/lib/libnvidia-ml.so.555.42.02")
+    found = diagnose(snap(nvml=mismatch, tf=(), baseline=BASELINE2), CONFIG)
+    assert one(found, "nvml-unusable").cause == "driver-library-mismatch"
 
 
 def test_a_chain_names_its_root_nouveau_under_the_driver_under_the_vanished_gpu() -> None:

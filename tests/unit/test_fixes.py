@@ -248,11 +248,11 @@ def named_codes(fix: str) -> set[str]:
     return {c for c in CODES if re.search(rf"(?<![\w-]){re.escape(c)}(?![\w-])", fix)}
 
 
-def test_vanished_with_nvml_unknown_names_no_absent_driver_finding() -> None:
+def test_vanished_with_nvml_unknown_names_nvml_unusable() -> None:
     found = vanished(NvmlReading(up=False, error="UNKNOWN", error_code=999))
     f = one(found, "gpu-vanished", UUID0)
-    assert "beside this one" not in f.fix and "see the driver finding" not in f.fix
-    assert "NVML does not answer (UNKNOWN)" in f.fix and "nvidia-smi" in f.fix
+    assert f.fix.startswith("Bring the driver back first (see nvml-unusable). ")
+    assert "nvidia-smi" in one(found, "nvml-unusable", "host").fix
     assert f"`tfgpud baseline forget {UUID0}`" in f.fix and "forget UUID" not in f.fix
 
 
@@ -268,6 +268,8 @@ def test_vanished_with_the_driver_down_names_the_driver_finding() -> None:
     "nvml",
     [
         NvmlReading(up=False, error="UNKNOWN"),
+        NvmlReading(up=False, error="DEVICE_COUNT_FAILED"),
+        NvmlReading(up=False, error="CORRUPTED_INFOROM"),
         NvmlReading(up=False, error="DRIVER_NOT_LOADED"),
         NvmlReading(up=False, error="NO_PERMISSION"),
         NvmlReading(up=False, error="LIB_RM_VERSION_MISMATCH"),

@@ -131,13 +131,10 @@ def _vanished_fix(s: Snapshot, c: Config, uuid: str | None) -> str:
         )
     if s.nvml is None or s.nvml.up:
         return fix
+    # NVML down with GPUs expected always has a driver finding (nvml-unusable for any error
+    # no other rule names).
     present = [f.code for rule in DRIVER_RULES for f in rule(s, c)]
-    if present:
-        return f"Bring the driver back first (see {', '.join(present)}). " + fix
-    return (
-        f"Bring the driver back first: NVML does not answer ({s.nvml.error or 'unknown error'}); "
-        "check that `nvidia-smi` works and `journalctl -k | grep -i nvrm` says why. " + fix
-    )
+    return f"Bring the driver back first (see {', '.join(present)}). " + fix if present else fix
 
 
 def rule_baseline_state_error(s: Snapshot, c: Config) -> Iterable[Finding]:

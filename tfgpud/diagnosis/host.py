@@ -209,6 +209,94 @@ def rule_nvml_no_permission(s: Snapshot, c: Config) -> Iterable[Finding]:
     )
 
 
+# The NVML errors for the whole driver that a rule above names; nvml-unusable takes the rest.
+NAMED_NVML_ERRORS = frozenset(
+    {"LIBRARY_NOT_FOUND", "DRIVER_NOT_LOADED", "LIB_RM_VERSION_MISMATCH", "NO_PERMISSION"}
+)
+# A GPU in a state the driver cannot work with: a reset or a reboot clears it.
+_GPU_STATE_ERRORS = frozenset(
+    {"UNKNOWN", "DEVICE_COUNT_FAILED", "GPU_IS_LOST", "RESET_REQUIRED", "TIMEOUT"}
+)
+_HELD_ERRORS = frozenset({"IN_USE", "INSUFFICIENT_RESOURCES"})
+
+
+def rule_nvml_unusable(s: Snapshot, c: Config) -> Iterable[Finding]:
+    """NVML is down for the whole driver with an error no other rule names, and GPUs exist:
+    the one driver finding the vanished GPUs and the envs' fallbacks follow from."""
+    if s.nvml is None or s.nvml.up or s.nvml.error in NAMED_NVML_ERRORS or not gpus_exist(s):
+        return
+    error = s.nvml.error or "no error name"
+    pci = s.pci
+    failed = (
+        "NVML initialised, but counting the GPUs failed (DEVICE_COUNT_FAILED)"
+        if error == "DEVICE_COUNT_FAILED"
+        else f"NVML fails for the whole driver: {error}"
+        + (f" ({s.nvml.error_code})" if s.nvml.error_code is not None else "")
+    )
+    ev = [failed, *pci_lines(s)]
+    if pci is not None:
+        ev += [
+            f"/sys/module/nvidia/version: {pci.nvidia_module_version or 'absent'}",
+            f"/proc/driver/nvidia/version: {pci.proc_driver_version or 'absent'}",
+            "/dev nodes present: " + (" ".join(pci.device_nodes) or "none"),
+        ]
+    yield finding(
+        "nvml-unusable",
+        CRIT,
+        HOST,
+        f"The NVIDIA driver does not answer NVML ({error}): no program can use the GPUs",
+        ev,
+        _unusable_fix(error, s),
+    )
+
+
+def _unusable_fix(error: str, s: Snapshot) -> str:
+    """What to do about NVML failing with ``error``; says what tfgpud cannot tell."""
+    first = (
+        "Run `nvidia-smi`: it goes through NVML too and should fail the same way. The "
+        "driver's own reason is in the kernel log: `sudo dmesg | grep -iE 'NVRM|Xid'`. "
+    )
+    addresses = " ".join(g.address for g in s.pci.gpus) if s.pci is not None else ""
+    if error in _GPU_STATE_ERRORS:
+        which = f" (this machine's: {addresses})" if addresses else ""
+        count = (
+            "tfgpud logged NVML's error for the count when it first failed: `journalctl -u "
+            "tfgpud -g nvmlDeviceGetCount`. "
+            if error == "DEVICE_COUNT_FAILED"
+            else ""
+        )
+        return (
+            first
+            + count
+            + "Often one GPU is in a state the driver cannot work with: an Xid line names its "
+            "PCI address (tfgpud cannot tell which GPU; NVML gives it only the error). If "
+            "`nvidia-smi` still answers for the others, reset that one once no process uses it "
+            "(`sudo fuser -v /dev/nvidia*` lists them): `sudo nvidia-smi -r -i ADDRESS`, with "
+            f"ADDRESS its PCI address{which}. If `nvidia-smi` fails as a whole, or the reset "
+            "does, reboot."
+        )
+    if error == "CORRUPTED_INFOROM":
+        return (
+            first + "A GPU's InfoROM (its on-board configuration memory) is corrupted: that "
+            "board needs service (its vendor: an RMA, or an InfoROM update they supply); drain "
+            "the machine. `nvidia-smi` ('infoROM is corrupted at gpu ...') or the kernel log "
+            "names the board; tfgpud cannot."
+        )
+    if error in _HELD_ERRORS:
+        return (
+            first + "Something else holds the driver or a GPU (a reset, a MIG or mode change in "
+            "progress, or a process using up its resources): `sudo fuser -v /dev/nvidia*` lists "
+            "the processes that have the GPUs open. Wait for it to finish or stop that process; "
+            "tfgpud cannot tell which one it is."
+        )
+    return (
+        first + f"tfgpud has no specific advice for NVML's error {error}: look it up in "
+        "NVML's list of return codes (nvml.h, the NVML API reference). If the kernel log shows "
+        "Xid errors or nothing explains it, reboot; if it persists after a reboot, reinstall the "
+        "driver for the running kernel."
+    )
+
+
 # The rules whose findings explain a driver that does not answer (what a vanished GPU's fix
 # points at, when one of them is present), in the order diagnose() runs them.
 DRIVER_RULES = (
@@ -218,4 +306,5 @@ DRIVER_RULES = (
     rule_nouveau_bound,
     rule_device_nodes_missing,
     rule_nvml_no_permission,
+    rule_nvml_unusable,
 )
