@@ -285,3 +285,29 @@ print(json.dumps([r for r in records if "Xid" in r]))
         f"Xid 13 on GPU {U[0]} (graphics engine exception (application error))",
         f"Xid 13 on GPU {U[0]}: 49 more in the last 1 s, not logged one by one",
     ]
+
+
+def test_a_gpu_that_does_not_list_its_processes_is_read_without_them(
+    fakedriver: Path, scenario_path: Path
+) -> None:
+    three_gpus(scenario_path)
+    code = (
+        PRELUDE
+        + """
+import logging
+import tfgpud.collectors.nvml as nvml
+logging.basicConfig(level=logging.DEBUG)
+def refused(handle):
+    raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+nvml._RAW_PROCESSES = False  # through pynvml's own call, which this child makes refuse
+pynvml.nvmlDeviceGetComputeRunningProcesses = refused
+r = s.poll()
+print(json.dumps([dump(r), [list(g.processes) for g in r.gpus]]))
+"""
+    )
+    r = run_python(code, scenario=scenario_path)
+    assert r.returncode == 0, r.stderr
+    reading, processes = r.data
+    assert reading["up"] is True and [g[1] for g in reading["gpus"]] == U
+    assert processes == [[], [], []]
+    assert "nvmlDeviceGetComputeRunningProcesses_v3: NOT_SUPPORTED (value omitted)" in r.stderr

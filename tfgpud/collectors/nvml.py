@@ -113,29 +113,32 @@ class _ProcessInfo(ctypes.Structure):
     ]
 
 
-class _ProcessLister:
-    """One GPU's compute process list, read into a buffer kept from poll to poll.
+# Whether this pynvml lets the process lists be read into _ProcessInfo structs directly.
+_RAW_PROCESSES = hasattr(pynvml, "_nvmlGetFunctionPointer") and ctypes.sizeof(
+    getattr(pynvml, "c_nvmlProcessInfo_v3_t", ctypes.c_char)
+) == ctypes.sizeof(_ProcessInfo)
 
-    ``read`` returns the list as NVML wrote it (the struct array's bytes, comparable with the
-    last poll's), or, where this pynvml lacks the pieces used here (or lays the struct out
-    otherwise), what ``pynvml.nvmlDeviceGetComputeRunningProcesses`` returns as (pid, used)
-    pairs. One NVML call per poll while the buffer has room (NVML fills in how many there are);
-    it grows, and the call is repeated, when it has not.
+
+class _ProcessLister:
+    """Reads a GPU's compute process list into a buffer kept from poll to poll (one for every
+    GPU: what a call returns is a copy).
+
+    Its one reader is named after the NVML call it makes, the name ``NvmlSession._q`` logs
+    when that call fails. It returns the list as NVML wrote it (the struct array's bytes,
+    comparable with the last poll's), or, where this pynvml lacks the pieces used here (or lays
+    the struct out otherwise), what ``pynvml.nvmlDeviceGetComputeRunningProcesses`` returns as
+    (pid, used) pairs. One NVML call per GPU while the buffer has room (NVML fills in how many
+    there are); it grows, and the call is repeated, when it has not.
     """
 
     def __init__(self) -> None:
-        fn_lookup = getattr(pynvml, "_nvmlGetFunctionPointer", None)
-        struct = getattr(pynvml, "c_nvmlProcessInfo_v3_t", None)
-        self._raw = (
-            fn_lookup is not None
-            and struct is not None
-            and ctypes.sizeof(struct) == ctypes.sizeof(_ProcessInfo)
-        )
         self._buf = (_ProcessInfo * 32)()
         self._count = ctypes.c_uint(0)
 
-    def __call__(self, handle: Any) -> bytes | list[tuple[int, int | None]]:
-        if not self._raw:
+    def nvmlDeviceGetComputeRunningProcesses_v3(
+        self, handle: Any
+    ) -> bytes | list[tuple[int, int | None]]:
+        if not _RAW_PROCESSES:
             return [
                 (int(p.pid), None if p.usedGpuMemory is None else int(p.usedGpuMemory))
                 for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
@@ -154,7 +157,7 @@ class _ProcessLister:
         raise pynvml.NVMLError(pynvml.NVML_ERROR_INSUFFICIENT_SIZE)
 
     def pairs(self, got: bytes | list[tuple[int, int | None]]) -> list[tuple[int, int | None]]:
-        """(pid, used GPU memory or None) of each process in what ``__call__`` returned."""
+        """(pid, used GPU memory or None) of each process in what the reader returned."""
         if isinstance(got, list):
             return got
         out = []
@@ -216,10 +219,10 @@ class NvmlSession:
         # the same process (its context would have gone with it), so its name is read once.
         self._procs: dict[int, GpuProcess] = {}
         # GPU index -> its process list as read (see _ProcessLister) and as parsed, last poll
-        # and this one so far; and the reader with its buffer.
+        # and this one so far.
         self._lists: dict[int, tuple[Any, tuple[GpuProcess, ...]]] = {}
         self._lists_now: dict[int, tuple[Any, tuple[GpuProcess, ...]]] = {}
-        self._listers: dict[int, _ProcessLister] = {}
+        self._lister = _ProcessLister()
         # Driver, CUDA and NVML versions of this session; uuid -> (next read due, persistence
         # mode, MIG mode).
         self._system: tuple[Any, Any, Any] | None = None
@@ -268,7 +271,6 @@ class NvmlSession:
             self._system = None
             self._settings.clear()
             self._lists.clear()
-            self._listers.clear()
             self._changed.set()
             return None
         # No library at all: back off up to 30 s (a dlopen search each poll is waste).
@@ -355,10 +357,7 @@ class NvmlSession:
     def _processes(self, index: int, handle: Any) -> tuple[GpuProcess, ...]:
         """The GPU's compute processes, sorted by pid. The same list as the last poll's (the
         usual case: a training job's memory is set once) is the last poll's tuple, unparsed."""
-        lister = self._listers.get(index)
-        if lister is None:
-            lister = self._listers[index] = _ProcessLister()
-        got = self._q(lister, handle)
+        got = self._q(self._lister.nvmlDeviceGetComputeRunningProcesses_v3, handle)
         if got is None:
             return ()
         last = self._lists.get(index)
@@ -366,7 +365,7 @@ class NvmlSession:
             self._lists_now[index] = last
             return last[1]
         out = []
-        for pid, used in sorted(lister.pairs(got)):
+        for pid, used in sorted(self._lister.pairs(got)):
             known = self._procs.get(pid)
             if known is None:
                 known = GpuProcess(pid, used, _proc_name(self._proc_root_str, pid))
@@ -523,8 +522,6 @@ class NvmlSession:
                 gpus = self._dedupe(tuple(self._gpu(i) for i in range(count)))
                 self._lists, self._lists_now = self._lists_now, {}
                 self._procs = {p.pid: p for _, procs in self._lists.values() for p in procs}
-                for index in self._listers.keys() - self._lists.keys():
-                    del self._listers[index]
                 seen = {g.uuid for g in gpus}
                 for gone in self._fixed_by_uuid.keys() - seen:  # bounded by the GPUs now
                     del self._fixed_by_uuid[gone]
