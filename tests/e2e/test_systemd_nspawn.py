@@ -196,7 +196,14 @@ def _wait_said(m: Machine, cursor: str | None, text: str, timeout: float = 15) -
             return
         if time.monotonic() > deadline:
             lines = "\n".join(said)
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {text!r}:\n{lines}")
+            everything = [
+                str(e.get("MESSAGE", ""))
+                for e in m.journal(f"UNIT={UNIT}", "+", f"_SYSTEMD_UNIT={UNIT}")
+            ]
+            raise AssertionError(
+                f"timed out after {timeout:.0f}s waiting for {text!r}:\n{lines}\n"
+                f"the unit's journal since boot (last 60 lines):\n" + "\n".join(everything[-60:])
+            )
         time.sleep(0.25)
 
 

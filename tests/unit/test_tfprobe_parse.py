@@ -10,7 +10,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -314,11 +314,14 @@ class FakeProbe:
         self.status = status
         self.delay = delay
         self.package_dirs: tuple[str, ...] = ()
+        self.during: Callable[[], None] | None = None  # run while the probe runs
 
     def __call__(
         self, env: TfEnvConfig, *, timeout: float, cancel: threading.Event
     ) -> TfProbeResult:
         self.calls.append(env.name)
+        if self.during is not None:
+            self.during()
         if self.delay:
             cancel.wait(self.delay)
         return TfProbeResult(
@@ -350,10 +353,32 @@ def sched(
     )
 
 
+def test_an_install_while_the_probe_runs_is_probed_again(tmp_path: Path) -> None:
+    """pip writing into the env while its probe runs: the result may predate the install, so
+    the next poll probes again (the fingerprint is taken as the probe ends, and would otherwise
+    hold the new mtime as if already seen)."""
+    fake = FakeProbe()
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    fake.package_dirs = (str(site),)
+    fake.during = lambda: (site / "tensorflow-2.21.0.dist-info").mkdir()
+    fake.delay = 0.05  # the probe goes on for some clock ticks after pip wrote
+    s = sched(fake)
+    assert s.maybe_start(None, 0.0) == ("main",)
+    assert s.wait_idle(2)
+    fake.during = None
+    assert s.maybe_start(None, 1.0) == ("main",)
+    assert s.last_reason("main") == "installed packages changed"
+    assert s.wait_idle(2)
+    assert s.maybe_start(None, 2.0) == ()  # nothing changed during the second probe
+    s.close()
+
+
 def test_cadence_start_interval_and_changes(tmp_path: Path) -> None:
     fake = FakeProbe()
     site = tmp_path / "site-packages"
     site.mkdir()
+    os.utime(site, ns=(0, 10**9))  # installed long ago, not while the first probe runs
     fake.package_dirs = (str(site),)
     s = sched(fake)
     assert s.maybe_start(nvml(), 0.0) == ("main",)

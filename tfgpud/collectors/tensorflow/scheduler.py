@@ -53,6 +53,31 @@ def install_fingerprint(paths: Iterable[str]) -> Fingerprint:
     return tuple(out)
 
 
+# Linux stamps mtimes from its coarse wall clock (one tick, a few ms, behind the fine one);
+# Python names no constant for that clock.
+_CLOCK_REALTIME_COARSE = getattr(time, "CLOCK_REALTIME_COARSE", 5)
+
+
+def coarse_now_ns() -> int:
+    """The wall clock that file mtimes come from: a write after this reads has an mtime at or
+    after it."""
+    try:
+        return time.clock_gettime_ns(_CLOCK_REALTIME_COARSE)
+    except OSError:  # not Linux: the fine clock, less a generous tick
+        return time.time_ns() - 20_000_000
+
+
+def changed_during(fingerprint: Fingerprint, start_ns: int, end_ns: int) -> Fingerprint:
+    """``fingerprint`` with each path whose mtime lies in [start_ns, end_ns] (from
+    :func:`coarse_now_ns`, then ``time.time_ns()``) marked as unseen: pip wrote there while
+    the probe ran, so the result may predate it, and the next poll must see a change and probe
+    again. A write in the same clock tick just before the start also counts: one probe more."""
+    return tuple(
+        (p, -1) if mtime is not None and start_ns <= mtime <= end_ns else (p, mtime)
+        for p, mtime in fingerprint
+    )
+
+
 def driver_fingerprint(nvml: NvmlReading) -> tuple[str | None, frozenset[str]]:
     """What about the driver changes TF's answer: its version and the set of GPU UUIDs."""
     return (nvml.driver_version, frozenset(g.uuid for g in nvml.gpus))
@@ -82,7 +107,7 @@ class _EnvState:
     record: TfEnvRecord
     started: float | None = None  # caller's (monotonic) clock, at the last start
     driver: tuple[str | None, frozenset[str]] | None = None  # at the last start
-    installed: Fingerprint | None = None  # after the last finished probe
+    installed: Fingerprint | None = None  # after the last finished probe (-1: changed during it)
     result: TfProbeResult | None = None
     thread: threading.Thread | None = None
     abandoned_pid: int | None = None  # the last probe's child, killed but not yet gone
@@ -219,6 +244,7 @@ class TfProbeScheduler:
         return tuple(started)
 
     def _run(self, st: _EnvState) -> None:
+        start_ns = coarse_now_ns()
         try:
             # The pre-check (as root) shares the probe's timeout and is cancelled with it.
             with deadline_scope(self._timeout, self._cancel):
@@ -238,7 +264,7 @@ class TfProbeScheduler:
                 error=f"{type(exc).__name__}: {exc}",
             )
         paths = (st.env.python, *result.package_dirs)
-        fingerprint = install_fingerprint(paths)
+        fingerprint = changed_during(install_fingerprint(paths), start_ns, time.time_ns())
         with self._lock:
             st.result = result
             st.installed = fingerprint
