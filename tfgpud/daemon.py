@@ -312,7 +312,11 @@ class Daemon:
             logging.getLogger().setLevel(new.daemon.log_level.upper())
         if new.tensorflow.discover != old.tensorflow.discover:
             self._discovery.stop(0.2)
-            self._discovery = EnvDiscovery(new.tensorflow.discover, on_result=self._on_probe_result)
+            self._discovery = EnvDiscovery(
+                new.tensorflow.discover,
+                on_result=self._on_probe_result,
+                carry=self._discovery.latest(),
+            )
             self._discovery.start()
         if new.tensorflow != old.tensorflow:
             # Cancelled, not waited for: a probe takes a moment to die (a switched-user one a

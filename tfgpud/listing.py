@@ -36,8 +36,9 @@ class DirectoryListing:
             self.listings += 1
             try:
                 names = tuple(sorted(os.listdir(path)))
-            except OSError:
-                names = ()
-            settled = time.time() - st.st_mtime > self._settle
+                listed = True
+            except OSError:  # EMFILE, ENOMEM, EACCES: listed again at the next call
+                names, listed = (), False
+            settled = listed and time.time() - st.st_mtime > self._settle
             self._key, self._names = (key if settled else None), names
         return self._names

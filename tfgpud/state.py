@@ -244,10 +244,23 @@ class Baseline:
         try:
             self._gpus = self._read_file()
             self._problem = None
-        except StateFileError as exc:
+            return
+        except StateFileError:
             self._gpus = {}
             if not repair:
                 raise
+        with self.lock():  # re-entrant: refresh() holds it already
+            self._repair()
+
+    def _repair(self) -> None:
+        """Under the writer lock: read the file once more (``tfgpud baseline reset`` may have
+        replaced it since, holding the lock) and move it aside only if it is still unusable."""
+        self._stamp = _stamp(self.path)
+        try:
+            self._gpus = self._read_file()
+            self._problem = None
+        except StateFileError as exc:
+            self._gpus = {}
             try:
                 moved = self.move_aside()
             except OSError as err:  # move_aside reports its own failures; belt and braces

@@ -317,12 +317,30 @@ def load_web_config(path: str | Path) -> WebConfig:
     return web
 
 
-def _mtimes(paths: tuple[str, ...]) -> tuple[int | None, ...]:
-    out: list[int | None] = []
+# Per watched file: (mtime, inode, size), None when unreadable. The size and the inode catch
+# a rewrite (in place or renamed over) within one tick of the coarse clock mtimes come from.
+Stamp = tuple[tuple[int, int, int] | None, ...]
+
+
+def _watch_list(web: WebConfig) -> tuple[str, ...]:
+    return (web.path, *(web.tls.files() if web.tls else ()))
+
+
+def _load_stamped(path: str) -> tuple[WebConfig, Stamp]:
+    """Load the web config file, with the stamps of it and of the TLS files it names taken
+    before they are read (the TLS files are read after this returns, by the context): a file
+    rewritten while it is loaded differs from its stamp at the next check, so it is re-read."""
+    first = _mtimes((path,))
+    web = load_web_config(path)
+    return web, first + _mtimes(_watch_list(web)[1:])
+
+
+def _mtimes(paths: tuple[str, ...]) -> Stamp:
+    out: list[tuple[int, int, int] | None] = []
     for p in paths:
         try:
             st = os.stat(p)
-            out.append(st.st_mtime_ns ^ st.st_ino)
+            out.append((st.st_mtime_ns, st.st_ino, st.st_size))
         except OSError:
             out.append(None)
     return tuple(out)
@@ -343,37 +361,47 @@ class WebSecurity:
     is logged and the last good configuration kept.
     """
 
-    def __init__(self, web: WebConfig) -> None:
+    def __init__(self, web: WebConfig, *, stamp: Stamp | None = None) -> None:
+        """``stamp``: the watched files' stamps from before they were read (``from_file``);
+        None stamps them now, before the TLS files are read."""
         self._lock = threading.Lock()
         self._bcrypt_lock = threading.Lock()
         self._web = web
+        self._watched = _watch_list(web)
+        self._stamp = _mtimes(self._watched) if stamp is None else stamp
         self._ctx = _context_or_error(web)
         self.tls_enabled = web.tls is not None
-        self._watched = self._watch_list(web)
-        self._stamp = _mtimes(self._watched)
         self._checked = time.monotonic()
+        self._loading = False  # a re-read is under way (on some request's thread)
         self._ok: set[tuple[str, bytes, bytes]] = set()
 
     @classmethod
     def from_file(cls, path: str | Path) -> WebSecurity:
-        return cls(load_web_config(path))
-
-    @staticmethod
-    def _watch_list(web: WebConfig) -> tuple[str, ...]:
-        return (web.path, *(web.tls.files() if web.tls else ()))
+        web, stamp = _load_stamped(str(path))
+        return cls(web, stamp=stamp)
 
     def _refresh(self) -> None:
         now = time.monotonic()
         with self._lock:
             if now - self._checked < _RECHECK_SECONDS:
                 return
+            if self._loading:
+                return  # one re-read at a time: an older one must not land after a newer one
             self._checked = now
             stamp = _mtimes(self._watched)
             if stamp == self._stamp:
                 return
-            self._stamp = stamp
+            self._stamp = stamp  # an invalid file is not re-read until it changes again
+            self._loading = True
         try:
-            web = load_web_config(self._web.path)
+            self._reread()
+        finally:
+            with self._lock:
+                self._loading = False
+
+    def _reread(self) -> None:
+        try:
+            web, stamp = _load_stamped(self._web.path)
             ctx = _context_or_error(web)
         except WebConfigError as exc:
             log.error("web config changed but is invalid; keeping the previous one. %s", exc)
@@ -385,8 +413,9 @@ class WebSecurity:
             ctx = None
         with self._lock:
             self._web, self._ctx = web, ctx
-            self._watched = self._watch_list(web)
-            self._stamp = _mtimes(self._watched)
+            self._watched = _watch_list(web)
+            # Stamped before reading: a write while loading is a change at the next check.
+            self._stamp = stamp
             self._ok.clear()
         log.info("web config %s re-read", web.path)
 

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from tfgpud.collectors.tensorflow import TfProbeScheduler
+from tfgpud.collectors.tensorflow.discovered import EnvDiscovery
 from tfgpud.config import TfEnvConfig, parse_config
 from tfgpud.daemon import Daemon, HostPaths
 from tfgpud.model import ProbeStatus, TfProbeResult
@@ -65,4 +66,46 @@ def test_a_reload_of_the_envs_never_waits_for_a_running_probe(
     assert "still running" not in caplog.text
     release.set()
     assert d._tf.wait_idle(5)
+    d.shutdown()
+
+
+def test_a_reload_of_the_discovery_settings_keeps_the_envs_found_until_it_searched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """New discovery settings start a new search: until it ends, the envs the last search
+    found stay on the schedule (they were dropped, and probed anew, with their alerts
+    resolving and firing again, whenever a poll fell within that search)."""
+    prefix = tmp_path / "roots" / "tf"
+    meta = prefix / "lib" / "python3.11" / "site-packages" / "tensorflow-2.21.0.dist-info"
+    meta.mkdir(parents=True)
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: tensorflow\nVersion: 2.21.0\n")
+    (prefix / "pyvenv.cfg").write_text("home = /usr/bin\nversion = 3.11.2\n")
+    (prefix / "bin").mkdir()
+    (prefix / "bin" / "python").write_text("#!/bin/sh\nexit 1\n")
+    (prefix / "bin" / "python").chmod(0o755)
+
+    def config(interval: int) -> str:
+        return (
+            f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n[tensorflow.discover]\n'
+            f'roots = ["{tmp_path / "roots"}"]\njupyter = false\nconda = false\n'
+            f"system = false\ninterval_seconds = {interval}\n"
+        )
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    d = Daemon(parse_config(config(3600)), paths=HostPaths(empty, empty, empty), environ={})
+    d._discovery.run_once()  # the first search, on this thread
+    d.poll_once()
+    found = [r.env for r in d._tf.env_records() if r.source == "discovered"]
+    assert len(found) == 1
+    assert d._tf.wait_idle(20)  # its first probe ended (the script exits 1)
+    runs = d._tf.runs(found[0])
+    monkeypatch.setattr(EnvDiscovery, "start", lambda self: None)  # its search is under way
+    d._apply(parse_config(config(7200)))
+    d.poll_once()
+    assert [r.env for r in d._tf.env_records() if r.source == "discovered"] == found
+    assert d._tf.runs(found[0]) == runs  # not dropped, so not due for a first probe again
+    d._discovery.run_once()  # the new search ends: what it finds is the schedule
+    d.poll_once()
+    assert [r.env for r in d._tf.env_records() if r.source == "discovered"] == found
     d.shutdown()

@@ -21,7 +21,7 @@ from tfgpud import state
 from tfgpud.cli import EX_CONFIG, EX_FAILURE, EX_OK, main
 from tfgpud.config import Config
 from tfgpud.diagnosis import diagnose
-from tfgpud.model import GpuReading, NvmlReading, PciReading, Snapshot
+from tfgpud.model import GpuReading, KnownGpu, NvmlReading, PciReading, Snapshot
 from tfgpud.state import Baseline, StateFileError, forget_gpu, reset_baseline, write_atomically
 
 U0 = "GPU-aaaaaaaa-0000-4000-8000-000000000000"
@@ -166,6 +166,34 @@ def test_a_second_corruption_keeps_the_first_corrupt_file(tmp_path: Path) -> Non
         Baseline.open(tmp_path)
     kept = sorted(p.read_bytes() for p in tmp_path.glob("*.corrupt"))
     assert kept == [b"one", b"two"]
+
+
+def test_a_file_repaired_by_the_cli_meanwhile_is_not_moved_aside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon starts on a corrupt file; `tfgpud baseline reset` (holding the writer lock)
+    replaces it with a good one before the daemon moves the corrupt one aside: the good one is
+    read, not renamed to .corrupt (a spurious baseline-state-error until someone deleted it)."""
+    good = tmp_path / "good"
+    good.mkdir()
+    learned(good, U0)
+    (tmp_path / "baseline.json").write_bytes(b"{not json")
+    read = Baseline._read_file
+    calls = 0
+
+    def read_then_cli_resets(self: Baseline) -> dict[str, KnownGpu]:
+        nonlocal calls
+        calls += 1
+        try:
+            return read(self)
+        finally:
+            if calls == 1:  # the CLI's atomic replace, right after the daemon's first read
+                os.replace(good / "baseline.json", tmp_path / "baseline.json")
+
+    monkeypatch.setattr(Baseline, "_read_file", read_then_cli_resets)
+    b = Baseline.open(tmp_path)
+    assert [g.uuid for g in b.gpus] == [U0]
+    assert not list(tmp_path.glob("*.corrupt")) and b.problems() == ()
 
 
 def test_unreadable_file_is_moved_aside(tmp_path: Path) -> None:

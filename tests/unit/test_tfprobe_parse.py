@@ -514,6 +514,63 @@ def test_a_reload_waits_for_no_probe_and_never_runs_two_of_one_env() -> None:
     assert stuck.calls == ["main", "other", "main"]
 
 
+class OkThenCancelled:
+    """The first probe answers OK; later ones run until cancelled, then end as a cancelled run
+    does (ERROR), after ``release`` when one is set."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.release: threading.Event | None = None
+
+    def __call__(
+        self, env: TfEnvConfig, *, timeout: float, cancel: threading.Event
+    ) -> TfProbeResult:
+        self.calls += 1
+        ok = self.calls == 1
+        if not ok:
+            cancel.wait(30)
+            if self.release is not None:
+                self.release.wait(30)
+        return TfProbeResult(
+            env=env.name,
+            python=env.python,
+            status=ProbeStatus.OK if ok else ProbeStatus.ERROR,
+            started_at=time.time(),
+            duration_seconds=0.0,
+            error=None if ok else "probe cancelled (daemon shutting down)",
+        )
+
+
+@pytest.mark.parametrize("ended_before_adopt", [True, False])
+def test_a_probe_cut_short_by_a_reload_leaves_the_last_result_standing(
+    ended_before_adopt: bool,
+) -> None:
+    """A reload cancels a probe in flight: the env keeps its last good result across the
+    reload (its metrics and findings do not blank, nor turn into the cancel's ERROR for the
+    15 min of a retry) and is probed anew at once."""
+    probe = OkThenCancelled()
+    old = TfProbeScheduler([ENV], interval=100, timeout=5, probe=probe)
+    assert old.maybe_start(nvml(), 0.0) == ("main",)
+    assert old.wait_idle(2)
+    assert old.maybe_start(nvml(), 100.0) == ("main",)  # interval elapsed: now in flight
+    if not ended_before_adopt:
+        probe.release = threading.Event()
+    old.cancel()
+    if ended_before_adopt:
+        assert old.wait_idle(2)
+    new = TfProbeScheduler([ENV], interval=100, timeout=5, probe=probe)
+    new.adopt(old)
+    assert [r.status for r in new.results()] == [ProbeStatus.OK]
+    if probe.release is not None:
+        assert new.maybe_start(nvml(), 101.0) == ()  # its cancelled probe has not ended yet
+        probe.release.set()
+        assert new.wait_idle(2)
+    assert new.maybe_start(nvml(), 102.0) == ("main",)
+    new.cancel()  # as a stop does: that probe, cut short too, leaves the result as it was
+    assert new.wait_idle(2)
+    assert [r.status for r in new.results()] == [ProbeStatus.OK]
+
+
 # --- probe invocation: isolation, interpreter resolution, access -------------------------------
 
 

@@ -214,3 +214,31 @@ def test_cached_verdict_needs_bcrypt_only_for_unverified_credentials(tmp_path: P
     assert sec.authenticate(good)
     assert sec.cached_verdict(good) is True
     assert sec.cached_verdict(_basic("alice", "other")) is None
+
+
+def test_a_write_while_the_file_is_loaded_is_read_at_the_next_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bob removed while a reload (for carol) is reading the file: the next check re-reads it
+    (the files were stamped after loading, so bob kept access until some later change)."""
+    import tfgpud.webconfig as webconfig
+
+    monkeypatch.setattr(webconfig, "_RECHECK_SECONDS", 0.0)
+    path = tmp_path / "web.yml"
+    users = {"alice": bcrypt_hash("a", rounds=4), "bob": bcrypt_hash("b", rounds=4)}
+    path.write_text(web_config_yaml(None, users))
+    sec = WebSecurity.from_file(path)
+    assert sec.authenticate(_basic("bob", "b"))
+    load = webconfig.load_web_config
+
+    def load_then_edit(p: str | Path) -> webconfig.WebConfig:
+        web = load(p)
+        monkeypatch.setattr(webconfig, "load_web_config", load)  # one edit only
+        path.write_text(web_config_yaml(None, {"alice": users["alice"]}))  # bob removed
+        return web
+
+    monkeypatch.setattr(webconfig, "load_web_config", load_then_edit)
+    path.write_text(web_config_yaml(None, {**users, "carol": bcrypt_hash("c", rounds=4)}))
+    assert sec.authenticate(_basic("carol", "c"))  # this check's reload read carol's version
+    assert not sec.authenticate(_basic("bob", "b"))  # the next check reads bob's removal
+    assert sec.authenticate(_basic("alice", "a"))

@@ -251,6 +251,20 @@ def test_late_import_and_exec_are_noticed(proc: Proc) -> None:
     assert reading.scan.maps_read == 1 and [p.pid for p in reading.processes] == [100, 101]
 
 
+def test_an_import_after_a_big_free_is_noticed(proc: Proc) -> None:
+    """Data prep maps 20 GiB and frees it, then the script imports TensorFlow: its growth
+    counts from the low after the free, not from the 20 GiB high (never re-read before)."""
+    big = 20 << 30
+    proc.add(100, vsize=big)
+    scanner = WorkloadScanner(proc.root, clock=Clock())
+    assert scanner.scan(None, NOW).scan.maps_read == 1  # the first look: no TensorFlow
+    proc.add(100, vsize=2 << 30)  # freed
+    assert scanner.scan(None, NOW + 10).scan.maps_read == 0
+    proc.add(100, maps=TF_MAPS, vsize=3 << 30)  # `import tensorflow`: +1 GiB
+    reading = scanner.scan(None, NOW + 20)
+    assert reading.scan.maps_read == 1 and [p.pid for p in reading.processes] == [100]
+
+
 def test_other_processes_are_re_read_on_a_spread_schedule(proc: Proc) -> None:
     launchers = range(1000, 1100)  # pids in a row, as a burst of starts gets
     for pid in launchers:

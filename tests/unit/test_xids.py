@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+
 from prometheus_client.exposition import generate_latest
 
+from tfgpud.collectors.nvml import NvmlSession
 from tfgpud.config import Config
 from tfgpud.diagnosis.gpus import XID_WINDOW_SECONDS, rule_gpu_xid_critical
 from tfgpud.exporter import WATCHED_XIDS, make_registry
@@ -124,3 +127,20 @@ def test_an_xid_storm_gets_one_line_then_one_summary_a_window() -> None:
         f"Xids outside the known table on GPU GPU-c: 99 more ({named}, …) in the last 60 s, "
         "not logged one by one"
     )
+
+
+def test_a_gpu_set_changed_as_the_watcher_reads_it_is_not_slept_through() -> None:
+    """The poll's watch() lands as the Xid thread reads the GPU set: its wake() must end the
+    idle wait that follows (read before the wait listened, it was lost, and the new GPUs went
+    unwatched for a whole wait, 30 s by default)."""
+    session = NvmlSession()  # never initialised: nothing to wait on, so it sleeps until woken
+
+    def watched() -> tuple[str, ...]:
+        session.wake()  # as watch() does when the set changes just now
+        return ()
+
+    done = threading.Event()
+    waiter = threading.Thread(target=lambda: (session.wait_xids(watched, 600_000), done.set()))
+    waiter.daemon = True
+    waiter.start()
+    assert done.wait(30), "slept through the wake of a change made as the set was read"

@@ -590,7 +590,9 @@ class NvmlSession:
         """Wake an idle :meth:`wait_xids` (one that has no event set to wait on)."""
         self._changed.set()
 
-    def wait_xids(self, uuids: Iterable[str], timeout_ms: int) -> list[tuple[str, int]]:
+    def wait_xids(
+        self, uuids: Iterable[str] | Callable[[], Iterable[str]], timeout_ms: int
+    ) -> list[tuple[str, int]]:
         """Block up to ``timeout_ms`` for Xid events on the GPUs named; return (uuid, xid).
 
         One NVML wait for the whole timeout, not slices of it: a thread that waits here wakes
@@ -598,10 +600,11 @@ class NvmlSession:
         lost between waits) and is rebuilt at the start of a call when the GPU set changed or
         NVML was re-initialised, so a change made during a wait applies when it returns. With
         nothing to wait on (NVML down, no GPU registered) it sleeps until :meth:`wake` or the
-        timeout, and returns [].
+        timeout, and returns []. ``uuids`` may be a function giving them: it is called once
+        that sleep listens for :meth:`wake`, so a change woken for as the set is read is kept.
         """
-        wanted = frozenset(uuids)
         self._changed.clear()  # a wake() from here on ends the idle sleep below
+        wanted = frozenset(uuids() if callable(uuids) else uuids)
         idle_ms = timeout_ms
         with self._event_lock:
             self._shutdown_locked()
@@ -671,12 +674,14 @@ class XidWatcher:
     def view(self) -> XidView:
         return self.xids.view()
 
+    def _watched(self) -> tuple[str, ...]:
+        with self._lock:
+            return self._uuids
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            with self._lock:
-                uuids = self._uuids
             try:
-                got = self._session.wait_xids(uuids, self._wait_ms)
+                got = self._session.wait_xids(self._watched, self._wait_ms)
             except Exception:
                 log.exception("Xid watcher failed; retrying")
                 self._stop.wait(1.0)

@@ -82,7 +82,8 @@ class _Entry:
     candidate: bool
     session: int = 0  # field 6, at the latest scan
     vsize: int = 0  # virtual size at the latest scan
-    vsize_at_read: int = -1  # virtual size when the maps were last read; -1 = never read
+    # Virtual size when the maps were last read, lowered when it shrinks since; -1 = never read.
+    vsize_at_read: int = -1
     tf_library: str | None = None
     unreadable: bool = False
     user: str | None = None
@@ -362,6 +363,8 @@ class WorkloadScanner:
                 counts.unreadable += 1
                 return None
             vsize = entry.vsize
+            if 0 <= vsize < entry.vsize_at_read:
+                entry.vsize_at_read = vsize  # it unmapped since: growth counts from the low
             if entry.vsize_at_read >= 0 and vsize - entry.vsize_at_read < REMAP_GROWTH_BYTES:
                 return None  # maps read before, nothing big mapped since: still no TensorFlow
             try:

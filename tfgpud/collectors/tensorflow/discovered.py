@@ -87,12 +87,18 @@ class EnvDiscovery:
         *,
         discover: DiscoverFn = discover_envs,
         on_result: Callable[[], None] | None = None,
+        carry: DiscoveryState | None = None,
     ) -> None:
+        """``carry``: the last search of the discovery this one replaces (a reload changed
+        the settings); it stands until this one's first search ends, so the envs it found are
+        not dropped from the schedule, and probed anew, for the seconds that search takes."""
         self.settings = settings
         self._discover = discover
         self._on_result = on_result  # called on the search's thread after each search
         self._lock = threading.Lock()
         self._state = DiscoveryState(DiscoverySummary(enabled=settings.enabled))
+        if settings.enabled and carry is not None and carry.summary.enabled:
+            self._state = carry
         self._stop = threading.Event()
         self._first = threading.Event()
         self._thread: threading.Thread | None = None

@@ -266,9 +266,18 @@ class TfProbeScheduler:
         paths = (st.env.python, *result.package_dirs)
         fingerprint = changed_during(install_fingerprint(paths), start_ns, time.time_ns())
         with self._lock:
-            st.result = result
-            st.installed = fingerprint
             st.abandoned_pid = result.abandoned_pid
+            if self._cancel.is_set() and result.status is not ProbeStatus.OK:
+                # Cut short by a reload or a stop, it says nothing of the env: the last
+                # finished result stands (a reload's schedule adopts it) and it is due anew.
+                st.started = None
+                cut_short = True
+            else:
+                st.result, st.installed = result, fingerprint
+                cut_short = False
+        if cut_short:
+            log.info("probe of TensorFlow env %s cancelled: %s", st.env.name, result.error)
+            return
         log.info(
             "TensorFlow env %s: %s, %d GPU(s), %.1f s",
             st.env.name,
@@ -367,14 +376,15 @@ class TfProbeScheduler:
                 prev = old._states.get(name)
                 if prev is None:
                     continue
-                if prev.thread is not None and prev.thread.is_alive():
-                    st.thread = prev.thread
-                    continue
+                running = prev.thread is not None and prev.thread.is_alive()
+                if running:
+                    st.thread = prev.thread  # waited for; then due anew (started stays None)
                 if prev.env != st.env or prev.result is None:
                     continue
-                st.started, st.driver, st.installed = prev.started, prev.driver, prev.installed
+                if not running:
+                    st.started, st.abandoned_pid = prev.started, prev.abandoned_pid
+                st.driver, st.installed = prev.driver, prev.installed
                 st.result, st.runs = prev.result, prev.runs
-                st.abandoned_pid = prev.abandoned_pid
             mine = {st.thread for st in self._states.values()}
             self._retired += [
                 t
