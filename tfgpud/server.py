@@ -28,8 +28,8 @@ and a client that resets never produces a traceback.
 Why asyncio: it is the standard library (no new dependency in a hardened service and its
 .deb), and it already does the hard parts - TLS with handshake and shutdown timeouts, write
 flow control, cancellation - so this module only parses a strict subset of HTTP/1.1: GET and
-HEAD without bodies, all five endpoints need. A framework (aiohttp, uvicorn) would bring its
-own dependency tree and defaults to audit, for a port that serves five read-only pages.
+HEAD without bodies, all the four endpoints need. A framework (aiohttp, uvicorn) would bring its
+own dependency tree and defaults to audit, for a port that serves four read-only pages.
 """
 
 from __future__ import annotations
