@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 WATCHED_XIDS = tuple(x for x, info in KNOWN_XIDS.items() if info.kind != "application")
 # Per-GPU cap on process series; the rest are summed into pid="other".
 MAX_PROCESS_SERIES = 16
+MAX_VERSION_LABEL = 64  # tfgpud_tf_info version labels (TF says "2.21.0", CUDA "12.5.1")
 # Per-GPU cap on the users named in the by-user series; the rest are summed into user="other".
 MAX_USER_SERIES = 3
 OTHER = "other"
@@ -447,11 +448,11 @@ def _tf_families(snap: Snapshot) -> Iterator[Metric]:
             continue
         bi = r.build_info
         info.add_metric(
-            [
+            [  # versions as the env's own code reports them: clipped, a label is no document
                 r.env,
-                r.tf_version or "",
-                str(bi.get("cuda_version", "")),
-                str(bi.get("cudnn_version", "")),
+                (r.tf_version or "")[:MAX_VERSION_LABEL],
+                str(bi.get("cuda_version", ""))[:MAX_VERSION_LABEL],
+                str(bi.get("cudnn_version", ""))[:MAX_VERSION_LABEL],
                 "true" if str(bi.get("is_cuda_build", "")).lower() == "true" else "false",
             ],
             1,

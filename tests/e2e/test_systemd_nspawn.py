@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -306,6 +307,10 @@ def test_starts_and_is_ready_with_a_status_line(box: Box) -> None:
     # Not a "python*" process that the workloads scan would inspect (nor its ExecReload).
     comm = m.run("cat", f"/proc/{_main_pid(box)}/comm").stdout.strip()
     assert comm == "tfgpud-python"
+    # It raised its own open-files limit under the unit's system call filter, so the HTTP
+    # server's 1024 connections leave descriptors for NVML, probes and /proc reads.
+    limits = m.run("cat", f"/proc/{_main_pid(box)}/limits").stdout
+    assert re.search(r"Max open files\s+16384\s", limits), limits
 
 
 def test_reload_of_a_valid_file_is_applied(box: Box) -> None:
@@ -355,7 +360,7 @@ def test_tensorflow_probe_works_under_the_sandbox(box: Box) -> None:
     _wait_said(m, None, "TensorFlow env srv-tfenv: ok", timeout=120)  # its first probe ended
     cursor = _cursor(m)
     os.utime(m.path(f"{TF_VENV}/lib/python3.11/site-packages"))
-    _wait_said(m, cursor, "probing TensorFlow env srv-tfenv (installed packages changed)")
+    _wait_said(m, cursor, "probing TensorFlow env srv-tfenv (installed packages changed)", 90)
     _config(box, tf=True)
     t = time.monotonic()
     _reload(box)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -83,6 +84,8 @@ def test_a_reload_of_the_discovery_settings_keeps_the_envs_found_until_it_search
     (prefix / "bin").mkdir()
     (prefix / "bin" / "python").write_text("#!/bin/sh\nexit 1\n")
     (prefix / "bin" / "python").chmod(0o755)
+    for made in (prefix / "bin" / "python", meta.parent):  # installed long before the probe
+        os.utime(made, ns=(10**18, 10**18))
 
     def config(interval: int) -> str:
         return (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pwd
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.exposition import generate_latest
 
 from tfgpud import runner
 from tfgpud.collectors.tensorflow import (
@@ -28,6 +30,7 @@ from tfgpud.collectors.tensorflow.child import tfprobe
 from tfgpud.collectors.tensorflow.safety import SAFE_PATH
 from tfgpud.config import Config, TensorflowConfig, TfEnvConfig
 from tfgpud.diagnosis import compat, diagnose
+from tfgpud.exporter import make_registry
 from tfgpud.model import GpuReading, NvmlReading, ProbeStatus, Snapshot, TfProbeResult
 from tfgpud.runner import RunResult
 
@@ -214,6 +217,28 @@ def test_log_lines_are_bounded() -> None:
     assert len(meaningful_log_lines(spam)) == 40
 
 
+def test_a_report_from_hostile_code_is_bounded() -> None:
+    """The env's owner controls the probe's output: a fake `tensorflow` answering with a
+    megabyte version, thousands of packages and dirs must not make a megabyte label or a
+    snapshot that grows with it, nor thousands of paths stat()ed every poll."""
+    huge = "9" * 500_000
+    report = {
+        **REPORT,
+        "tf_version": huge,
+        "build_info": {**REPORT["build_info"], "cuda_version": huge},
+        "packages": {f"pkg{i}": "1.0" for i in range(5000)},
+        "package_dirs": [f"/env/lib/site-packages/d{i}" for i in range(5000)],
+    }
+    res = parse(run(stdout=json.dumps(report).encode()))
+    assert res.status is ProbeStatus.OK
+    assert len(res.tf_version or "") <= 4096 and len(res.build_info["cuda_version"]) <= 4096
+    assert len(res.packages) <= 256 and len(res.package_dirs) <= 64
+    snap = Snapshot(taken_at=1.0, tf=(res,))
+    exposition = generate_latest(make_registry(lambda: snap)).decode()
+    info = next(line for line in exposition.splitlines() if line.startswith("tfgpud_tf_info{"))
+    assert len(info) < 400, info[:200]
+
+
 def test_import_failure() -> None:
     report = {"schema": 1, "import_error": "ModuleNotFoundError: No module named 'tensorflow'"}
     res = parse(run(stdout=json.dumps(report).encode()))
@@ -374,6 +399,28 @@ def test_an_install_while_the_probe_runs_is_probed_again(tmp_path: Path) -> None
     s.close()
 
 
+def test_a_flapping_driver_is_probed_ever_less_often() -> None:
+    """NVML down and up at every 10 s poll for two hours: each flap is a change TF's answer
+    depends on, but a probe imports TensorFlow (seconds of CPU, a GB of memory). The first
+    change is probed at once, the next after 60 s, then twice as long each time, up to 30 min."""
+    fake = FakeProbe()
+    s = sched(fake)
+    down = NvmlReading(up=False, error="DRIVER_NOT_LOADED")
+    starts: list[float] = []
+    for step in range(720):
+        t = 10.0 * step
+        if s.maybe_start(down if step % 2 else nvml(), t):
+            starts.append(t)
+            assert s.wait_idle(2)
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert starts[:2] == [0.0, 10.0]  # the first probe, then the first change at once
+    # Due at each gap; the reading then matches the last start's every other poll (+10 s).
+    wanted = [60.0, 120.0, 240.0, 480.0, 960.0, 1800.0, 1800.0]
+    assert all(w <= g <= w + 10 for w, g in zip(wanted, gaps[1:], strict=False)), gaps
+    assert len(starts) < 14  # 720 changes in two hours, against 720 probes before
+    s.close()
+
+
 def test_cadence_start_interval_and_changes(tmp_path: Path) -> None:
     fake = FakeProbe()
     site = tmp_path / "site-packages"
@@ -388,17 +435,19 @@ def test_cadence_start_interval_and_changes(tmp_path: Path) -> None:
     assert s.maybe_start(nvml(driver="555.42.02"), 20.0) == ("main",)
     assert s.last_reason("main") == "driver version changed: 550.54.14 -> 555.42.02"
     s.wait_idle(2)
-    assert s.maybe_start(nvml(driver="555.42.02", uuids=("GPU-a", "GPU-b")), 30.0) == ("main",)
+    # A second change soon after: 60 s after the last start, not at once.
+    assert s.maybe_start(nvml(driver="555.42.02", uuids=("GPU-a", "GPU-b")), 30.0) == ()
+    assert s.maybe_start(nvml(driver="555.42.02", uuids=("GPU-a", "GPU-b")), 80.0) == ("main",)
     assert s.last_reason("main") == "NVML GPU set changed"
     s.wait_idle(2)
-    assert s.maybe_start(None, 40.0) == ()  # NVML not read: no change inferred
+    assert s.maybe_start(None, 4000.0) == ()  # NVML not read: no change inferred
     (site / "nvidia_cudnn_cu12-9.3.0.dist-info").mkdir()
     os.utime(site, ns=(0, 10**18))
-    assert s.maybe_start(None, 50.0) == ("main",)
+    assert s.maybe_start(None, 4000.0) == ("main",)  # after a quiet spell: at once
     assert s.last_reason("main") == "installed packages changed"
     s.wait_idle(2)
-    assert s.maybe_start(None, 50.0 + 21599) == ()
-    assert s.maybe_start(None, 50.0 + 21600) == ("main",)
+    assert s.maybe_start(None, 4000.0 + 21599) == ()
+    assert s.maybe_start(None, 4000.0 + 21600) == ("main",)
     assert s.last_reason("main") == "interval elapsed"
     s.close()
     assert s.runs("main") == 5 and len(fake.calls) == 5

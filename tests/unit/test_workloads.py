@@ -265,6 +265,33 @@ def test_an_import_after_a_big_free_is_noticed(proc: Proc) -> None:
     assert reading.scan.maps_read == 1 and [p.pid for p in reading.processes] == [100]
 
 
+def test_maps_that_failed_to_read_for_lack_of_descriptors_are_read_again(
+    proc: Proc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EMFILE (a client holding most descriptors) is the scan's trouble, not the process's:
+    the job is looked at again next scan, not taken for another user's for its whole life."""
+    import errno
+
+    from tfgpud.collectors import workloads
+
+    proc.add(100, maps=TF_MAPS)
+    read = workloads._read
+    failures = iter([OSError(errno.EMFILE, "Too many open files")])
+
+    def flaky(path: str, limit: int = -1) -> bytes:
+        if path.endswith("/maps"):
+            failure = next(failures, None)
+            if failure is not None:
+                raise failure
+        return read(path, limit)
+
+    monkeypatch.setattr(workloads, "_read", flaky)
+    scanner = WorkloadScanner(proc.root, clock=Clock())
+    first = scanner.scan(None, NOW)
+    assert first.processes == () and first.scan.unreadable == 0  # not for lack of rights
+    assert [p.pid for p in scanner.scan(None, NOW + 10).processes] == [100]
+
+
 def test_other_processes_are_re_read_on_a_spread_schedule(proc: Proc) -> None:
     launchers = range(1000, 1100)  # pids in a row, as a burst of starts gets
     for pid in launchers:

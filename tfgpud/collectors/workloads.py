@@ -34,6 +34,7 @@ CAP_SYS_PTRACE) are normal input: skipped, and counted in ``WorkloadScan.unreada
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import logging
 import math
@@ -61,6 +62,8 @@ log = logging.getLogger(__name__)
 
 TF_LIBRARY = b"libtensorflow_framework.so"
 GPU_DEVICE = re.compile(r"/dev/nvidia[0-9]+")
+# Errors of this process's own resources (a client holding most descriptors), not of the one read.
+_TRANSIENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.EINTR})
 # Re-read the maps of a candidate without TensorFlow when its virtual size grew this much.
 REMAP_GROWTH_BYTES = 32 * 2**20
 # How long a "holds no /dev/nvidiaN open" answer is trusted (NVML's list is re-checked each poll).
@@ -371,7 +374,9 @@ class WorkloadScanner:
                 maps = _read(f"{self._root}/{pid}/maps")
             except (FileNotFoundError, ProcessLookupError):
                 return None  # exited mid-scan
-            except OSError:
+            except OSError as exc:
+                if exc.errno in _TRANSIENT_ERRNOS:
+                    return None  # this scan's trouble, not the process's: read it again
                 # EACCES: another user's process and no CAP_SYS_PTRACE. Not retried.
                 entry.unreadable = True
                 counts.unreadable += 1

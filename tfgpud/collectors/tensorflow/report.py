@@ -28,6 +28,11 @@ MAX_LOG_LINES = 40
 
 
 MAX_LOG_LINE_CHARS = 400
+# The report comes from code the env's owner controls: every string, list and map in it is
+# bounded, so one env cannot make the snapshot, /status or a label value grow without limit.
+MAX_FIELD_CHARS = 4096
+MAX_ITEMS = 256
+MAX_PACKAGE_DIRS = 64  # stat()ed every poll for the install fingerprint
 
 
 # Message texts worth keeping as evidence (docs/diagnosis-facts.md), matched case-insensitively
@@ -118,8 +123,10 @@ class _BadReport(ValueError):
 
 
 def _opt_str(value: Any, what: str) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value[:MAX_FIELD_CHARS]
     raise _BadReport(f"{what} is {type(value).__name__}, expected a string")
 
 
@@ -128,15 +135,16 @@ def _str_map(value: Any, what: str) -> Mapping[str, str]:
         return frozen_map()
     if not isinstance(value, dict):
         raise _BadReport(f"{what} is {type(value).__name__}, expected an object")
-    return frozen_map({str(k): str(v) for k, v in value.items()})
+    items = list(value.items())[:MAX_ITEMS]
+    return frozen_map({str(k)[:MAX_FIELD_CHARS]: str(v)[:MAX_FIELD_CHARS] for k, v in items})
 
 
-def _str_tuple(value: Any, what: str) -> tuple[str, ...]:
+def _str_tuple(value: Any, what: str, limit: int = MAX_ITEMS) -> tuple[str, ...]:
     if value is None:
         return ()
     if not isinstance(value, list):
         raise _BadReport(f"{what} is {type(value).__name__}, expected a list")
-    return tuple(str(v) for v in value)
+    return tuple(str(v)[:MAX_FIELD_CHARS] for v in value[:limit])
 
 
 def _cc(value: Any) -> tuple[int, int] | None:
@@ -340,7 +348,7 @@ def _report_result(run: RunResult, base: dict[str, Any], logs: tuple[str, ...]) 
             "python_version": _opt_str(py.get("version"), "python.version"),
             "traceback": _str_tuple(data.get("traceback"), "traceback"),
             "library_search_dirs": _str_tuple(data.get("library_search_dirs"), "search dirs"),
-            "package_dirs": _str_tuple(data.get("package_dirs"), "package_dirs"),
+            "package_dirs": _str_tuple(data.get("package_dirs"), "package_dirs", MAX_PACKAGE_DIRS),
             "device_access": _str_map(data.get("device_access"), "device_access"),
             "smoke_ok": bool(smoke.get("ok")) if smoke is not None else None,
             "smoke_error": (

@@ -83,6 +83,13 @@ def driver_fingerprint(nvml: NvmlReading) -> tuple[str | None, frozenset[str]]:
     return (nvml.driver_version, frozenset(g.uuid for g in nvml.gpus))
 
 
+# A change-triggered probe comes at once after a quiet spell (no change seen for 30 min); while
+# changes keep coming, each waits twice as long after the last start (60 s, 120 s, ... 30 min).
+CHANGE_GAP_SECONDS = 60.0
+CHANGE_MAX_GAP_SECONDS = 1800.0
+CHANGE_QUIET_SECONDS = 1800.0
+
+
 # REFUSED, NO_ACCESS and NOT_RUN are fixed by chown/chmod/setfacl, which change no mtime; an
 # IMPORT_FAILED env may get TensorFlow installed (also caught by the site dirs' mtimes).
 _RETRY_STATUSES = frozenset(
@@ -113,6 +120,8 @@ class _EnvState:
     abandoned_pid: int | None = None  # the last probe's child, killed but not yet gone
     runs: int = 0
     reasons: list[str] = field(default_factory=list)
+    change_streak: int = 0  # probes started for changes, with no CHANGE_QUIET spell between
+    change_seen: float | None = None  # caller's clock, the last poll that saw a change
 
 
 def _state(target: ProbeTarget) -> _EnvState:
@@ -127,9 +136,11 @@ class TfProbeScheduler:
     """Decides when each env is probed and runs the probes on background threads.
 
     Due: at start; every ``interval`` s; after a failed probe (timeout, crash, bad output)
-    every ``retry_seconds``; and at once when the driver version, the NVML GPU set, or the
-    env's installed TensorFlow/nvidia packages changed. Never two probes of one env at once
-    (nor while the previous probe's killed child still exists), and at most
+    every ``retry_seconds``; and when the driver version, the NVML GPU set, or the env's
+    installed TensorFlow/nvidia packages changed: at once, unless changes keep coming, when
+    each waits twice as long as the last (60 s after the last start, then 120 s, ... 30 min).
+    Never two probes of one env at once (nor while the previous probe's killed child still
+    exists), and at most
     ``max_concurrent`` probes at once across envs (the others wait for a later call).
     Methods are safe to call from one controlling thread while probes run. ``switch``: whether
     this process can switch users, for the plan of a discovered env's probe (None: ask).
@@ -180,9 +191,8 @@ class TfProbeScheduler:
             max_concurrent=config.max_concurrent_probes,
         )
 
-    def _due(self, st: _EnvState, nvml: NvmlReading | None, now: float) -> str | None:
-        if st.started is None:
-            return "first probe"
+    def _change(self, st: _EnvState, nvml: NvmlReading | None) -> str | None:
+        """What changed since the env's last probe that changes TF's answer, if anything."""
         if nvml is not None and st.driver is not None:
             version, uuids = driver_fingerprint(nvml)
             if version != st.driver[0]:
@@ -193,7 +203,24 @@ class TfProbeScheduler:
             st.installed
         ):
             return "installed packages changed"
+        return None
+
+    def _due(self, st: _EnvState, nvml: NvmlReading | None, now: float) -> str | None:
+        if st.started is None:
+            return "first probe"
         elapsed = now - st.started
+        change = self._change(st, nvml)
+        if change is not None:
+            # The first change after a quiet spell is probed at once; changes that keep coming
+            # (a driver that flaps, an install loop) wait 60 s, then twice as long each time.
+            quiet = st.change_seen is None or now - st.change_seen >= CHANGE_QUIET_SECONDS
+            streak = 0 if quiet else st.change_streak
+            st.change_seen = now
+            if streak == 0 or elapsed >= min(
+                CHANGE_GAP_SECONDS * 2 ** (streak - 1), CHANGE_MAX_GAP_SECONDS
+            ):
+                st.change_streak = streak + 1
+                return change
         if elapsed >= self._interval:
             return "interval elapsed"
         failed = st.result is not None and st.result.status in _RETRY_STATUSES
@@ -385,6 +412,7 @@ class TfProbeScheduler:
                     st.started, st.abandoned_pid = prev.started, prev.abandoned_pid
                 st.driver, st.installed = prev.driver, prev.installed
                 st.result, st.runs = prev.result, prev.runs
+                st.change_streak, st.change_seen = prev.change_streak, prev.change_seen
             mine = {st.thread for st in self._states.values()}
             self._retired += [
                 t
