@@ -9,11 +9,18 @@ when its identity (inode, mtime, size) changes, so a CLI change takes effect at 
 
 A corrupt or unreadable file is moved aside as ``baseline.json.<time>.corrupt`` and the baseline
 is rebuilt from what is seen now; the problem is reported in :meth:`Baseline.problems` (the
-``baseline-state-error`` finding) for as long as the ``*.corrupt`` file is kept. A file that can
+``baseline-state-error`` finding) for as long as the ``*.corrupt`` file is kept. Only the newest
+:data:`MAX_CORRUPT_FILES` of them are kept and the newest :data:`SHOWN_CORRUPT_FILES` named, so a
+tool that keeps writing a bad file fills neither the state dir nor the finding. A file that can
 be neither read nor moved aside (an unreadable ``state_dir``), or a write that fails (disk full,
 read-only file system), is reported there too; the daemon's side of this module never raises
 OSError. A failed write is retried (:meth:`Baseline.flush_if_dirty`, at most every
 :data:`SAVE_RETRY_SECONDS`) until it succeeds, which clears the problem.
+
+The baseline holds at most :data:`MAX_BASELINE_GPUS` GPUs (what the reader accepts): a GPU that
+would make it more (a cloud VM that lands on other physical GPUs at each start sees new UUIDs
+every time) first makes room by forgetting the GPUs not seen for the longest, never one that is
+visible now.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -45,6 +53,13 @@ SAVE_RETRY_SECONDS = 30.0
 MSG_STATE_UNUSABLE = "8d1a5e0c2f6b4a7e9c3d0b1f4e6a2c58"
 MSG_STATE_REREAD = "3f0c6b1e9a2d4c7b8e5f1a0d2c4b6e93"
 MSG_GPU_JOINED = "c6e2a9f04b1d4e8a9f3b7d5c1e0a8b24"
+MSG_GPU_FORGOTTEN = "1a391aae727d46e3a8e5e38970b51a46"
+# Baselines moved aside: the newest this many are kept (older ones are deleted at the next move),
+# and the finding names the newest SHOWN_CORRUPT_FILES of those present.
+MAX_CORRUPT_FILES = 10
+SHOWN_CORRUPT_FILES = 5
+# What move_aside names them: baseline.json.<UTC time>[-<n>].corrupt, n counting up within a second.
+_CORRUPT_NAME = re.compile(re.escape(BASELINE_FILE) + r"\.(\d{8}T\d{6}Z)(?:-(\d+))?\.corrupt")
 
 Expect = int | Literal["auto"]
 
@@ -94,6 +109,19 @@ def _stamp(path: Path) -> tuple[int, int, int] | None:
 MAX_BASELINE_BYTES = 1 << 20
 MAX_BASELINE_GPUS = 256
 FIELD_LIMITS = {"uuid": 96, "name": 96, "pci_bus_id": 32}
+
+
+def _corrupt_order(name: str) -> tuple[bool, str, int, str]:
+    """Sort key of a moved-aside baseline's file name, oldest first: by the time and counter in
+    its name; a name matching ``*.corrupt`` but not written by tfgpud sorts before all of those."""
+    m = _CORRUPT_NAME.fullmatch(name)
+    if m is None:
+        return (False, "", 0, name)
+    return (True, m[1], int(m[2] or 1), name)
+
+
+def _when(t: float | None) -> str:
+    return "?" if t is None else time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
 
 
 def read_bounded(path: Path, limit: int) -> bytes:
@@ -198,6 +226,7 @@ class Baseline:
         self._unsaved = False  # a membership/identity change not on disk yet: retried
         self._retry_at = float("-inf")  # clock() time the next write retry is due
         self._lock_warned: str | None = None
+        self._refused = 0  # visible GPUs left out of a full baseline (logged when it changes)
         self._lock_depth = 0
         self._listing = DirectoryListing()  # state_dir, listed again only when it changed
 
@@ -279,10 +308,22 @@ class Baseline:
             self._stamp = _stamp(self.path)
 
     def move_aside(self) -> Path | None:
-        """Rename the state file to ``baseline.json.<UTC time>.corrupt``; None if that failed."""
+        """Rename the state file to ``baseline.json.<UTC time>.corrupt``; None if that failed.
+
+        Then deletes the oldest moved-aside files beyond the newest :data:`MAX_CORRUPT_FILES`
+        (never the one just moved aside: it is the evidence)."""
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        target = self.path.with_name(f"{self.path.name}.{stamp}.corrupt")
-        n = 1
+        # Count on past the highest counter of this second, not into a gap left by a deleted
+        # file: the name keeps sorting as the newest.
+        names = self._corrupt_names()
+        n = max((o[2] for o in map(_corrupt_order, names) if o[1] == stamp), default=0) + 1
+
+        def named(n: int) -> Path:
+            return self.path.with_name(
+                f"{self.path.name}.{stamp}{f'-{n}' if n > 1 else ''}.corrupt"
+            )
+
+        target = named(n)
         try:
             # os.lstat, not Path.exists(): on Python 3.11 exists() raises PermissionError when
             # state_dir cannot be searched, and this runs where nothing may raise.
@@ -292,12 +333,45 @@ class Baseline:
                 except FileNotFoundError:
                     break
                 n += 1
-                target = self.path.with_name(f"{self.path.name}.{stamp}-{n}.corrupt")
+                target = named(n)
             os.rename(self.path, target)
         except OSError as exc:
             log.error("cannot move %s aside: %s", self.path, exc.strerror or exc)
             return None
+        self._prune_corrupt(names, target)
         return target
+
+    def _corrupt_names(self) -> list[str]:
+        """The names of the moved-aside baselines in state_dir, oldest first ([] if unlistable)."""
+        try:
+            names = os.listdir(self.state_dir)
+        except OSError:
+            return []
+        return sorted((n for n in names if fnmatchcase(n, CORRUPT_PATTERN)), key=_corrupt_order)
+
+    def _prune_corrupt(self, names: list[str], kept: Path) -> None:
+        """Delete the oldest of ``names`` (oldest first) so that, with ``kept``, at most
+        :data:`MAX_CORRUPT_FILES` moved-aside files remain. Never raises."""
+        older = [n for n in names if n != kept.name]
+        excess = older[: max(0, len(older) - (MAX_CORRUPT_FILES - 1))]
+        deleted = []
+        for name in excess:
+            try:
+                os.unlink(self.state_dir / name)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log.warning("cannot delete %s: %s", self.state_dir / name, exc.strerror or exc)
+                continue
+            deleted.append(name)
+        if deleted:
+            log.warning(
+                "deleted %d older moved-aside baseline file(s) from %s, keeping the newest %d: %s",
+                len(deleted),
+                self.state_dir,
+                MAX_CORRUPT_FILES,
+                ", ".join(deleted),
+            )
 
     def refresh(self) -> bool:
         """Re-read the file if someone else (``tfgpud baseline ...``) replaced it. Never raises.
@@ -328,18 +402,27 @@ class Baseline:
         return self.expect if isinstance(self.expect, int) else len(self._gpus)
 
     def corrupt_files(self) -> list[Path]:
-        """The baselines moved aside and not yet deleted (looked for every poll)."""
-        names = self._listing.names(str(self.state_dir))
-        return [self.state_dir / n for n in names if fnmatchcase(n, CORRUPT_PATTERN)]
+        """The baselines moved aside and not yet deleted, newest first (looked for every poll)."""
+        names = [
+            n for n in self._listing.names(str(self.state_dir)) if fnmatchcase(n, CORRUPT_PATTERN)
+        ]
+        return [self.state_dir / n for n in sorted(names, key=_corrupt_order, reverse=True)]
 
     def problems(self) -> tuple[str, ...]:
-        """One line per state-file problem a person should look at (empty when all is well)."""
+        """One line per state-file problem a person should look at (empty when all is well);
+        moved-aside files beyond the newest :data:`SHOWN_CORRUPT_FILES` are one line."""
         out = [p for p in (self._problem, self._write_problem) if p]
+        corrupt = self.corrupt_files()
         out.extend(
             f"{p} holds a baseline that could not be read; it was moved aside and the "
             "baseline rebuilt from the GPUs seen since"
-            for p in self.corrupt_files()
+            for p in corrupt[:SHOWN_CORRUPT_FILES]
         )
+        if len(corrupt) > SHOWN_CORRUPT_FILES:
+            out.append(
+                f"and {len(corrupt) - SHOWN_CORRUPT_FILES} more, older ones: "
+                f"{self.state_dir / CORRUPT_PATTERN}"
+            )
         return tuple(out)
 
     # -- changing it ---------------------------------------------------------------------------
@@ -349,11 +432,13 @@ class Baseline:
         the membership or an identity (then the caller saves); last_seen alone does not."""
         if nvml is None or not nvml.up:
             return False
-        changed = False
-        for g in nvml.gpus:
-            if g.uuid.startswith("GPU-unknown"):
-                continue  # a lost GPU whose UUID this process never read
+        # A lost GPU whose UUID this process never read ("GPU-unknown-...") is not learned.
+        seen = [g for g in nvml.gpus if not g.uuid.startswith("GPU-unknown")]
+        changed = self._make_room({g.uuid for g in seen})
+        for g in seen:
             prev = self._gpus.get(g.uuid)
+            if prev is None and len(self._gpus) >= MAX_BASELINE_GPUS:
+                continue  # more GPUs visible at once than the cap: _make_room logged it
             name = g.name or (prev.name if prev else None)
             bus = g.pci_bus_id or (prev.pci_bus_id if prev else None)
             if prev is None:
@@ -378,6 +463,41 @@ class Baseline:
         if changed:
             self._unsaved = True  # until a save succeeds (flush_if_dirty retries it)
         return changed
+
+    def _make_room(self, visible: set[str]) -> bool:
+        """Forget the GPUs not seen for the longest (never one in ``visible``) so that the
+        ones in ``visible`` fit within :data:`MAX_BASELINE_GPUS`. True if any was forgotten."""
+        over = len(self._gpus.keys() | visible) - MAX_BASELINE_GPUS
+        if over <= 0:
+            self._refused = 0
+            return False
+        unseen = sorted(
+            (g for g in self._gpus.values() if g.uuid not in visible),
+            key=lambda g: (g.last_seen or g.first_seen or float("-inf"), g.uuid),
+        )
+        gone = unseen[:over]
+        for g in gone:
+            del self._gpus[g.uuid]
+        if gone:
+            log.warning(
+                "baseline %s is full (%d GPUs): forgot the %d GPU(s) not seen for the longest "
+                "to make room for new ones: %s",
+                self.path,
+                MAX_BASELINE_GPUS,
+                len(gone),
+                ", ".join(f"{g.uuid} (last seen {_when(g.last_seen)})" for g in gone),
+                extra={"MESSAGE_ID": MSG_GPU_FORGOTTEN},
+            )
+        refused = over - len(gone)  # only when NVML lists more GPUs at once than the cap
+        if refused and refused != self._refused:  # logged when it changes, not every poll
+            log.warning(
+                "NVML lists %d GPUs, more than the baseline holds (%d): %d new one(s) not learned",
+                len(visible),
+                MAX_BASELINE_GPUS,
+                refused,
+            )
+        self._refused = refused
+        return bool(gone)
 
     def forget(self, uuid: str) -> KnownGpu | None:
         """Remove one GPU (accept that it is gone for good); the removed entry or None."""

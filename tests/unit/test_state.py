@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,52 @@ def test_lost_gpu_without_a_uuid_is_not_learned(tmp_path: Path) -> None:
     assert b.gpus == ()
 
 
+def test_gpus_learned_beyond_the_cap_forget_the_longest_unseen_and_stay_readable(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cloud VM that lands on other physical GPUs at each start: 300 UUIDs over 150 starts.
+    The file the daemon writes is always one its next start reads, not moved aside."""
+    caplog.set_level(logging.INFO, logger="tfgpud.state")
+    uuids = [f"GPU-{i:08x}-0000-4000-8000-000000000000" for i in range(300)]
+    # The first GPU is visible at every start, so its last_seen is the oldest when the
+    # baseline first fills up (the reading is learned after room is made): never forgotten.
+    for start in range(150):
+        b = Baseline.open(tmp_path)
+        assert b.problems() == ()
+        now = 1000.0 + start
+        b.learn(nvml(uuids[0], uuids[2 * start], uuids[2 * start + 1]), now)
+        b.save_quietly(now)
+        b.close()
+    assert not list(tmp_path.glob("*.corrupt"))
+    kept = {g.uuid for g in Baseline.read(tmp_path).gpus}
+    assert len(kept) == state.MAX_BASELINE_GPUS == Baseline.open(tmp_path).expected
+    # The newest 255 besides the one always visible; the 44 seen longest ago are forgotten.
+    assert kept == {uuids[0], *uuids[-255:]}
+    forgotten = [
+        r.getMessage()
+        for r in caplog.records
+        if getattr(r, "MESSAGE_ID", None) == state.MSG_GPU_FORGOTTEN
+    ]
+    assert len(forgotten) == 22  # one line per start that made room: 2 GPUs each
+    assert "forgot the 2 GPU(s) not seen for the longest" in forgotten[0]
+    assert uuids[1] in forgotten[0] and uuids[2] in forgotten[0] and uuids[0] not in forgotten[0]
+
+
+def test_more_gpus_visible_at_once_than_the_cap_learns_only_what_fits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(state, "MAX_BASELINE_GPUS", 3)
+    caplog.set_level(logging.WARNING, logger="tfgpud.state")
+    b = Baseline.open(tmp_path)
+    five = [f"GPU-{i:08x}-0000-4000-8000-000000000000" for i in range(5)]
+    assert b.learn(nvml(*five), 1.0)
+    assert not b.learn(nvml(*five), 2.0)  # the same shortfall is not logged again
+    b.save(2.0)
+    assert [g.uuid for g in Baseline.read(tmp_path).gpus] == five[:3]
+    [rec] = caplog.records
+    assert "NVML lists 5 GPUs, more than the baseline holds (3): 2 new one(s)" in rec.getMessage()
+
+
 # --- corrupt, unreadable, unwritable ------------------------------------------------------------
 
 
@@ -166,6 +213,48 @@ def test_a_second_corruption_keeps_the_first_corrupt_file(tmp_path: Path) -> Non
         Baseline.open(tmp_path)
     kept = sorted(p.read_bytes() for p in tmp_path.glob("*.corrupt"))
     assert kept == [b"one", b"two"]
+
+
+@pytest.mark.parametrize("seconds_apart", [0, 1])
+def test_only_the_newest_corrupt_files_are_kept(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    seconds_apart: int,
+) -> None:
+    """A tool that keeps writing a bad baseline: the state dir keeps the newest 10 moved-aside
+    files (the one just moved always), whether they share one second's name or not."""
+    caplog.set_level(logging.WARNING, logger="tfgpud.state")
+    t = [1_700_000_000]
+    real_gmtime = time.gmtime
+    monkeypatch.setattr(
+        state.time, "gmtime", lambda *a: real_gmtime(*a) if a else real_gmtime(t[0])
+    )
+    for i in range(15):
+        (tmp_path / "baseline.json").write_bytes(b"bad %d" % i)
+        Baseline.open(tmp_path)
+        t[0] += seconds_apart
+    kept = sorted(int(p.read_bytes().split()[1]) for p in tmp_path.glob("*.corrupt"))
+    assert kept == list(range(5, 15))
+    deletions = [r.getMessage() for r in caplog.records if r.getMessage().startswith("deleted ")]
+    assert len(deletions) == 5 and all("deleted 1 older" in m for m in deletions)
+
+
+def test_the_finding_names_the_newest_five_corrupt_files_and_counts_the_rest(
+    tmp_path: Path,
+) -> None:
+    names = [f"baseline.json.202401{d:02d}T000000Z.corrupt" for d in range(1, 13)]
+    names.append("baseline.json.20240112T000000Z-2.corrupt")  # the newest: same second, later
+    for name in names:
+        (tmp_path / name).write_text("{")
+    b = learned(tmp_path, U0)
+    problems = b.problems()
+    newest = [tmp_path / n for n in reversed(names[-5:])]
+    assert [p.split()[0] for p in problems[:5]] == [str(p) for p in newest]
+    assert problems[5:] == (f"and 8 more, older ones: {tmp_path}/baseline.json.*.corrupt",)
+    snap = Snapshot(taken_at=1.0, nvml=nvml(U0), baseline=b.gpus, baseline_problems=problems)
+    finding = next(f for f in diagnose(snap, Config()) if f.code == "baseline-state-error")
+    assert finding.evidence == problems and "delete the `*.corrupt` files" in finding.fix
 
 
 def test_a_file_repaired_by_the_cli_meanwhile_is_not_moved_aside(

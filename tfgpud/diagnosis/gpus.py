@@ -148,9 +148,9 @@ def rule_baseline_state_error(s: Snapshot, c: Config) -> Iterable[Finding]:
         "rebuilt are not reported",
         s.baseline_problems,
         "Compare `tfgpud baseline show` with the GPUs this machine should have and `tfgpud "
-        "baseline forget` any it should not; then delete the `*.corrupt` file named above (it "
-        "is kept for inspection). For a write error, check space and permissions of "
-        "[daemon] state_dir.",
+        "baseline forget` any it should not; then delete the `*.corrupt` files named above "
+        "(tfgpud keeps the newest few for inspection). For a write error, check space and "
+        "permissions of [daemon] state_dir.",
     )
 
 
