@@ -30,6 +30,7 @@ from tfgpud.diagnosis import diagnose
 from tfgpud.exporter import Exposition, export_options, make_registry
 from tfgpud.model import CollectorRun, KnownGpu, NvmlReading, Snapshot
 from tfgpud.poll import Expected, PressureTracker, Readings, build_snapshot
+from tfgpud.recurring import Recurring
 from tfgpud.runner import become_subreaper
 from tfgpud.server import Endpoints, HttpServer, raise_open_files_limit
 from tfgpud.state import Baseline
@@ -108,6 +109,7 @@ class Daemon:
         self._exposition = Exposition(self._registry, lambda: self._snapshot)
         self._http: HttpServer | None = None
         self._named: set[int] = set()  # thread ids given their name (name_threads)
+        self._failures = Recurring(log, logging.ERROR)  # poll glue failing at every poll
         self._pci_cache = PciCache()  # what cannot have changed since the last poll
         self.polls = 0
 
@@ -183,8 +185,8 @@ class Daemon:
         now = time.time()
         try:
             return self._poll(now)
-        except Exception as exc:
-            log.exception("poll failed")
+        except Exception as exc:  # noqa: BLE001 - logged by Recurring
+            self._failures.failed("poll", "poll failed", exc)
             prev = self._snapshot or Snapshot(taken_at=now)
             failed = CollectorRun("poll", False, 0.0, f"{type(exc).__name__}: {exc}")
             kept = tuple(r for r in prev.collectors if r.name != "poll")
@@ -242,11 +244,13 @@ class Daemon:
         )
         try:
             findings = diagnose(snap, self.config)
-        except Exception:
-            log.exception("diagnosis failed")
+            self._failures.ok("diagnosis")
+        except Exception as exc:  # noqa: BLE001 - logged by Recurring
+            self._failures.failed("diagnosis", "diagnosis failed", exc)
             findings = ()
         snap = replace(snap, findings=findings, alert_stats=self._alerts.process(findings, now))
         self._publish(snap)
+        self._failures.ok("poll")
         return snap
 
     # -- lifecycle -----------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from tfgpud.codes import cause_labels
 from tfgpud.config import Config
 from tfgpud.diagnosis import cpu_fallback_envs
 from tfgpud.model import GpuReading, Snapshot, XidCode
+from tfgpud.recurring import Recurring
 from tfgpud.xids import KNOWN_XIDS
 
 # What ``tfgpud_gpus{state}`` counts; see gpu_state_counts().
@@ -74,6 +75,7 @@ class SnapshotCollector(Collector):
         self._source = source
         self._identities = GpuIdentities()
         self._options = options
+        self._failures = Recurring(log, logging.ERROR)
 
     def describe(self) -> Iterable[Metric]:
         return []  # never collect at registration
@@ -87,9 +89,12 @@ class SnapshotCollector(Collector):
             return
         try:
             families = list(_families(snap, self._identities, self._options()))
-        except Exception:
-            log.exception("building metrics failed; serving build_info only")
+        except Exception as exc:  # noqa: BLE001 - logged by Recurring; at every scrape: one traceback, then a count
+            self._failures.failed(
+                "metrics", "building metrics failed; serving build_info only", exc
+            )
             return
+        self._failures.ok("metrics")
         yield from families
 
 

@@ -640,6 +640,21 @@ RESEARCH_DIRS = (
 )
 
 
+def test_a_fleet_of_cpu_jobs_is_eight_findings_and_one_for_the_rest() -> None:
+    """200 TensorFlow workers on the CPU on purpose: not 200 findings, series and alerts (a
+    churning fleet made a new series per job forever), but the 8 longest on the CPU and one
+    finding naming the others."""
+    procs = tuple(
+        TfProcess(1000 + i, "cpu", user=f"u{i % 7}", started_at=NOW - 4000 + i) for i in range(200)
+    )
+    jobs = [f for f in diagnose(snap(tf_processes=procs), CONFIG) if f.code == "tf-job-on-cpu"]
+    assert [f.subject for f in jobs] == [str(1000 + i) for i in range(8)] + ["other"]
+    rest = jobs[-1]
+    assert rest.summary.startswith("192 more TensorFlow job(s) (users u0, u1, u2, u3, u4, ...)")
+    assert rest.evidence[0].startswith("pids (longest on the CPU first): 1008, 1009, 1010")
+    assert rest.evidence[0].endswith("and 172 more")
+
+
 def test_tf_job_on_cpu() -> None:
     procs = (
         TfProcess(

@@ -8,9 +8,11 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from tfgpud.model import CollectorRun
+from tfgpud.recurring import Recurring
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+_failures = Recurring(log)  # a collector failing at every poll: one traceback, then a count
 
 
 def timed(name: str, fn: Callable[[], T]) -> tuple[T | None, CollectorRun]:
@@ -22,8 +24,9 @@ def timed(name: str, fn: Callable[[], T]) -> tuple[T | None, CollectorRun]:
     start = time.perf_counter()
     try:
         result = fn()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - logged by Recurring
         duration = time.perf_counter() - start
-        log.warning("collector %s failed: %s: %s", name, type(exc).__name__, exc, exc_info=True)
+        _failures.failed(name, f"collector {name} failed", exc)
         return None, CollectorRun(name, False, duration, f"{type(exc).__name__}: {exc}")
+    _failures.ok(name)
     return result, CollectorRun(name, True, time.perf_counter() - start)

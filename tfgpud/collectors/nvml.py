@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import pynvml
 
 from tfgpud.model import GpuProcess, GpuReading, NvmlReading
+from tfgpud.recurring import Recurring
 from tfgpud.xids import XidLog, XidLogLines, XidView
 
 log = logging.getLogger(__name__)
@@ -658,6 +659,7 @@ class XidWatcher:
         self.xids = xids or XidLog()
         self._lines = XidLogLines()  # which events get a journal line of their own
         self._stop = threading.Event()
+        self._failures = Recurring(log)
         self._thread = threading.Thread(target=self._run, name="tfgpud-xid", daemon=True)
 
     def start(self) -> None:
@@ -682,10 +684,11 @@ class XidWatcher:
         while not self._stop.is_set():
             try:
                 got = self._session.wait_xids(self._watched, self._wait_ms)
-            except Exception:
-                log.exception("Xid watcher failed; retrying")
+            except Exception as exc:  # noqa: BLE001 - logged by Recurring; retried every second: one traceback, then a count
+                self._failures.failed("Xid watcher", "Xid watcher failed; retrying", exc)
                 self._stop.wait(1.0)
                 continue
+            self._failures.ok("Xid watcher")
             now = time.time()
             for uuid, xid in got:
                 self.xids.record(uuid, xid, now)

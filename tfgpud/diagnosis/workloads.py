@@ -22,6 +22,9 @@ from tfgpud.model import (
 )
 from tfgpud.text import duration
 
+# tf-job-on-cpu: a finding per pid for the longest on the CPU, one for the rest (subject "other").
+MAX_JOB_FINDINGS = 8
+OTHER_JOBS = "other"
 _SITE_PACKAGES = re.compile(r"^(.*)/lib(?:64)?/python3[^/]*/(?:site|dist)-packages/")
 
 
@@ -101,6 +104,7 @@ def rule_tf_job_on_cpu(s: Snapshot, c: Config) -> Iterable[Finding]:
     usable = usable_gpus(s)
     if not usable:
         return
+    late: list[tuple[float, TfProcess]] = []
     for p in s.tf_processes:
         if p.placement != "cpu":
             continue
@@ -108,6 +112,9 @@ def rule_tf_job_on_cpu(s: Snapshot, c: Config) -> Iterable[Finding]:
         since = p.cpu_since if p.cpu_since is not None else p.started_at
         if since is None or s.taken_at - since < c.workloads.job_on_cpu_seconds:
             continue
+        late.append((since, p))
+    late.sort(key=lambda sp: (sp[0], sp[1].pid))  # the longest on the CPU first
+    for since, p in late[:MAX_JOB_FINDINGS]:
         on_cpu = duration(s.taken_at - since)
         running = (
             f" (running for {duration(s.taken_at - p.started_at)})"
@@ -130,4 +137,25 @@ def rule_tf_job_on_cpu(s: Snapshot, c: Config) -> Iterable[Finding]:
                 *why,
             ],
             fix,
+        )
+    rest = late[MAX_JOB_FINDINGS:]
+    if rest:
+        # One finding for the rest: a fleet of CPU workers is one thing to look at, and each
+        # pid a series, an alert and journal lines of its own would grow with the fleet.
+        users = sorted({p.user or "?" for _, p in rest})
+        yield finding(
+            "tf-job-on-cpu",
+            WARN,
+            OTHER_JOBS,
+            f"{len(rest)} more TensorFlow job(s) (users {', '.join(users[:5])}"
+            f"{', ...' if len(users) > 5 else ''}) have computed on the CPU for over "
+            f"{duration(c.workloads.job_on_cpu_seconds)} while {len(usable)} GPU(s) are usable",
+            [
+                "pids (longest on the CPU first): "
+                + ", ".join(str(p.pid) for _, p in rest[:20])
+                + (f" and {len(rest) - 20} more" if len(rest) > 20 else ""),
+                f"the {MAX_JOB_FINDINGS} longest on the CPU have a finding each",
+            ],
+            "See the per-pid `tf-job-on-cpu` findings: these jobs likely share their cause; "
+            "`tfgpud status` lists every TensorFlow process and where it runs.",
         )

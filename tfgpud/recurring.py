@@ -1,0 +1,86 @@
+"""Failures that recur at every poll or scrape, logged without flooding the journal.
+
+A collector that breaks on some state of the machine breaks again at the next poll: 8,640
+tracebacks a day at the default interval, and the Xid thread retries every second. The first
+failure is logged with its traceback; the same failure again (same place, same exception type
+and message) is counted, and one line a window says how many times it recurred; a different
+failure is logged in full at once; the first success after failures says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+WINDOW_SECONDS = 600.0
+
+
+@dataclass
+class _Run:
+    what: str  # "TypeName: message" of the failure that is recurring
+    since: float  # clock time of its first occurrence
+    count: int = 1  # occurrences, the first included
+    told_at: float = 0.0  # clock time of the last line about it
+    told_count: int = 1  # ``count`` at that line
+
+
+class Recurring:
+    """Per place (a collector's name, "poll", "metrics"), the failure recurring there."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        level: int = logging.WARNING,
+        window: float = WINDOW_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._log = logger
+        self._level = level
+        self._window = window
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._runs: dict[str, _Run] = {}
+
+    def failed(self, place: str, message: str, exc: BaseException) -> None:
+        """Call from an ``except`` block: log ``message`` with the traceback the first time,
+        then at most one line a window while the same failure recurs at ``place``."""
+        what = f"{type(exc).__name__}: {exc}"
+        now = self._clock()
+        summary: str | None = None
+        with self._lock:
+            run = self._runs.get(place)
+            if run is None or run.what != what:
+                self._runs[place] = _Run(what, now, told_at=now)
+            else:
+                run.count += 1
+                if now - run.told_at < self._window:
+                    return
+                summary = (
+                    f"again {run.count - run.told_count} time(s) in the last "
+                    f"{now - run.told_at:.0f} s; {run.count} since it began "
+                    f"{now - run.since:.0f} s ago"
+                )
+                run.told_at, run.told_count = now, run.count
+        if summary is None:
+            self._log.log(self._level, "%s: %s", message, what, exc_info=exc)
+        else:
+            self._log.log(self._level, "%s: %s (%s)", message, what, summary)
+
+    def ok(self, place: str) -> None:
+        """Call after a success at ``place``: ends a recurring failure there, saying so."""
+        if place not in self._runs:  # no lock: the common case costs a dict lookup
+            return
+        with self._lock:
+            run = self._runs.pop(place, None)
+        if run is not None:
+            self._log.log(
+                self._level,
+                "%s works again after %d failure(s) in %.0f s (%s)",
+                place,
+                run.count,
+                self._clock() - run.since,
+                run.what,
+            )
