@@ -391,9 +391,12 @@ def _kill_all(known: Mapping[int, int]) -> None:
 
 
 def _reap_orphans(pids: Iterable[int]) -> None:
-    """Reap those of ``pids`` that are this process's children (and not a running call's)."""
+    """Reap those of ``pids`` that are this process's children (and neither a running call's
+    nor one a reaper thread already waits for)."""
     with _running_lock:
         running = set(_running)
+    with _abandoned_lock:
+        running |= _abandoned
     mine = [p for p in pids if p not in running and _still_ours(p)]
     deadline = time.monotonic() + 1.0
     while mine and time.monotonic() < deadline:

@@ -777,6 +777,43 @@ def test_no_new_probe_while_the_previous_child_still_exists() -> None:
     s.close()
 
 
+def test_a_reload_holds_back_for_the_stuck_child_of_the_probe_it_waited_for() -> None:
+    """A reload during a probe whose child gets stuck (a hung GPU): the new schedule waits for
+    the old probe's thread, then also for its killed child, as the old schedule would have;
+    it did not see that child (landed in the old schedule's state) and started another."""
+    child = subprocess.Popen(["sleep", "0.5"])
+    child.returncode = 0  # the reaper owns it now
+    release = threading.Event()
+
+    def stuck_then_abandoned(
+        env: TfEnvConfig, *, timeout: float, cancel: threading.Event
+    ) -> TfProbeResult:
+        release.wait(30)
+        runner.hand_to_reaper(child.pid)
+        return TfProbeResult(
+            env=env.name,
+            python=env.python,
+            status=ProbeStatus.TIMEOUT,
+            started_at=time.time(),
+            duration_seconds=0.0,
+            abandoned_pid=child.pid,
+        )
+
+    old = TfProbeScheduler([ENV], interval=21600, timeout=5, probe=stuck_then_abandoned)
+    assert old.maybe_start(nvml(), 0.0) == ("main",)
+    old.cancel()
+    new = TfProbeScheduler([ENV], interval=21600, timeout=5, probe=stuck_then_abandoned)
+    new.adopt(old)
+    release.set()
+    assert new.wait_idle(5)
+    assert new.maybe_start(nvml(), 1.0) == ()  # its killed child still exists
+    deadline = time.monotonic() + 5
+    while child.pid in runner.abandoned_children() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert new.maybe_start(nvml(), 2.0) == ("main",)
+    new.close()
+
+
 def test_import_failed_is_retried_on_the_failure_cadence() -> None:
     fake = FakeProbe(status=ProbeStatus.IMPORT_FAILED)
     s = sched(fake)

@@ -122,6 +122,9 @@ class _EnvState:
     reasons: list[str] = field(default_factory=list)
     change_streak: int = 0  # probes started for changes, with no CHANGE_QUIET spell between
     change_seen: float | None = None  # caller's clock, the last poll that saw a change
+    # A reload's schedule waits for the old schedule's probe of this env (``thread``); that
+    # probe lands its killed-but-stuck child in the old state, read from here once it ended.
+    adopted_from: _EnvState | None = None
 
 
 def _state(target: ProbeTarget) -> _EnvState:
@@ -248,6 +251,9 @@ class TfProbeScheduler:
                     break
                 if st.thread is not None and st.thread.is_alive():
                     continue
+                if st.adopted_from is not None:
+                    st.abandoned_pid = st.adopted_from.abandoned_pid
+                    st.adopted_from = None
                 if st.abandoned_pid is not None:
                     if st.abandoned_pid in lingering:
                         continue  # its last child is still stuck in the kernel
@@ -406,6 +412,7 @@ class TfProbeScheduler:
                 running = prev.thread is not None and prev.thread.is_alive()
                 if running:
                     st.thread = prev.thread  # waited for; then due anew (started stays None)
+                    st.adopted_from = prev
                 if prev.env != st.env or prev.result is None:
                     continue
                 if not running:
