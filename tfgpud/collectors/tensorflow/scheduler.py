@@ -83,11 +83,10 @@ def driver_fingerprint(nvml: NvmlReading) -> tuple[str | None, frozenset[str]]:
     return (nvml.driver_version, frozenset(g.uuid for g in nvml.gpus))
 
 
-# A change-triggered probe comes at once after a quiet spell (no change seen for 30 min); while
-# changes keep coming, each waits twice as long after the last start (60 s, 120 s, ... 30 min).
-CHANGE_GAP_SECONDS = 60.0
-CHANGE_MAX_GAP_SECONDS = 1800.0
-CHANGE_QUIET_SECONDS = 1800.0
+# Probes for a change: up to CHANGE_BURST at once, then one per CHANGE_REFILL_SECONDS while
+# changes keep coming (a token bucket per env).
+CHANGE_BURST = 10
+CHANGE_REFILL_SECONDS = 300.0
 
 
 # REFUSED, NO_ACCESS and NOT_RUN are fixed by chown/chmod/setfacl, which change no mtime; an
@@ -120,8 +119,8 @@ class _EnvState:
     abandoned_pid: int | None = None  # the last probe's child, killed but not yet gone
     runs: int = 0
     reasons: list[str] = field(default_factory=list)
-    change_streak: int = 0  # probes started for changes, with no CHANGE_QUIET spell between
-    change_seen: float | None = None  # caller's clock, the last poll that saw a change
+    change_tokens: float = float(CHANGE_BURST)  # change-triggered probes allowed now
+    tokens_at: float | None = None  # caller's clock when change_tokens was last refilled
     # A reload's schedule waits for the old schedule's probe of this env (``thread``); that
     # probe lands its killed-but-stuck child in the old state, read from here once it ended.
     adopted_from: _EnvState | None = None
@@ -140,8 +139,8 @@ class TfProbeScheduler:
 
     Due: at start; every ``interval`` s; after a failed probe (timeout, crash, bad output)
     every ``retry_seconds``; and when the driver version, the NVML GPU set, or the env's
-    installed TensorFlow/nvidia packages changed: at once, unless changes keep coming, when
-    each waits twice as long as the last (60 s after the last start, then 120 s, ... 30 min).
+    installed TensorFlow/nvidia packages changed: at once for up to ``CHANGE_BURST`` changes,
+    then once per ``CHANGE_REFILL_SECONDS`` while changes keep coming.
     Never two probes of one env at once (nor while the previous probe's killed child still
     exists), and at most
     ``max_concurrent`` probes at once across envs (the others wait for a later call).
@@ -214,15 +213,15 @@ class TfProbeScheduler:
         elapsed = now - st.started
         change = self._change(st, nvml)
         if change is not None:
-            # The first change after a quiet spell is probed at once; changes that keep coming
-            # (a driver that flaps, an install loop) wait 60 s, then twice as long each time.
-            quiet = st.change_seen is None or now - st.change_seen >= CHANGE_QUIET_SECONDS
-            streak = 0 if quiet else st.change_streak
-            st.change_seen = now
-            if streak == 0 or elapsed >= min(
-                CHANGE_GAP_SECONDS * 2 ** (streak - 1), CHANGE_MAX_GAP_SECONDS
-            ):
-                st.change_streak = streak + 1
+            # A token per change-triggered probe: a burst of changes (break, fix, break again)
+            # is probed at once each; changes that keep coming (a driver that flaps, a script
+            # rewriting site-packages) are probed once per CHANGE_REFILL_SECONDS.
+            if st.tokens_at is not None:
+                refill = (now - st.tokens_at) / CHANGE_REFILL_SECONDS
+                st.change_tokens = min(float(CHANGE_BURST), st.change_tokens + refill)
+            st.tokens_at = now
+            if st.change_tokens >= 1.0:
+                st.change_tokens -= 1.0
                 return change
         if elapsed >= self._interval:
             return "interval elapsed"
@@ -419,7 +418,7 @@ class TfProbeScheduler:
                     st.started, st.abandoned_pid = prev.started, prev.abandoned_pid
                 st.driver, st.installed = prev.driver, prev.installed
                 st.result, st.runs = prev.result, prev.runs
-                st.change_streak, st.change_seen = prev.change_streak, prev.change_seen
+                st.change_tokens, st.tokens_at = prev.change_tokens, prev.tokens_at
             mine = {st.thread for st in self._states.values()}
             self._retired += [
                 t
