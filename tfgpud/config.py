@@ -245,7 +245,8 @@ class AlertsConfig(_Section):
     min_severity: Literal["info", "warning", "critical"] = "warning"
     # Firing alerts are re-sent to Alertmanager this often (it expires alerts not refreshed).
     resend_seconds: Annotated[float, Field(ge=1, le=3600)] = 60.0
-    # Undelivered messages per sink; beyond this the oldest is dropped (and counted).
+    # Undelivered messages per sink; beyond this the oldest is dropped (and counted). All sinks'
+    # together are also bounded by what alerts.json holds (tfgpud.alerts.store.MAX_STATE_BYTES).
     queue_size: Annotated[int, Field(ge=1, le=100000)] = 1000
     # An undeliverable message is retried (backoff 1 s doubling to 60 s) this long, then dropped.
     max_retry_seconds: Annotated[float, Field(gt=0, le=7 * 86400)] = 3600.0

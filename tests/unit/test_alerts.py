@@ -244,9 +244,7 @@ def drain(w: SinkWorker) -> list[bool]:
     """What the worker thread would do once: take due messages and try them."""
     out = []
     with w._cond:
-        batch = []
-        while w._queue and len(batch) < w.sink.batch:
-            batch.append(w._queue.popitem(last=False)[1])
+        batch = w._next_batch(w._clock())
     if batch:
         out.append(w.deliver(batch))
     return out
@@ -474,7 +472,7 @@ def test_restored_messages_keep_their_age_for_the_retry_bound(tmp_path: Path) ->
     [hook] = d.workers
     assert drain(hook) == [False] and hook.stats().queued == 1
     clock.t += 10
-    assert drain(hook) == [False]
+    assert drain(hook) == []  # expired: dropped when its turn came, not tried again
     assert (hook.stats().queued, hook.stats().dropped) == (0, 1)
     # Down longer than the bound: dropped (and counted) when loaded.
     d.process([], 2.0)  # resolves: a new message
@@ -791,3 +789,135 @@ def test_a_receiver_that_trickles_its_answer_is_cut_at_the_attempt_deadline(
     s = w.stats()
     assert (s.sent, s.failed, s.queued) == (0, 1, 1)
     assert any("within 1 s" in r.getMessage() for r in caplog.records)
+
+
+# --- a sink down for days: the journal, the queue and alerts.json stay bounded ------------------
+
+
+def webhook_worker(clock: Clock, rx: Receiver, size: int, max_retry: float) -> SinkWorker:
+    sink = WebhookSink("webhook[0]", WebhookConfig(url="http://hook"), "h")
+    return SinkWorker(sink, size, max_retry, rx, clock, wall=lambda: 1_700_000_000.0)
+
+
+def lost(n: int) -> list[Finding]:
+    return [Finding("gpu-lost", Severity.CRITICAL, f"GPU-{i}", "lost") for i in range(n)]
+
+
+def attempt(w: SinkWorker, clock: Clock) -> bool:
+    """What the worker thread does once the backoff has passed. ``_take`` returns at once: the
+    newest message is too young to expire."""
+    clock.t = max(clock.t, w._next_try)
+    assert any(clock.t - d.created < w.max_retry_seconds for d in w.queued())
+    batch = w._take()
+    assert batch is not None
+    return w.deliver(batch)
+
+
+def dropped_in(records: list[logging.LogRecord]) -> int:
+    return sum(int(n) for r in records for n in re.findall(r"dropped (\d+)", r.getMessage()))
+
+
+def test_a_sink_down_for_hours_logs_its_drops_once_per_window_and_all_at_recovery(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="tfgpud.alerts")
+    clock, rx = Clock(), Receiver()
+    w = webhook_worker(clock, rx, size=5, max_retry=50.0)
+    rx.down = True
+    findings = iter(lost(1000))
+    for _ in range(120):  # two hours: 3 new messages a minute, an attempt a minute
+        clock.t += 60
+        w.put_all(Delivery("firing", Alert(next(findings), clock.t), clock()) for _ in range(3))
+        assert not attempt(w, clock)
+    s = w.stats()
+    assert s.dropped > 300 and s.sent == 0  # the queue overflowed and messages expired
+    lines = [r.getMessage() for r in caplog.records]
+    assert len([m for m in lines if "cannot deliver" in m]) == 1  # the first failure
+    assert len([m for m in lines if "queue was full" in m and "further drops" in m]) == 1
+    assert len([m for m in lines if "max_retry_seconds" in m and "further drops" in m]) == 1
+    summaries = [m for m in lines if "since the last line" in m]
+    assert 10 <= len(summaries) <= 12  # one per 10 minutes, not one per message or attempt
+    rx.down = False
+    clock.t += 60
+    w.put(Delivery("firing", Alert(next(findings), clock.t), clock()))
+    assert attempt(w, clock)
+    recovered = caplog.records[-1].getMessage()
+    assert "delivered again, after 120 failed attempt(s)" in recovered
+    assert "since the last line, dropped" in recovered
+    assert dropped_in(caplog.records) == w.stats().dropped  # every drop is in the journal
+
+
+def test_after_an_outage_nothing_older_than_max_retry_seconds_is_sent() -> None:
+    clock, rx = Clock(), Receiver()
+    w = webhook_worker(clock, rx, size=100, max_retry=300.0)
+    rx.down = True
+    stale, fresh = lost(10), lost(12)[10:]
+    w.put_all(Delivery("firing", Alert(f, 1.0), clock()) for f in stale)
+    assert not attempt(w, clock)  # one tried: the other nine wait behind it
+    clock.t += 400
+    w.put_all(Delivery("firing", Alert(f, 2.0), clock()) for f in fresh)
+    rx.down = False
+    while w.stats().queued:
+        assert attempt(w, clock)
+    assert [b["subject"] for b in rx.bodies] == ["GPU-10", "GPU-11"]
+    s = w.stats()
+    assert (s.sent, s.dropped, s.queued) == (2, 10, 0)
+
+
+def test_alerts_json_never_outgrows_what_a_start_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(store, "MAX_STATE_BYTES", 8000)
+    caplog.set_level(logging.WARNING, logger="tfgpud.alerts")
+    clock, wall, rx = Clock(), Clock(), Receiver()
+    rx.down = True
+    d = dispatcher(tmp_path, rx, clock, wall, alertmanager=[])
+    for t in range(1, 41):  # fires, resolves, fires again: 40 messages for the webhook
+        wall.t += 1
+        d.process([VANISHED] if t % 2 else [], float(t))
+    d.stop()
+    assert (tmp_path / "alerts.json").stat().st_size <= 8000
+    [hook] = d.workers
+    dropped = hook.stats().dropped
+    too_big = [r for r in caplog.records if "keep alerts.json within" in r.getMessage()]
+    assert dropped > 10 and len(too_big) == 2  # the first drop, then the rest summed up at stop
+    assert dropped_in(too_big) == dropped
+    # The next start reads it: the newest messages, the oldest dropped.
+    again = dispatcher(tmp_path, rx, clock, wall, alertmanager=[])
+    [hook] = again.workers
+    kept = hook.pending()
+    assert len(kept) == 40 - dropped
+    assert kept[-1].state == "resolved" and kept[-1].alert.ends_at == 40.0
+
+
+def test_a_firing_set_too_large_for_alerts_json_is_not_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(store, "MAX_STATE_BYTES", 100)
+    d = dispatcher(tmp_path, Receiver(), Clock(), alertmanager=[], webhook=[])
+    d.process([VANISHED], 1.0)
+    assert not (tmp_path / "alerts.json").exists()
+    assert any("more than the 100 a start reads" in r.getMessage() for r in caplog.records)
+
+
+def test_a_failure_on_every_poll_logs_its_traceback_once_then_a_line_per_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tfgpud.alerts")
+    clock, rx = Clock(), Receiver()
+    d = dispatcher(tmp_path, rx, clock)
+
+    def broken(findings: Any, now: float) -> Any:
+        raise RuntimeError("the state is inconsistent")
+
+    monkeypatch.setattr(d.transitions, "update", broken)
+    for t in range(30):  # half an hour of polls, every minute
+        clock.t += 60
+        d.process([VANISHED], float(t))
+    with_traceback = [r for r in caplog.records if r.exc_info]
+    assert len(with_traceback) == 1
+    repeats = [r.getMessage() for r in caplog.records if "more time(s)" in r.getMessage()]
+    assert len(repeats) == 2 and "the state is inconsistent" in repeats[0]
+    monkeypatch.undo()
+    d.process([VANISHED], 31.0)
+    assert "alert processing works again" in caplog.records[-1].getMessage()

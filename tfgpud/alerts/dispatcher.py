@@ -4,16 +4,21 @@
 bounded queue and thread, so a receiver that hangs or fails costs the poll loop nothing.
 Transitions at or above ``[alerts] min_severity`` are pushed. Messages for a sink whose URL is
 no longer configured are dropped at the next start, counted (sink ``removed``) and logged.
+Should the outboxes together outgrow what ``alerts.json`` may hold, the oldest messages are
+dropped (counted by their sink) so that the next start can read it.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 
+from tfgpud.alerts import store
+from tfgpud.alerts.repeats import SUMMARY_WINDOW_SECONDS, Repeats
 from tfgpud.alerts.sinks import (
     AlertmanagerSink,
     Delivery,
@@ -23,7 +28,7 @@ from tfgpud.alerts.sinks import (
     WebhookSink,
     http_post,
 )
-from tfgpud.alerts.store import ALERTS_FILE, SavedState, load_state, save_state
+from tfgpud.alerts.store import ALERTS_FILE, SavedState, load_state
 from tfgpud.alerts.transitions import Alert, Transitions, log_transition
 from tfgpud.config import AlertsConfig
 from tfgpud.model import AlertStats, Finding, Severity, SinkStats
@@ -31,6 +36,7 @@ from tfgpud.model import AlertStats, Finding, Severity, SinkStats
 log = logging.getLogger("tfgpud.alerts")
 
 REMOVED_SINK = "removed"  # SinkStats name counting messages left for sinks no longer configured
+SAVE_TRIES = 3  # snapshots taken to fit alerts.json (a sink's thread may take messages meanwhile)
 
 
 class AlertDispatcher:
@@ -111,6 +117,7 @@ class AlertDispatcher:
             None if expired or self.removed_dropped else self._sig()
         )
         self._save_error: str | None = None
+        self._errors = Repeats(SUMMARY_WINDOW_SECONDS)  # process() failures, for the journal
 
     def start(self) -> None:
         for w in self.workers:
@@ -184,10 +191,34 @@ class AlertDispatcher:
             self._send()
             if changed or self._sig() != self._saved_sig:
                 self._save()
-        except Exception:
-            log.exception("alert processing failed")
+        except Exception as exc:  # noqa: BLE001 - the poll loop goes on; logged in _failed
+            self._failed(exc)
             self._send()
+        else:
+            if self._errors.active:
+                more = sum(self._errors.end().values())
+                log.info(
+                    "alert processing works again%s",
+                    f" ({more} failure(s) since the last line)" if more else "",
+                )
         return self.stats()
+
+    def _failed(self, exc: Exception) -> None:
+        """Log a failed ``process()``: a failure that repeats each poll gets its traceback once
+        (per place it is raised), then one line per window counting the repeats."""
+        tb = traceback.extract_tb(exc.__traceback__)
+        where = f"{tb[-1].filename}:{tb[-1].lineno}" if tb else "?"
+        now = self._clock()
+        if self._errors.note(f"{type(exc).__name__} at {where}", now):
+            log.error("alert processing failed", exc_info=exc)
+        if counts := self._errors.due(now):
+            log.error(
+                "alert processing failed %d more time(s) since the last line (tracebacks logged "
+                "once), the last with %s: %s",
+                sum(counts.values()),
+                type(exc).__name__,
+                exc,
+            )
 
     def _as_shown(self, a: Alert) -> Alert:
         """``a`` with the cause its pushed alert carries (a new cause shows once it has held)."""
@@ -250,17 +281,23 @@ class AlertDispatcher:
                 self._push(Delivery("firing", self._as_shown(a), mono, wall), refreshed)
 
     def _save(self) -> None:
-        """Write the firing set and every sink's outbox atomically. Never raises."""
+        """Write the firing set and every sink's outbox atomically, dropping the oldest queued
+        messages first should they not fit in what a start reads. Never raises."""
         if self._state_path is None:
             return
-        sig = self._sig()  # before the snapshot: a change after it is saved next time
-        outbox = {
-            key: pending
-            for w, key in zip(self.workers, self._outbox_keys, strict=True)
-            if (pending := w.pending())
-        }
+        for _ in range(SAVE_TRIES):
+            sig = self._sig()  # before the snapshot: a change after it is saved next time
+            outbox = {
+                key: pending
+                for w, key in zip(self.workers, self._outbox_keys, strict=True)
+                if (pending := w.pending())
+            }
+            data = store.encode_state(self.transitions.firing, self._pushed, outbox)
+            excess = len(data) - store.MAX_STATE_BYTES
+            if excess <= 0 or not self._make_room(excess):
+                break
         try:
-            save_state(self._state_path, self.transitions.firing, self._pushed, outbox)
+            store.write_state(self._state_path, data)
         except OSError as exc:
             msg = f"cannot write {self._state_path}: {exc.strerror or exc}"
             if msg != self._save_error:
@@ -271,6 +308,21 @@ class AlertDispatcher:
             log.info("%s written again", self._state_path)
             self._save_error = None
         self._saved_sig = sig
+
+    def _make_room(self, excess: int) -> bool:
+        """Drop the oldest queued messages, whichever their sink, that take at least ``excess``
+        bytes of ``alerts.json``. False when none could be dropped (all in flight, or the
+        firing set alone is too large)."""
+        queued = [(d.created_at or 0.0, w, d) for w in self.workers for d in w.queued()]
+        queued.sort(key=lambda q: q[0])
+        chosen: dict[int, tuple[SinkWorker, list[Delivery]]] = {}
+        freed = 0
+        for _, w, d in queued:
+            if freed >= excess:
+                break
+            chosen.setdefault(id(w), (w, []))[1].append(d)
+            freed += store.delivery_bytes(d)
+        return sum(w.evict(ds) for w, ds in chosen.values()) > 0
 
     def stats(self) -> AlertStats:
         sinks = [w.stats() for w in self.workers]

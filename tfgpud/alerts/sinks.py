@@ -4,8 +4,13 @@
 Alertmanager (API v2; firing alerts re-sent every ``resend_seconds``) and generic JSON webhooks
 (one POST per transition). A message that cannot be delivered is retried with exponential backoff
 (1 s doubling to 60 s) for up to ``max_retry_seconds`` from when it was first queued, then
-dropped and counted (``tfgpud_alerts_dropped_total``). A redirect (3xx) is a failed delivery:
-urllib would turn the POST into a body-less GET.
+dropped and counted (``tfgpud_alerts_dropped_total``): nothing older is ever sent, whether it
+is retried or still waits behind others. A redirect (3xx) is a failed delivery: urllib would
+turn the POST into a body-less GET.
+
+A sink down for days must not flood the journal: the first failure and the first message
+dropped for each reason are logged, then one line per ``SUMMARY_WINDOW_SECONDS`` counts the
+rest, and the line saying the sink works again sums up the outage.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from email.message import Message
 from http.client import HTTPConnection, HTTPException, HTTPSConnection
 from typing import Any, Protocol
 
+from tfgpud.alerts.repeats import SUMMARY_WINDOW_SECONDS, Repeats
 from tfgpud.alerts.transitions import Alert, State, finding_fields
 from tfgpud.codes import alert_name, cause_labels, message_id
 from tfgpud.config import AlertmanagerConfig, WebhookConfig
@@ -36,6 +42,9 @@ log = logging.getLogger("tfgpud.alerts")
 BACKOFF_FIRST_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 60.0
 AM_BATCH = 64  # alerts per Alertmanager POST
+
+# Why a message was dropped (the kinds of SinkWorker's journal lines and their counts).
+FULL, EXPIRED, TOO_BIG = "full", "expired", "too-big"
 
 
 def rfc3339(ts: float) -> str:
@@ -260,6 +269,9 @@ class SinkWorker:
         self.sent = self.failed = self.dropped = 0
         self.changes = 0  # bumped whenever the set of undelivered messages changes
         self._thread: threading.Thread | None = None
+        self._losses = Repeats(SUMMARY_WINDOW_SECONDS)  # messages dropped, for the journal
+        self._down_since = 0.0  # when the current run of failed attempts began
+        self._failures = 0  # failed attempts in that run
 
     def put(self, d: Delivery) -> None:
         """Queue ``d`` (replacing an older message for the same key). Never blocks for long."""
@@ -269,18 +281,16 @@ class SinkWorker:
         """Queue ``deliveries`` in order, at once: the thread takes them together, so one poll's
         alerts reach the receiver in as few requests as the batch size allows."""
         with self._cond:
+            now = self._clock()
             for d in deliveries:
                 if d.created_at is None:
-                    d = replace(d, created_at=self._wall() - max(0.0, self._clock() - d.created))
+                    d = replace(d, created_at=self._wall() - max(0.0, now - d.created))
                 key = self.sink.queue_key(d)
                 if key in self._queue:
                     del self._queue[key]  # superseded, not lost: the newer message says more
                 elif len(self._queue) >= self.queue_size:
                     self._queue.popitem(last=False)
-                    self.dropped += 1
-                    log.warning(
-                        "alert queue of %s full: dropped the oldest message", self.sink.name
-                    )
+                    self._lost(FULL, 1, now)
                 self._queue[key] = d
                 self.changes += 1
             self._cond.notify()
@@ -307,6 +317,26 @@ class SinkWorker:
                 expired,
                 self.max_retry_seconds,
             )
+
+    def queued(self) -> list[Delivery]:
+        """The messages waiting in the queue (not the ones being tried), oldest first."""
+        with self._cond:
+            return list(self._queue.values())
+
+    def evict(self, deliveries: Iterable[Delivery]) -> int:
+        """Drop these messages from the queue (the oldest, when the outboxes together would not
+        fit in ``alerts.json``), counted and logged. A message no longer queued (taken by the
+        thread, superseded) is left alone. Returns how many were dropped."""
+        with self._cond:
+            n = 0
+            for d in deliveries:
+                key = self.sink.queue_key(d)
+                if self._queue.get(key) is d:
+                    del self._queue[key]
+                    n += 1
+            if n:
+                self._lost(TOO_BIG, n, self._clock())
+            return n
 
     def pending(self) -> list[Delivery]:
         """The undelivered messages, oldest first: the one being tried, then the queue."""
@@ -335,6 +365,8 @@ class SinkWorker:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(timeout)
+        with self._cond:
+            self._sum_up(self._losses.end())
         pending = len(self.pending())
         if pending and kept:
             log.info(
@@ -352,15 +384,28 @@ class SinkWorker:
             while True:
                 if self._stop:
                     return None
-                wait = self._next_try - self._clock()
-                if self._queue and wait <= 0:
-                    break
+                now = self._clock()
+                wait = self._next_try - now
+                if self._queue and wait <= 0 and (batch := self._next_batch(now)):
+                    return batch
                 self._cond.wait(wait if self._queue else None)
-            batch: list[Delivery] = []
-            while self._queue and len(batch) < self.sink.batch:
-                batch.append(self._queue.popitem(last=False)[1])
-            self._inflight = batch
-            return batch
+
+    def _next_batch(self, now: float) -> list[Delivery]:
+        """(Holding the lock.) Take the oldest messages, at most a batch, as in flight. Those
+        older than ``max_retry_seconds`` are dropped on the way: the queue is in the order messages
+        were queued, so after a long outage every stale one goes at the first attempt, unsent."""
+        batch: list[Delivery] = []
+        expired = 0
+        while self._queue and len(batch) < self.sink.batch:
+            d = self._queue.popitem(last=False)[1]
+            if now - d.created >= self.max_retry_seconds:
+                expired += 1
+            else:
+                batch.append(d)
+        if expired:
+            self._lost(EXPIRED, expired, now)
+        self._inflight = batch
+        return batch
 
     def _run(self) -> None:
         while (batch := self._take()) is not None:
@@ -375,7 +420,15 @@ class SinkWorker:
             return False
         with self._cond:
             if self._backoff:
-                log.info("alerts to %s delivered again", self.sink.name)
+                now = self._clock()
+                gone = self._losses.end()
+                log.info(
+                    "alerts to %s delivered again, after %d failed attempt(s) in %.0f s%s",
+                    self.sink.name,
+                    self._failures,
+                    now - self._down_since,
+                    f"; since the last line, {self._tally(gone)}" if gone else "",
+                )
             self.sent += len(batch)
             self._backoff = 0.0
             self._next_try = 0.0
@@ -389,11 +442,14 @@ class SinkWorker:
             self._inflight = []
             self.failed += len(batch)
             first = not self._backoff
+            if first:
+                self._down_since, self._failures = now, 0
+            self._failures += 1
             self._backoff = min(2 * self._backoff or BACKOFF_FIRST_SECONDS, BACKOFF_MAX_SECONDS)
             self._next_try = now + self._backoff
             keep = [d for d in batch if now - d.created < self.max_retry_seconds]
-            expired = len(batch) - len(keep)
-            self.dropped += expired
+            if expired := len(batch) - len(keep):
+                self._lost(EXPIRED, expired, now)
             for d in reversed(keep):
                 key = self.sink.queue_key(d)
                 if key not in self._queue:  # else a newer message replaced it meanwhile
@@ -404,17 +460,55 @@ class SinkWorker:
             overflow = max(0, len(self._queue) - self.queue_size)
             for _ in range(overflow):
                 self._queue.popitem(last=False)
-            self.dropped += overflow
-            if expired or overflow:
-                self.changes += 1
-        if first or expired:
+            if overflow:
+                self._lost(FULL, overflow, now)
+            self._sum_up(self._losses.due(now))
+        if first:
             log.warning(
                 "cannot deliver %d alert message(s) to %s (%s): %s; retrying with backoff "
-                "for up to %.0f s%s",
+                "for up to %.0f s",
                 len(batch),
                 self.sink.name,
                 self.sink.url,
                 getattr(exc, "reason", None) or exc,
                 self.max_retry_seconds,
-                f"; {expired} message(s) dropped after that" if expired else "",
             )
+
+    def _lost(self, why: str, n: int, now: float) -> None:
+        """(Holding the lock.) Count ``n`` messages dropped for reason ``why``; the first of
+        each reason in an episode gets a journal line, the rest are summed up per window."""
+        self.dropped += n
+        self.changes += 1
+        if self._losses.note(why, now, n):
+            log.warning(
+                "%s (%s): %s; further drops are summed up every %.0f s",
+                self.sink.name,
+                self.sink.url,
+                self._tally({why: n}),
+                self._losses.window,
+            )
+        self._sum_up(self._losses.due(now))
+
+    def _sum_up(self, counts: dict[str, int]) -> None:
+        if counts:
+            log.warning(
+                "%s (%s): since the last line, %s",
+                self.sink.name,
+                self.sink.url,
+                self._tally(counts),
+            )
+
+    def _tally(self, counts: dict[str, int]) -> str:
+        """``{FULL: 3, EXPIRED: 2}`` in words."""
+        why = {
+            FULL: f"the queue was full (queue_size {self.queue_size})",
+            EXPIRED: "undeliverable for max_retry_seconds "
+            f"({self.max_retry_seconds:.0f} s) since queued",
+            TOO_BIG: "the oldest of all sinks' messages, to keep alerts.json within the size a "
+            "start reads",
+        }
+        return "; ".join(
+            f"dropped {counts[kind]} alert message(s): {text}"
+            for kind, text in why.items()
+            if counts.get(kind)
+        )

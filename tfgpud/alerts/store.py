@@ -3,11 +3,14 @@
 It keeps the firing set (with whether each alert was pushed) and each sink's outbox (messages
 not delivered yet, keyed by the sink's URL, with the wall-clock time they were first queued).
 The dispatcher rewrites it atomically at most once per poll when either changed, and at stop, so
-a restart or a reload neither re-fires nor forgets alerts.
+a restart or a reload neither re-fires nor forgets alerts. It is never written larger than
+``MAX_STATE_BYTES``, the most a start reads: the dispatcher drops the oldest undelivered
+messages first (counted) rather than write a file the next start would refuse whole.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -24,8 +27,8 @@ from tfgpud.state import StateFileError, read_bounded, write_atomically
 log = logging.getLogger("tfgpud.alerts")
 
 ALERTS_FILE = "alerts.json"
-# The firing set and the outboxes are bounded ([alerts] queue_size per sink); a file larger than
-# this was not written by tfgpud and is not read into memory.
+# The most a start reads (a larger file was not written by tfgpud and is not read into memory);
+# writes keep within it. At 0.5-2 KB per message that is some 30,000-130,000 messages in all.
 MAX_STATE_BYTES = 64 << 20
 
 
@@ -147,17 +150,33 @@ def _delivery_from_json(e: Any) -> Delivery:
     return Delivery(e["state"], _alert_from_json(e["alert"]), 0.0, _finite(e["created_at"]))
 
 
-def save_state(
-    path: Path,
+def delivery_bytes(d: Delivery) -> int:
+    """At most what leaving ``d`` out of an outbox saves in ``alerts.json`` (the file is
+    indented: its entries take more than this compact form and a separator)."""
+    return len(json.dumps(_delivery_to_json(d))) + 1
+
+
+def encode_state(
     firing: Iterable[Alert],
     pushed: Collection[tuple[str, str]],
     outbox: Mapping[str, Iterable[Delivery]],
-) -> None:
-    """Write ``alerts.json`` atomically. Raises OSError when it cannot be written."""
+) -> bytes:
+    """The bytes of ``alerts.json`` holding these (see :func:`write_state`)."""
     doc = {
         "version": 1,
         "firing": [{**_alert_to_json(a), "pushed": a.key in pushed} for a in firing],
         "outbox": {key: [_delivery_to_json(d) for d in ds] for key, ds in outbox.items()},
     }
+    return (json.dumps(doc, indent=1) + "\n").encode()
+
+
+def write_state(path: Path, data: bytes) -> None:
+    """Write ``data`` (from :func:`encode_state`) to ``path`` atomically. Raises OSError when it
+    cannot be written, ``EFBIG`` when it is larger than a start reads (the old file stays)."""
+    if len(data) > MAX_STATE_BYTES:
+        raise OSError(
+            errno.EFBIG,
+            f"{len(data)} bytes, more than the {MAX_STATE_BYTES} a start reads",
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, (json.dumps(doc, indent=1) + "\n").encode())
+    write_atomically(path, data)
