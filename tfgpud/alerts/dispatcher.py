@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import logging
 import time
-import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 
 from tfgpud.alerts import store
-from tfgpud.alerts.repeats import SUMMARY_WINDOW_SECONDS, Repeats
 from tfgpud.alerts.sinks import (
     AlertmanagerSink,
     Delivery,
@@ -32,6 +30,7 @@ from tfgpud.alerts.store import ALERTS_FILE, SavedState, load_state
 from tfgpud.alerts.transitions import Alert, Transitions, log_transition
 from tfgpud.config import AlertsConfig
 from tfgpud.model import AlertStats, Finding, Severity, SinkStats
+from tfgpud.recurring import Recurring
 
 log = logging.getLogger("tfgpud.alerts")
 
@@ -117,7 +116,7 @@ class AlertDispatcher:
             None if expired or self.removed_dropped else self._sig()
         )
         self._save_error: str | None = None
-        self._errors = Repeats(SUMMARY_WINDOW_SECONDS)  # process() failures, for the journal
+        self._failures = Recurring(log, logging.ERROR, clock=self._clock)
 
     def start(self) -> None:
         for w in self.workers:
@@ -191,34 +190,13 @@ class AlertDispatcher:
             self._send()
             if changed or self._sig() != self._saved_sig:
                 self._save()
-        except Exception as exc:  # noqa: BLE001 - the poll loop goes on; logged in _failed
-            self._failed(exc)
+        except Exception as exc:  # noqa: BLE001 - the poll loop goes on; logged by Recurring
+            # At every poll: the traceback once, then one line a window with the count.
+            self._failures.failed("alert processing", "alert processing failed", exc)
             self._send()
         else:
-            if self._errors.active:
-                more = sum(self._errors.end().values())
-                log.info(
-                    "alert processing works again%s",
-                    f" ({more} failure(s) since the last line)" if more else "",
-                )
+            self._failures.ok("alert processing")
         return self.stats()
-
-    def _failed(self, exc: Exception) -> None:
-        """Log a failed ``process()``: a failure that repeats each poll gets its traceback once
-        (per place it is raised), then one line per window counting the repeats."""
-        tb = traceback.extract_tb(exc.__traceback__)
-        where = f"{tb[-1].filename}:{tb[-1].lineno}" if tb else "?"
-        now = self._clock()
-        if self._errors.note(f"{type(exc).__name__} at {where}", now):
-            log.error("alert processing failed", exc_info=exc)
-        if counts := self._errors.due(now):
-            log.error(
-                "alert processing failed %d more time(s) since the last line (tracebacks logged "
-                "once), the last with %s: %s",
-                sum(counts.values()),
-                type(exc).__name__,
-                exc,
-            )
 
     def _as_shown(self, a: Alert) -> Alert:
         """``a`` with the cause its pushed alert carries (a new cause shows once it has held)."""
