@@ -28,6 +28,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -121,7 +122,14 @@ def _corrupt_order(name: str) -> tuple[bool, str, int, str]:
 
 
 def _when(t: float | None) -> str:
-    return "?" if t is None else time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+    """``t`` as a UTC time for a log line; "?" when unknown or out of the calendar's range (a
+    hand-edited file): a log line must not make the poll fail."""
+    if t is None:
+        return "?"
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+    except (OverflowError, OSError, ValueError):
+        return "?"
 
 
 def read_bounded(path: Path, limit: int) -> bytes:
@@ -145,7 +153,7 @@ def _opt_time(entry: dict[str, Any], key: str) -> float | None:
     value = entry.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise StateFileError(f"gpus[].{key}: expected a number, got {value!r}")
     return float(value)
 

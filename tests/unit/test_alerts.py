@@ -817,6 +817,24 @@ def dropped_in(records: list[logging.LogRecord]) -> int:
     return sum(int(n) for r in records for n in re.findall(r"dropped (\d+)", r.getMessage()))
 
 
+def test_drops_on_a_working_sink_are_summed_up_within_a_window(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A working sink whose queue overflows once: the drops after the first line are summed up
+    at the next poll past the window (stats(), read every poll), not held until some later
+    drop, failure or stop."""
+    caplog.set_level(logging.INFO, logger="tfgpud.alerts")
+    clock, rx = Clock(), Receiver()
+    w = webhook_worker(clock, rx, size=2, max_retry=300.0)
+    findings = iter(lost(10))
+    for _ in range(2):  # two bursts in one window, each overflowing the queue
+        w.put_all(Delivery("firing", Alert(next(findings), clock.t), clock()) for _ in range(5))
+    assert w.stats().dropped == 8
+    clock.t += 601
+    w.stats()  # a poll
+    assert dropped_in(caplog.records) == 8
+
+
 def test_a_sink_down_for_hours_logs_its_drops_once_per_window_and_all_at_recovery(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -156,6 +156,32 @@ def test_gpus_learned_beyond_the_cap_forget_the_longest_unseen_and_stay_readable
     assert uuids[1] in forgotten[0] and uuids[2] in forgotten[0] and uuids[0] not in forgotten[0]
 
 
+def test_forgetting_a_gpu_with_a_hand_edited_time_does_not_fail_the_poll(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full baseline whose oldest GPU has a last_seen no calendar holds (-1e18, hand-edited):
+    forgetting it logs "?" for its time; the log line made learn() raise, after the GPU was
+    already gone, so it was forgotten unlogged and that poll failed."""
+    monkeypatch.setattr(state, "MAX_BASELINE_GPUS", 2)
+    caplog.set_level(logging.WARNING, logger="tfgpud.state")
+    odd = {"uuid": U0, "name": A6000, "first_seen": -1e18, "last_seen": -1e18}
+    ok = {"uuid": U1, "name": A6000, "first_seen": 1.0, "last_seen": 1.0}
+    (tmp_path / "baseline.json").write_text(json.dumps({"version": 1, "gpus": [odd, ok]}))
+    b = Baseline.open(tmp_path)
+    assert b.problems() == ()
+    new = "GPU-cccccccc-0000-4000-8000-000000000002"
+    assert b.learn(nvml(new), 100.0)
+    assert {g.uuid for g in b.gpus} == {U1, new}
+    assert any(U0 in r.getMessage() and "?" in r.getMessage() for r in caplog.records)
+
+
+def test_a_time_that_is_not_finite_makes_the_file_corrupt(tmp_path: Path) -> None:
+    entry = '{"uuid": "' + U0 + '", "last_seen": NaN}'  # json.loads reads NaN
+    (tmp_path / "baseline.json").write_text('{"version": 1, "gpus": [' + entry + "]}")
+    b = Baseline.open(tmp_path)
+    assert b.gpus == () and len(list(tmp_path.glob("*.corrupt"))) == 1
+
+
 def test_more_gpus_visible_at_once_than_the_cap_learns_only_what_fits(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

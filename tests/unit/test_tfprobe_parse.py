@@ -778,7 +778,10 @@ def test_no_new_probe_while_the_previous_child_still_exists() -> None:
     s.close()
 
 
-def test_a_reload_holds_back_for_the_stuck_child_of_the_probe_it_waited_for() -> None:
+@pytest.mark.parametrize(("reloads", "late_reload"), [(1, False), (2, False), (1, True)])
+def test_a_reload_holds_back_for_the_stuck_child_of_the_probe_it_waited_for(
+    reloads: int, late_reload: bool
+) -> None:
     """A reload during a probe whose child gets stuck (a hung GPU): the new schedule waits for
     the old probe's thread, then also for its killed child, as the old schedule would have;
     it did not see that child (landed in the old schedule's state) and started another."""
@@ -802,11 +805,17 @@ def test_a_reload_holds_back_for_the_stuck_child_of_the_probe_it_waited_for() ->
 
     old = TfProbeScheduler([ENV], interval=21600, timeout=5, probe=stuck_then_abandoned)
     assert old.maybe_start(nvml(), 0.0) == ("main",)
-    old.cancel()
-    new = TfProbeScheduler([ENV], interval=21600, timeout=5, probe=stuck_then_abandoned)
-    new.adopt(old)
+    for _ in range(reloads):
+        old.cancel()
+        new = TfProbeScheduler([ENV], interval=21600, timeout=5, probe=stuck_then_abandoned)
+        new.adopt(old)
+        old = new
     release.set()
     assert new.wait_idle(5)
+    if late_reload:  # one more reload once the probe ended, before the schedule polled
+        new.cancel()
+        new = TfProbeScheduler([ENV], interval=21600, timeout=5, probe=stuck_then_abandoned)
+        new.adopt(old)
     assert new.maybe_start(nvml(), 1.0) == ()  # its killed child still exists
     deadline = time.monotonic() + 5
     while child.pid in runner.abandoned_children() and time.monotonic() < deadline:

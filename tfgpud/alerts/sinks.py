@@ -347,7 +347,10 @@ class SinkWorker:
             return inflight + queued
 
     def stats(self) -> SinkStats:
+        """The counters (read at every poll, which also sums up drops counted since the last
+        line once its window has passed, on a sink that is working as on one that is not)."""
         with self._cond:
+            self._sum_up(self._losses.due(self._clock()))
             return SinkStats(self.sink.name, self.sent, self.failed, self.dropped, len(self._queue))
 
     def start(self) -> None:

@@ -409,13 +409,18 @@ class TfProbeScheduler:
                 if prev is None:
                     continue
                 running = prev.thread is not None and prev.thread.is_alive()
+                # The state that probe's thread writes to: an earlier schedule's when ``old``
+                # itself adopted it (two reloads while it ran) and has not read it back yet.
+                src = prev.adopted_from or prev
                 if running:
                     st.thread = prev.thread  # waited for; then due anew (started stays None)
-                    st.adopted_from = prev
+                    st.adopted_from = src
+                else:
+                    st.abandoned_pid = src.abandoned_pid  # its stuck child holds it back still
                 if prev.env != st.env or prev.result is None:
                     continue
                 if not running:
-                    st.started, st.abandoned_pid = prev.started, prev.abandoned_pid
+                    st.started = prev.started
                 st.driver, st.installed = prev.driver, prev.installed
                 st.result, st.runs = prev.result, prev.runs
                 st.change_tokens, st.tokens_at = prev.change_tokens, prev.tokens_at
