@@ -337,8 +337,11 @@ class Daemon:
         if new.alerts != old.alerts or new.daemon.state_dir != old.daemon.state_dir:
             # Firing alerts and undelivered messages live in state_dir/alerts.json (saved by
             # stop()), so the new dispatcher carries them on; sinks are matched by URL.
-            self._alerts.stop(0.5)
+            # The fire/resolve timers are not in the file: they are taken over in memory.
+            replaced = self._alerts
+            replaced.stop(0.5)
             self._alerts = AlertDispatcher(new.alerts, Path(new.daemon.state_dir), self.host)
+            self._alerts.transitions.carry(replaced.transitions)
             self._alerts.start()
             log.info("alert sinks reconfigured: %d sink(s)", len(self._alerts.workers))
         self.config = new

@@ -123,6 +123,24 @@ def test_for_seconds_damps_flapping_both_ways() -> None:
     assert tr.firing == ()
 
 
+def test_a_reload_keeps_the_fire_and_resolve_timers() -> None:
+    """A reload rebuilds the dispatcher from alerts.json, which holds the firing set only: a
+    pending finding then waited for_seconds anew, as did a firing alert's resolve."""
+    other = Finding("gpu-lost", Severity.CRITICAL, "GPU-1", "lost")
+    tr = Transitions(for_seconds=30)
+    tr.update([VANISHED], 0.0)
+    assert [t.state for t in tr.update([VANISHED], 30.0)] == ["firing"]
+    assert tr.update([other], 40.0) == []  # VANISHED gone since 40 s, `other` pending since
+    rebuilt = Transitions(30, tr.firing)  # what a reload loads
+    rebuilt.carry(tr)
+    moved = rebuilt.update([other], 70.0)
+    assert sorted((t.state, t.alert.finding.code) for t in moved) == [
+        ("firing", "gpu-lost"),
+        ("resolved", "gpu-vanished"),
+    ]
+    assert next(t for t in moved if t.state == "resolved").alert.ends_at == 40.0
+
+
 def test_firing_alert_keeps_its_start_and_takes_the_newest_text() -> None:
     tr = Transitions(for_seconds=0)
     tr.update([VANISHED], 1.0)

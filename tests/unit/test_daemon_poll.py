@@ -112,3 +112,22 @@ def test_a_reload_of_the_discovery_settings_keeps_the_envs_found_until_it_search
     d.poll_once()
     assert [r.env for r in d._tf.env_records() if r.source == "discovered"] == found
     d.shutdown()
+
+
+def test_a_reload_of_the_alerts_keeps_what_is_pending(tmp_path: Path) -> None:
+    """[alerts] changed: the new dispatcher takes over the old one's timers (alerts.json holds
+    only what fires), so a pending finding does not wait for_seconds again."""
+    head = f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n[tensorflow.discover]\nenabled = false\n'
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    d = Daemon(
+        parse_config(head + "[alerts]\nfor_seconds = 600\n"),
+        paths=HostPaths(empty, empty, empty),
+        environ={},
+    )
+    d.poll_once()
+    pending = dict(d._alerts.transitions._pending)
+    assert pending  # the empty host's findings, waiting out for_seconds
+    d._apply(parse_config(head + "[alerts]\nfor_seconds = 600\nresend_seconds = 120\n"))
+    assert d._alerts.transitions._pending == pending
+    d.shutdown()

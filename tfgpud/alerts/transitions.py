@@ -66,6 +66,18 @@ class Transitions:
     def firing(self) -> tuple[Alert, ...]:
         return tuple(f.alert for f in self._firing.values())
 
+    def carry(self, old: Transitions) -> None:
+        """Take over ``old``'s timers (a reload rebuilt this from the firing set alone): a
+        finding pending there keeps the time it appeared, and a firing alert whose finding is
+        gone keeps the time it went, so neither waits ``for_seconds`` anew."""
+        for key, since in old._pending.items():
+            if key not in self._firing:
+                self._pending.setdefault(key, since)
+        for key, fs in self._firing.items():
+            before = old._firing.get(key)
+            if before is not None and fs.absent_since is None:
+                fs.absent_since = before.absent_since
+
     def refire(self, key: tuple[str, str], now: float) -> None:
         """Record that the alert of ``key`` fired again, as a new alert, at ``now`` (its labels
         changed); it keeps the time its finding appeared."""
