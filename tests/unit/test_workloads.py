@@ -215,6 +215,26 @@ def test_process_facts(proc: Proc) -> None:
     assert c.allow_growth is None and c.user == "4000000"
 
 
+def test_a_user_made_since_is_named_once_the_lookups_expire(
+    proc: Proc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """uid 4000000 has no passwd entry, then gets one (useradd, sssd): its later jobs show the
+    name within USERS_SECONDS, not the number for the daemon's lifetime."""
+    from tfgpud.collectors import workloads
+
+    proc.add(100, maps=TF_MAPS, uid=4_000_000)
+    clock = Clock()
+    scanner = WorkloadScanner(proc.root, clock=clock)
+    assert [p.user for p in scanner.scan(None, NOW).processes] == ["4000000"]
+    monkeypatch.setattr(workloads, "user_name", lambda uid: "dana" if uid == 4_000_000 else None)
+    proc.add(101, maps=TF_MAPS, uid=4_000_000)  # a new job of the new user
+    assert [p.user for p in scanner.scan(None, NOW + 10).processes] == ["4000000", "4000000"]
+    clock.t += workloads.USERS_SECONDS
+    proc.add(102, maps=TF_MAPS, uid=4_000_000)
+    users = [p.user for p in scanner.scan(None, NOW + 20).processes]
+    assert users == ["4000000", "4000000", "dana"]  # a process keeps what it was first read as
+
+
 def test_maps_are_read_once_per_pid_and_start_time(proc: Proc) -> None:
     proc.add(100, maps=TF_MAPS)
     proc.add(101)

@@ -62,6 +62,9 @@ log = logging.getLogger(__name__)
 
 TF_LIBRARY = b"libtensorflow_framework.so"
 GPU_DEVICE = re.compile(r"/dev/nvidia[0-9]+")
+# uid -> user name lookups are kept this long, and at most this many.
+USERS_SECONDS = 600.0
+MAX_USERS = 1024
 # Errors of this process's own resources (a client holding most descriptors), not of the one read.
 _TRANSIENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.EINTR})
 # Re-read the maps of a candidate without TensorFlow when its virtual size grew this much.
@@ -207,7 +210,8 @@ class WorkloadScanner:
         self._fd_recheck = fd_recheck_seconds
         self._recheck = recheck_seconds
         self._entries: dict[int, _Entry] = {}
-        self._users: dict[int, str] = {}
+        self._users: dict[int, str] = {}  # uid -> name; forgotten every USERS_SECONDS
+        self._users_at = clock()
         self._patterns: tuple[str, ...] | None = None
         self._match: Callable[[str], bool] = lambda name: False
         self._btime: float | None = None
@@ -236,6 +240,10 @@ class WorkloadScanner:
 
         Raises OSError only when ``proc_root`` itself cannot be listed.
         """
+        if self._clock() - self._users_at >= USERS_SECONDS or len(self._users) > MAX_USERS:
+            # A user made since (sssd, useradd) gets a name; random container uids do not pile up.
+            self._users.clear()
+            self._users_at = self._clock()
         names = tuple(process_names)
         if names != self._patterns:
             self._patterns, self._match = names, _names_matcher(names)
