@@ -89,7 +89,7 @@ class SnapshotCollector(Collector):
             return
         try:
             families = list(_families(snap, self._identities, self._options()))
-        except Exception as exc:  # noqa: BLE001 - logged by Recurring; at every scrape: one traceback, then a count
+        except Exception as exc:  # noqa: BLE001 - logged by Recurring (fails at every scrape)
             self._failures.failed(
                 "metrics", "building metrics failed; serving build_info only", exc
             )

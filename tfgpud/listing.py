@@ -16,6 +16,16 @@ import time
 SETTLE_SECONDS = 2.0
 
 
+def file_stamp(path: str | os.PathLike[str]) -> tuple[int, int, int] | None:
+    """(inode, mtime in ns, size) of ``path``, None when it cannot be stat()ed: changes when the
+    file is rewritten in place or replaced (renamed over), even within one coarse mtime step."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 class DirectoryListing:
     """``names(path)``: the sorted names in ``path``, () when it cannot be listed."""
 

@@ -4,7 +4,9 @@ A collector that breaks on some state of the machine breaks again at the next po
 tracebacks a day at the default interval, and the Xid thread retries every second. The first
 failure is logged with its traceback; the same failure again (same place, same exception type
 and message) is counted, and one line a window says how many times it recurred; a different
-failure is logged in full at once; the first success after failures says so.
+failure is logged in full at once; the first success after failures says so
+(:class:`Recurring`). Trouble that comes in kinds and counts (messages dropped, by reason) is
+summed up the same way, a line per window (:class:`Repeats`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 WINDOW_SECONDS = 600.0
+MAX_KINDS = 16  # Repeats: kinds logged in full per episode; any further kind is counted as OTHER
+OTHER = "other"
 
 
 @dataclass
@@ -84,3 +88,60 @@ class Recurring:
                 self._clock() - run.since,
                 run.what,
             )
+
+
+MAX_KINDS = 16  # kinds logged in full per episode; any further kind is counted as OTHER
+OTHER = "other"
+
+
+class Repeats:
+    """Trouble that lasts and comes in kinds (messages a sink down for days drops, by reason):
+    the first occurrence of each kind is logged in full, the rest counted, and one line per
+    window sums them up. An episode begins with the first occurrence and ends at :meth:`end`
+    (the trouble is over) or after a window in which nothing was counted.
+
+    The caller logs an occurrence in full when :meth:`note` says so, and one summary line when
+    :meth:`due` returns counts. Bounded: at most ``MAX_KINDS`` kinds (+ ``OTHER``) are kept.
+    """
+
+    def __init__(self, window: float = WINDOW_SECONDS) -> None:
+        self.window = window
+        self._ends: float | None = None  # when the open window ends; None: no episode
+        self._seen: set[str] = set()  # kinds logged in full in this episode
+        self._counts: dict[str, int] = {}  # occurrences not summed up yet, by kind
+
+    @property
+    def active(self) -> bool:
+        """True from the first occurrence until the episode ends."""
+        return self._ends is not None
+
+    def note(self, kind: str, now: float, n: int = 1) -> bool:
+        """Record ``n`` occurrences of ``kind`` at ``now``. True: the caller logs them in full
+        (the first of their kind in this episode); False: they are counted for :meth:`due`."""
+        if self._ends is not None and now >= self._ends and not self._counts:
+            self.end()  # a window passed with nothing counted: this is a new episode
+        if self._ends is None:
+            self._ends = now + self.window
+        if kind not in self._seen and len(self._seen) < MAX_KINDS:
+            self._seen.add(kind)
+            return True
+        key = kind if kind in self._seen else OTHER
+        self._counts[key] = self._counts.get(key, 0) + n
+        return False
+
+    def due(self, now: float) -> dict[str, int]:
+        """The counts for one summary line once the window has ended with something counted
+        (the next window opens then); {} otherwise."""
+        if self._ends is None or now < self._ends or not self._counts:
+            return {}
+        counts, self._counts = self._counts, {}
+        self._ends = now + self.window
+        return counts
+
+    def end(self) -> dict[str, int]:
+        """End the episode: the next occurrence is logged in full again. Returns what was
+        counted and not summed up yet."""
+        counts, self._counts = self._counts, {}
+        self._ends = None
+        self._seen.clear()
+        return counts

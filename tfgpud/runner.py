@@ -332,11 +332,16 @@ def _orphans() -> list[int]:
     children, re-parented here because this process is a subreaper. Empty when it is not."""
     if not _subreaper:
         return []
+    taken = _taken()
+    return [p for p in _children(os.getpid()) if p not in taken]
+
+
+def _taken() -> set[int]:
+    """Children someone already waits for: a running call's, or a reaper thread's."""
     with _running_lock:
-        running = set(_running)
+        taken = set(_running)
     with _abandoned_lock:
-        running |= _abandoned
-    return [p for p in _children(os.getpid()) if p not in running]
+        return taken | _abandoned
 
 
 def _pipe_holders(inodes: set[int]) -> dict[int, int]:
@@ -393,11 +398,8 @@ def _kill_all(known: Mapping[int, int]) -> None:
 def _reap_orphans(pids: Iterable[int]) -> None:
     """Reap those of ``pids`` that are this process's children (and neither a running call's
     nor one a reaper thread already waits for)."""
-    with _running_lock:
-        running = set(_running)
-    with _abandoned_lock:
-        running |= _abandoned
-    mine = [p for p in pids if p not in running and _still_ours(p)]
+    taken = _taken()
+    mine = [p for p in pids if p not in taken and _still_ours(p)]
     deadline = time.monotonic() + 1.0
     while mine and time.monotonic() < deadline:
         left = []

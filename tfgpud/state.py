@@ -39,7 +39,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal
 
-from tfgpud.listing import DirectoryListing
+from tfgpud.listing import DirectoryListing, file_stamp
 from tfgpud.model import KnownGpu, NvmlReading
 
 log = logging.getLogger(__name__)
@@ -94,14 +94,6 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
         os.fsync(dirfd)
     finally:
         os.close(dirfd)
-
-
-def _stamp(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 # A baseline lists a machine's GPUs: a few hundred bytes each. A file far larger than any real
@@ -275,7 +267,7 @@ class Baseline:
             raise StateFileError(f"{self.path} is corrupt: {exc}") from None
 
     def _load(self, repair: bool) -> None:
-        self._stamp = _stamp(self.path)
+        self._stamp = file_stamp(self.path)
         self._unsaved = False  # memory is what the file says now (or empty: re-learned)
         self._retry_at = float("-inf")
         try:
@@ -292,7 +284,7 @@ class Baseline:
     def _repair(self) -> None:
         """Under the writer lock: read the file once more (``tfgpud baseline reset`` may have
         replaced it since, holding the lock) and move it aside only if it is still unusable."""
-        self._stamp = _stamp(self.path)
+        self._stamp = file_stamp(self.path)
         try:
             self._gpus = self._read_file()
             self._problem = None
@@ -313,7 +305,7 @@ class Baseline:
                 f"moved aside to {moved}" if moved else "could not move it aside",
                 extra={"MESSAGE_ID": MSG_STATE_UNUSABLE, "STATE_FILE": self.path},
             )
-            self._stamp = _stamp(self.path)
+            self._stamp = file_stamp(self.path)
 
     def move_aside(self) -> Path | None:
         """Rename the state file to ``baseline.json.<UTC time>.corrupt``; None if that failed.
@@ -323,7 +315,7 @@ class Baseline:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         # Count on past the highest counter of this second, not into a gap left by a deleted
         # file: the name keeps sorting as the newest.
-        names = self._corrupt_names()
+        names = [p.name for p in reversed(self.corrupt_files())]  # oldest first
         n = max((o[2] for o in map(_corrupt_order, names) if o[1] == stamp), default=0) + 1
 
         def named(n: int) -> Path:
@@ -348,14 +340,6 @@ class Baseline:
             return None
         self._prune_corrupt(names, target)
         return target
-
-    def _corrupt_names(self) -> list[str]:
-        """The names of the moved-aside baselines in state_dir, oldest first ([] if unlistable)."""
-        try:
-            names = os.listdir(self.state_dir)
-        except OSError:
-            return []
-        return sorted((n for n in names if fnmatchcase(n, CORRUPT_PATTERN)), key=_corrupt_order)
 
     def _prune_corrupt(self, names: list[str], kept: Path) -> None:
         """Delete the oldest of ``names`` (oldest first) so that, with ``kept``, at most
@@ -386,7 +370,7 @@ class Baseline:
 
         Returns True when it was re-read.
         """
-        if _stamp(self.path) == self._stamp:
+        if file_stamp(self.path) == self._stamp:
             return False
         with self.lock():
             self._load(repair=True)
@@ -523,7 +507,7 @@ class Baseline:
         write_atomically(
             self.path, render_baseline(self._gpus, time.time() if now is None else now)
         )
-        self._stamp = _stamp(self.path)
+        self._stamp = file_stamp(self.path)
         self._dirty = self._unsaved = False
 
     def save_quietly(self, now: float | None = None) -> bool:
@@ -570,7 +554,7 @@ class Baseline:
         if not self._unsaved or self._clock() < self._retry_at:
             return False
         with self.lock():
-            if _stamp(self.path) != self._stamp:
+            if file_stamp(self.path) != self._stamp:
                 self._load(repair=True)
                 return False
             return self.save_quietly(now)
@@ -581,7 +565,7 @@ class Baseline:
         and does not clobber a change ``tfgpud baseline ...`` made meanwhile."""
         if self._unsaved or self._dirty:
             with self.lock():
-                if _stamp(self.path) == self._stamp:
+                if file_stamp(self.path) == self._stamp:
                     self.save_quietly()
 
     @contextmanager

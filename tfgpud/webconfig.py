@@ -36,6 +36,7 @@ from tfgpud.config import (
     check_header_field,
     read_bounded_text,
 )
+from tfgpud.listing import file_stamp
 
 log = logging.getLogger(__name__)
 
@@ -317,8 +318,7 @@ def load_web_config(path: str | Path) -> WebConfig:
     return web
 
 
-# Per watched file: (mtime, inode, size), None when unreadable. The size and the inode catch
-# a rewrite (in place or renamed over) within one tick of the coarse clock mtimes come from.
+# Per watched file: its file_stamp (inode, mtime, size), None when it cannot be stat()ed.
 Stamp = tuple[tuple[int, int, int] | None, ...]
 
 
@@ -336,14 +336,7 @@ def _load_stamped(path: str) -> tuple[WebConfig, Stamp]:
 
 
 def _mtimes(paths: tuple[str, ...]) -> Stamp:
-    out: list[tuple[int, int, int] | None] = []
-    for p in paths:
-        try:
-            st = os.stat(p)
-            out.append((st.st_mtime_ns, st.st_ino, st.st_size))
-        except OSError:
-            out.append(None)
-    return tuple(out)
+    return tuple(file_stamp(p) for p in paths)
 
 
 def peer_sans(cert: Mapping[str, Any] | None) -> set[str]:

@@ -333,6 +333,14 @@ def test_soname_tables_agree() -> None:
 # --- scheduler -----------------------------------------------------------------------------------
 
 
+def answer(env: TfEnvConfig, status: ProbeStatus, **fields: Any) -> TfProbeResult:
+    """What a probe of ``env`` returns, started now: ``status`` and any other ``fields``."""
+    fields.setdefault("duration_seconds", 0.0)
+    return TfProbeResult(
+        env=env.name, python=env.python, status=status, started_at=time.time(), **fields
+    )
+
+
 class FakeProbe:
     def __init__(self, status: ProbeStatus = ProbeStatus.OK, delay: float = 0.0) -> None:
         self.calls: list[str] = []
@@ -349,14 +357,7 @@ class FakeProbe:
             self.during()
         if self.delay:
             cancel.wait(self.delay)
-        return TfProbeResult(
-            env=env.name,
-            python=env.python,
-            status=self.status,
-            started_at=time.time(),
-            duration_seconds=self.delay,
-            package_dirs=self.package_dirs,
-        )
+        return answer(env, self.status, duration_seconds=self.delay, package_dirs=self.package_dirs)
 
 
 def nvml(driver: str = "550.54.14", uuids: tuple[str, ...] = ("GPU-a",)) -> NvmlReading:
@@ -533,13 +534,7 @@ class StuckProbe:
     ) -> TfProbeResult:
         self.calls.append(env.name)
         self.release.wait(30)
-        return TfProbeResult(
-            env=env.name,
-            python=env.python,
-            status=ProbeStatus.CRASHED if cancel.is_set() else ProbeStatus.OK,
-            started_at=time.time(),
-            duration_seconds=0.0,
-        )
+        return answer(env, ProbeStatus.CRASHED if cancel.is_set() else ProbeStatus.OK)
 
 
 def test_a_reload_waits_for_no_probe_and_never_runs_two_of_one_env() -> None:
@@ -581,14 +576,9 @@ class OkThenCancelled:
             cancel.wait(30)
             if self.release is not None:
                 self.release.wait(30)
-        return TfProbeResult(
-            env=env.name,
-            python=env.python,
-            status=ProbeStatus.OK if ok else ProbeStatus.ERROR,
-            started_at=time.time(),
-            duration_seconds=0.0,
-            error=None if ok else "probe cancelled (daemon shutting down)",
-        )
+        if ok:
+            return answer(env, ProbeStatus.OK)
+        return answer(env, ProbeStatus.ERROR, error="probe cancelled (daemon shutting down)")
 
 
 @pytest.mark.parametrize("ended_before_adopt", [True, False])
@@ -758,14 +748,7 @@ def test_no_new_probe_while_the_previous_child_still_exists() -> None:
         env: TfEnvConfig, *, timeout: float, cancel: threading.Event
     ) -> TfProbeResult:
         fake.calls.append(env.name)
-        return TfProbeResult(
-            env=env.name,
-            python=env.python,
-            status=ProbeStatus.TIMEOUT,
-            started_at=time.time(),
-            duration_seconds=0.0,
-            abandoned_pid=child.pid,
-        )
+        return answer(env, ProbeStatus.TIMEOUT, abandoned_pid=child.pid)
 
     s._probe = probe_leaving_a_child
     assert s.maybe_start(nvml(), 0.0) == ("main",)
@@ -794,14 +777,7 @@ def test_a_reload_holds_back_for_the_stuck_child_of_the_probe_it_waited_for(
     ) -> TfProbeResult:
         release.wait(30)
         runner.hand_to_reaper(child.pid)
-        return TfProbeResult(
-            env=env.name,
-            python=env.python,
-            status=ProbeStatus.TIMEOUT,
-            started_at=time.time(),
-            duration_seconds=0.0,
-            abandoned_pid=child.pid,
-        )
+        return answer(env, ProbeStatus.TIMEOUT, abandoned_pid=child.pid)
 
     old = TfProbeScheduler([ENV], interval=21600, timeout=5, probe=stuck_then_abandoned)
     assert old.maybe_start(nvml(), 0.0) == ("main",)

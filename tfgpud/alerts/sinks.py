@@ -9,7 +9,7 @@ is retried or still waits behind others. A redirect (3xx) is a failed delivery: 
 turn the POST into a body-less GET.
 
 A sink down for days must not flood the journal: the first failure and the first message
-dropped for each reason are logged, then one line per ``SUMMARY_WINDOW_SECONDS`` counts the
+dropped for each reason are logged, then one line per ``WINDOW_SECONDS`` (10 min) counts the
 rest, and the line saying the sink works again sums up the outage.
 """
 
@@ -31,11 +31,11 @@ from email.message import Message
 from http.client import HTTPConnection, HTTPException, HTTPSConnection
 from typing import Any, Protocol
 
-from tfgpud.alerts.repeats import SUMMARY_WINDOW_SECONDS, Repeats
 from tfgpud.alerts.transitions import Alert, State, finding_fields
 from tfgpud.codes import alert_name, cause_labels, message_id
 from tfgpud.config import AlertmanagerConfig, WebhookConfig
 from tfgpud.model import SinkStats
+from tfgpud.recurring import WINDOW_SECONDS, Repeats
 
 log = logging.getLogger("tfgpud.alerts")
 
@@ -269,7 +269,7 @@ class SinkWorker:
         self.sent = self.failed = self.dropped = 0
         self.changes = 0  # bumped whenever the set of undelivered messages changes
         self._thread: threading.Thread | None = None
-        self._losses = Repeats(SUMMARY_WINDOW_SECONDS)  # messages dropped, for the journal
+        self._losses = Repeats(WINDOW_SECONDS)  # messages dropped, for the journal
         self._down_since = 0.0  # when the current run of failed attempts began
         self._failures = 0  # failed attempts in that run
 

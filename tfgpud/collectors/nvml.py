@@ -684,7 +684,7 @@ class XidWatcher:
         while not self._stop.is_set():
             try:
                 got = self._session.wait_xids(self._watched, self._wait_ms)
-            except Exception as exc:  # noqa: BLE001 - logged by Recurring; retried every second: one traceback, then a count
+            except Exception as exc:  # noqa: BLE001 - logged by Recurring (retried every second)
                 self._failures.failed("Xid watcher", "Xid watcher failed; retrying", exc)
                 self._stop.wait(1.0)
                 continue

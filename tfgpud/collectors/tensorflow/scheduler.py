@@ -140,9 +140,8 @@ class TfProbeScheduler:
     Due: at start; every ``interval`` s; after a failed probe (timeout, crash, bad output)
     every ``retry_seconds``; and when the driver version, the NVML GPU set, or the env's
     installed TensorFlow/nvidia packages changed: at once for up to ``CHANGE_BURST`` changes,
-    then once per ``CHANGE_REFILL_SECONDS`` while changes keep coming.
-    Never two probes of one env at once (nor while the previous probe's killed child still
-    exists), and at most
+    then once per ``CHANGE_REFILL_SECONDS`` while changes keep coming. Never two probes of one
+    env at once (nor while the previous probe's killed child still exists), and at most
     ``max_concurrent`` probes at once across envs (the others wait for a later call).
     Methods are safe to call from one controlling thread while probes run. ``switch``: whether
     this process can switch users, for the plan of a discovered env's probe (None: ask).
